@@ -1,0 +1,46 @@
+# twin-pipeline: `make demo` and `make test` are all a fresh machine needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TWIN := $(VENV)/bin/twin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+export TWIN_HOME ?= $(CURDIR)/var
+DEMO_DIR := $(TWIN_HOME)/landing-demo
+PATIENTS ?= 100
+SEED ?= 7
+
+.PHONY: demo test lint typecheck ui bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	@rm -rf $(DEMO_DIR)
+	$(TWIN) keys init --if-missing
+	$(TWIN) generate --patients $(PATIENTS) --seed $(SEED) --out $(DEMO_DIR)
+	$(TWIN) run --landing $(DEMO_DIR) --summary
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check twin_pipeline tests benchmarks
+	$(VENV)/bin/ruff format --check twin_pipeline tests benchmarks
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy twin_pipeline
+
+test: $(STAMP) lint typecheck
+	$(PY) -m pytest -q
+
+ui: $(STAMP)
+	DAGSTER_HOME=$(TWIN_HOME)/dagster $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+bench: $(STAMP)
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,97 @@
+"""Keys are private and never silently re-created; the store is encrypted and transactional."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from twin_pipeline.errors import KeyMaterialError, StoreError
+from twin_pipeline.keys import KeyRing
+from twin_pipeline.paths import Settings
+from twin_pipeline.store import Store
+
+
+def test_keys_created_private_and_versioned(twin_home: Settings) -> None:
+    ring = KeyRing(twin_home.keys_dir)
+    for f in twin_home.keys_dir.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    assert stat.S_IMODE(twin_home.keys_dir.stat().st_mode) == 0o700
+    v1 = ring.version("pseudonym")
+    key1 = ring.pseudonym_key()
+    v2 = ring.rotate("pseudonym")
+    assert (v1.version, v2.version) == (1, 2)
+    assert ring.pseudonym_key() != key1
+    assert ring.pseudonym_key(1) == key1  # old versions stay readable
+    assert key1.hex() not in str(ring.summary())
+
+
+def test_init_refuses_to_overwrite(twin_home: Settings) -> None:
+    ring = KeyRing(twin_home.keys_dir)
+    with pytest.raises(KeyMaterialError, match="already exist"):
+        ring.init()
+    assert ring.init(if_missing=True) is False
+
+
+def test_missing_key_is_an_error_not_a_new_key(tmp_path: Path) -> None:
+    settings = Settings.from_env(tmp_path / "h").ensure()
+    with pytest.raises(KeyMaterialError, match="twin keys init"):
+        Store.open(settings)
+    assert not (settings.keys_dir / "store.key").exists()
+
+
+def test_store_is_encrypted_at_rest(twin_home: Settings) -> None:
+    secret = "PLAINTEXT-MARKER-Zebulon-9431"
+    with Store.open(twin_home) as store, store.transaction() as con:
+        con.execute("CREATE TABLE harmonized.t AS SELECT ? AS v FROM range(1000)", [secret])
+    data = twin_home.store_path.read_bytes()
+    assert secret.encode() not in data
+    with Store.open(twin_home, read_only=True) as store:
+        assert store.con.execute("SELECT DISTINCT v FROM harmonized.t").fetchall() == [(secret,)]
+    # without the key the file cannot be opened as a plain DuckDB database
+    with pytest.raises(duckdb.Error):
+        duckdb.connect(str(twin_home.store_path), read_only=True).execute("SELECT 1")
+
+
+def test_wrong_store_key_is_a_clear_error(twin_home: Settings) -> None:
+    Store.open(twin_home).close()
+    key_file = twin_home.keys_dir / "store.key"
+    key_file.chmod(0o600)
+    key_file.write_text("00" * 32)
+    with pytest.raises(StoreError, match=r"twin\.duckdb"):
+        Store.open(twin_home)
+
+
+def test_transaction_rolls_back_on_error(twin_home: Settings) -> None:
+    with Store.open(twin_home) as store:
+        with store.transaction() as con:
+            con.execute("CREATE TABLE raw.t (x INT)")
+        with pytest.raises(RuntimeError), store.transaction() as con:
+            con.execute("INSERT INTO raw.t VALUES (1), (2)")
+            raise RuntimeError("boom")
+        assert store.row_count("raw.t") == 0
+
+
+def test_content_hash_order_independent_and_ignores_volatile(twin_home: Settings) -> None:
+    with Store.open(twin_home) as store, store.transaction() as con:
+        con.execute("CREATE TABLE raw.a AS SELECT range AS x, 'r1' AS run_id FROM range(100)")
+        con.execute(
+            "CREATE TABLE raw.b AS SELECT range AS x, 'r2' AS run_id FROM range(100) ORDER BY x DESC"
+        )
+        con.execute("CREATE TABLE raw.c AS SELECT range + 1 AS x, 'r1' AS run_id FROM range(100)")
+        assert store.content_hash("raw.a") == store.content_hash("raw.b")
+        assert store.content_hash("raw.a") != store.content_hash("raw.c")
+        status = store.status()
+        assert status["tables"]["raw.a"]["rows"] == 100
+        assert status["schema_version"] == 1
+
+
+def test_newer_store_schema_is_refused(twin_home: Settings) -> None:
+    with Store.open(twin_home) as store:
+        store.con.execute(
+            "UPDATE governance.store_meta SET value = '999' WHERE key = 'schema_version'"
+        )
+    with pytest.raises(StoreError, match="newer"):
+        Store.open(twin_home)

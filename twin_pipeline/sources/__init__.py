@@ -1,0 +1,146 @@
+"""Source readers, one per kind of landed file, registered by name.
+
+A reader claims files by path (:meth:`SourceReader.matches`) and loads the new ones into its
+``raw.*`` table(s), sending every record it cannot accept to quarantine with a reason. It must
+keep conservation per file: records in = records loaded into raw + records quarantined.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from twin_pipeline.errors import ConfigError
+from twin_pipeline.store import Store
+
+# Files in a landing folder that are not source data (generator side files).
+IGNORED_PARTS = frozenset({"labels"})
+IGNORED_NAMES = frozenset({"manifest.json", ".DS_Store"})
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A landed file, identified by its content hash."""
+
+    path: Path  # absolute
+    rel: str  # relative to the landing folder, posix
+    kind: str
+    sha256: str
+    size: int
+
+
+@dataclass
+class FileStats:
+    records_in: int = 0
+    loaded: int = 0
+    quarantined: int = 0
+
+    def balanced(self) -> bool:
+        return self.records_in == self.loaded + self.quarantined
+
+
+@dataclass
+class LoadStats:
+    """What one reader did with a batch of files."""
+
+    kind: str
+    per_file: dict[str, FileStats] = field(default_factory=dict)
+
+    def file(self, rel: str) -> FileStats:
+        return self.per_file.setdefault(rel, FileStats())
+
+    @property
+    def records_in(self) -> int:
+        return sum(f.records_in for f in self.per_file.values())
+
+    @property
+    def loaded(self) -> int:
+        return sum(f.loaded for f in self.per_file.values())
+
+    @property
+    def quarantined(self) -> int:
+        return sum(f.quarantined for f in self.per_file.values())
+
+
+class SourceReader(ABC):
+    """Base class of every reader. Subclasses set ``kind`` and register with :func:`register`."""
+
+    kind: ClassVar[str]
+    raw_tables: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def matches(self, rel: str) -> bool:
+        """True if this reader handles the file at landing-relative path ``rel``."""
+
+    @abstractmethod
+    def load(self, files: Sequence[SourceFile], store: Store) -> LoadStats:
+        """Load ``files`` into raw tables inside the caller's transaction; quarantine the rest."""
+
+    def ensure_tables(self, store: Store) -> None:  # noqa: B027 - optional hook
+        """Create this reader's raw tables if they do not exist yet."""
+
+
+READERS: dict[str, type[SourceReader]] = {}
+
+
+def register(cls: type[SourceReader]) -> type[SourceReader]:
+    """Class decorator: make a reader available under its ``kind``."""
+    if cls.kind in READERS and READERS[cls.kind] is not cls:
+        raise ConfigError(f"two readers registered for kind {cls.kind!r}")
+    READERS[cls.kind] = cls
+    return cls
+
+
+def load_readers() -> dict[str, SourceReader]:
+    """Import every module in this package (they register themselves) and build readers."""
+    for mod in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{mod.name}")
+    return {kind: cls() for kind, cls in sorted(READERS.items())}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def classify(rel: str, readers: dict[str, SourceReader]) -> str | None:
+    for kind, reader in readers.items():
+        if reader.matches(rel):
+            return kind
+    return None
+
+
+def discover(landing: Path, readers: dict[str, SourceReader]) -> tuple[list[SourceFile], list[str]]:
+    """Every source file under ``landing`` (sorted), and the paths no reader claims."""
+    if not landing.is_dir():
+        raise ConfigError("landing folder does not exist", path=str(landing))
+    found: list[SourceFile] = []
+    unclaimed: list[str] = []
+    for path in sorted(p for p in landing.rglob("*") if p.is_file()):
+        rel = path.relative_to(landing).as_posix()
+        parts = set(rel.split("/")[:-1])
+        if parts & IGNORED_PARTS or path.name in IGNORED_NAMES or path.name.startswith("."):
+            continue
+        kind = classify(rel, readers)
+        if kind is None:
+            unclaimed.append(rel)
+            continue
+        found.append(SourceFile(path, rel, kind, sha256_file(path), path.stat().st_size))
+    return found, unclaimed
+
+
+def new_files(store: Store, files: Sequence[SourceFile]) -> list[SourceFile]:
+    """Files not yet registered with the same sha256 (a changed file counts as new)."""
+    if not files or not store.table_exists("governance.source_file"):
+        return list(files)
+    known = dict(store.con.execute("SELECT path, sha256 FROM governance.source_file").fetchall())
+    return [f for f in files if known.get(f.rel) != f.sha256]

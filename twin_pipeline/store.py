@@ -1,0 +1,336 @@
+"""The one module that writes to the DuckDB twin store.
+
+The store is an AES-GCM encrypted DuckDB database (key from ``TWIN_HOME/keys/store.key``),
+attached as catalog ``twin`` on an in-memory connection. Every writer goes through
+:class:`Store`; each asset run writes inside one transaction (:meth:`Store.transaction`), so a
+crash leaves the store as it was before that asset began.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from twin_pipeline.errors import StoreError
+from twin_pipeline.keys import KeyRing
+from twin_pipeline.paths import Settings
+
+SCHEMA_VERSION = 1
+SCHEMAS = ("raw", "harmonized", "deid", "governance", "twin")
+CATALOG = "twin"
+# Columns that differ between two runs over the same data; left out of content hashes.
+VOLATILE_COLUMNS = frozenset({"run_id", "activity_id", "loaded_at", "created_at", "updated_at"})
+
+GOVERNANCE_DDL = """
+CREATE TABLE IF NOT EXISTS governance.store_meta (
+    key VARCHAR PRIMARY KEY, value VARCHAR
+);
+CREATE TABLE IF NOT EXISTS governance.source_file (
+    path VARCHAR PRIMARY KEY,      -- path relative to the landing folder
+    abs_path VARCHAR,
+    kind VARCHAR,
+    sha256 VARCHAR,
+    size_bytes BIGINT,
+    records_in BIGINT,
+    records_loaded BIGINT,
+    records_quarantined BIGINT,
+    first_seen TIMESTAMPTZ,
+    run_id VARCHAR
+);
+CREATE TABLE IF NOT EXISTS governance.quarantine (
+    quarantine_id VARCHAR,
+    run_id VARCHAR,
+    stage VARCHAR,                 -- read | harmonize | quality | deid
+    table_name VARCHAR,            -- target table (schema.table) or source kind
+    source_kind VARCHAR,
+    source_file VARCHAR,
+    position VARCHAR,              -- line:N, entry:N, file, row:N
+    rule VARCHAR,                  -- short machine name of what failed
+    reason VARCHAR,                -- human-readable, names file and record
+    payload VARCHAR,               -- the raw record as received (text)
+    lineage_key VARCHAR,
+    created_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS governance.run (
+    run_id VARCHAR PRIMARY KEY,
+    started_at TIMESTAMPTZ,
+    finished_at TIMESTAMPTZ,
+    landing VARCHAR,
+    user_name VARCHAR,
+    role VARCHAR,
+    status VARCHAR,
+    summary VARCHAR
+);
+"""
+
+
+def _keyring_store_key(settings: Settings) -> str:
+    return KeyRing(settings.keys_dir).store_key()
+
+
+def httpfs_extension_path() -> Path:
+    """The httpfs extension file shipped by the ``duckdb-ext-httpfs`` wheel."""
+    import duckdb_ext  # type: ignore[import-not-found]
+
+    roots = [Path(p) for p in duckdb_ext.__path__]
+    for root in roots:
+        hits = sorted(root.glob(f"extensions/v{duckdb.__version__}/*/httpfs.duckdb_extension"))
+        if hits:
+            return hits[0]
+    raise StoreError(
+        f"duckdb-ext-httpfs for duckdb {duckdb.__version__} is not installed; "
+        "it is needed to read and write the encrypted store"
+    )
+
+
+@dataclass
+class QuarantineRow:
+    stage: str
+    table_name: str
+    source_kind: str
+    source_file: str
+    position: str
+    rule: str
+    reason: str
+    payload: str | None = None
+    lineage_key: str | None = None
+
+
+def quarantine_id(row: QuarantineRow) -> str:
+    h = hashlib.sha256(
+        "\x1f".join([row.stage, row.table_name, row.source_file, row.position, row.rule]).encode()
+    )
+    return h.hexdigest()[:24]
+
+
+def lineage_key(file_sha256: str, position: str, record_hash: str) -> str:
+    """Deterministic key of one source record: stable across reruns and machines."""
+    return hashlib.sha256(f"{file_sha256}|{position}|{record_hash}".encode()).hexdigest()[:32]
+
+
+@dataclass
+class TableStatus:
+    rows: int
+    hash: str
+
+
+@dataclass
+class Store:
+    """Handle on the twin store. Open with :meth:`open`; use as a context manager."""
+
+    settings: Settings
+    con: duckdb.DuckDBPyConnection
+    read_only: bool = False
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    # -- opening -----------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        settings: Settings | None = None,
+        *,
+        read_only: bool = False,
+        run_id: str | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> Store:
+        settings = (settings or Settings.from_env()).ensure()
+        key = _keyring_store_key(settings)
+        con = duckdb.connect(":memory:", config=dict(config or {}))
+        try:
+            con.execute(f"LOAD '{httpfs_extension_path()}'")
+            ro = ", READ_ONLY" if read_only else ""
+            if read_only and not settings.store_path.exists():
+                raise StoreError(
+                    "no store yet: run `twin run` first", path=str(settings.store_path)
+                )
+            con.execute(f"ATTACH '{settings.store_path}' AS {CATALOG} (ENCRYPTION_KEY '{key}'{ro})")
+            con.execute(f"USE {CATALOG}")
+        except duckdb.Error as exc:
+            con.close()
+            msg = str(exc).split("\n")[0]
+            if "encrypt" in msg.lower() or "key" in msg.lower():
+                msg = f"cannot open store (wrong or missing store key?): {msg}"
+            raise StoreError(msg, path=str(settings.store_path)) from exc
+        store = cls(settings=settings, con=con, read_only=read_only)
+        if run_id:
+            store.run_id = run_id
+        if not read_only:
+            store.ensure_schema()
+        return store
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema ------------------------------------------------------------------------------
+    def ensure_schema(self) -> None:
+        with self.transaction():
+            for schema in SCHEMAS:
+                self.con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            self.con.execute(GOVERNANCE_DDL)
+            current = self.con.execute(
+                "SELECT value FROM governance.store_meta WHERE key = 'schema_version'"
+            ).fetchone()
+            if current is None:
+                self.con.execute(
+                    "INSERT INTO governance.store_meta VALUES ('schema_version', ?)",
+                    [str(SCHEMA_VERSION)],
+                )
+            elif int(current[0]) > SCHEMA_VERSION:
+                raise StoreError(
+                    f"store schema version {current[0]} is newer than this twin-pipeline "
+                    f"({SCHEMA_VERSION}); upgrade twin-pipeline",
+                    path=str(self.settings.store_path),
+                )
+
+    def schema_version(self) -> int:
+        row = self.con.execute(
+            "SELECT value FROM governance.store_meta WHERE key = 'schema_version'"
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    # -- transactions ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One atomic unit of writes; rolled back on any exception."""
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield self.con
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                self.con.execute("ROLLBACK")
+            raise
+        else:
+            self.con.execute("COMMIT")
+
+    # -- helpers used by every stage -------------------------------------------------------
+    def table_exists(self, qualified: str) -> bool:
+        schema, _, name = qualified.partition(".")
+        row = self.con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND schema_name = ? "
+            "AND table_name = ?",
+            [CATALOG, schema, name],
+        ).fetchone()
+        return bool(row and row[0])
+
+    def tables(self, schemas: Sequence[str] = SCHEMAS) -> list[str]:
+        rows = self.con.execute(
+            "SELECT schema_name || '.' || table_name FROM duckdb_tables() "
+            "WHERE database_name = ? ORDER BY 1",
+            [CATALOG],
+        ).fetchall()
+        return [r[0] for r in rows if r[0].split(".")[0] in schemas]
+
+    def columns(self, qualified: str) -> list[tuple[str, str]]:
+        schema, _, name = qualified.partition(".")
+        return [
+            (r[0], r[1])
+            for r in self.con.execute(
+                "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = ? "
+                "AND schema_name = ? AND table_name = ? ORDER BY column_index",
+                [CATALOG, schema, name],
+            ).fetchall()
+        ]
+
+    def quarantine(self, rows: Iterable[QuarantineRow]) -> int:
+        """Append quarantined records (idempotent on stage/table/file/position/rule)."""
+        now = datetime.now(UTC)
+        data = [
+            (
+                quarantine_id(r),
+                self.run_id,
+                r.stage,
+                r.table_name,
+                r.source_kind,
+                r.source_file,
+                r.position,
+                r.rule,
+                r.reason,
+                r.payload,
+                r.lineage_key,
+                now,
+            )
+            for r in rows
+        ]
+        if not data:
+            return 0
+        ids = [d[0] for d in data]
+        self.con.execute(
+            "DELETE FROM governance.quarantine WHERE list_contains(?, quarantine_id)", [ids]
+        )
+        self.con.executemany(
+            "INSERT INTO governance.quarantine VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", data
+        )
+        return len(data)
+
+    def clear_quarantine(self, stage: str, table_name: str) -> None:
+        """Drop quarantine rows a full rebuild of ``table_name`` at ``stage`` will re-create."""
+        self.con.execute(
+            "DELETE FROM governance.quarantine WHERE stage = ? AND table_name = ?",
+            [stage, table_name],
+        )
+
+    def content_hash(self, qualified: str) -> str:
+        """Order-independent hash of a table's content, volatile columns left out."""
+        cols = [c for c, _ in self.columns(qualified) if c not in VOLATILE_COLUMNS]
+        if not cols:
+            return hashlib.sha256(b"").hexdigest()
+        collist = ", ".join(f'"{c}"' for c in cols)
+        row = self.con.execute(
+            f"SELECT sha256(coalesce(string_agg(h, '' ORDER BY h), '')) FROM "
+            f"(SELECT md5(CAST(row({collist}) AS VARCHAR)) AS h FROM {qualified})"
+        ).fetchone()
+        return str(row[0]) if row else ""
+
+    def row_count(self, qualified: str) -> int:
+        row = self.con.execute(f"SELECT count(*) FROM {qualified}").fetchone()
+        return int(row[0]) if row else 0
+
+    def status(self) -> dict[str, Any]:
+        """The ``twin status --json`` document."""
+        tables: dict[str, dict[str, Any]] = {}
+        for t in self.tables():
+            tables[t] = {"rows": self.row_count(t), "hash": self.content_hash(t)}
+        q_rows = self.con.execute(
+            "SELECT stage, table_name, count(*) FROM governance.quarantine GROUP BY ALL ORDER BY 1, 2"
+        ).fetchall()
+        by_stage: dict[str, int] = {}
+        by_table: dict[str, int] = {}
+        for stage, table, n in q_rows:
+            by_stage[stage] = by_stage.get(stage, 0) + int(n)
+            by_table[table] = by_table.get(table, 0) + int(n)
+        return {
+            "store": str(self.settings.store_path),
+            "schema_version": self.schema_version(),
+            "tables": tables,
+            "quarantine": {
+                "total": sum(by_stage.values()),
+                "by_stage": by_stage,
+                "by_table": by_table,
+            },
+        }
+
+    def record_run(self, run_id: str, **fields: Any) -> None:
+        cols = ["run_id", *fields]
+        vals = [run_id, *(json.dumps(v) if isinstance(v, dict) else v for v in fields.values())]
+        updates = ", ".join(f"{c} = excluded.{c}" for c in fields)
+        self.con.execute(
+            f"INSERT INTO governance.run ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+            f"ON CONFLICT (run_id) DO UPDATE SET {updates}",
+            vals,
+        )
