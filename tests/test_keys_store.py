@@ -95,3 +95,34 @@ def test_newer_store_schema_is_refused(twin_home: Settings) -> None:
         )
     with pytest.raises(StoreError, match="newer"):
         Store.open(twin_home)
+
+
+def test_ledger_detects_change_delete_insert_reorder(twin_home: Settings) -> None:
+    from twin_pipeline import ledger
+
+    def fresh() -> Store:
+        store = Store.open(twin_home)
+        store.con.execute("DROP TABLE IF EXISTS governance.ledger")
+        for i in range(5):
+            ledger.append(store, "audit", {"i": i})
+        assert ledger.verify(store).ok
+        return store
+
+    with fresh() as s:
+        s.con.execute("UPDATE governance.ledger SET payload = '{\"i\":9}' WHERE seq = 3")
+        assert ledger.verify(s).first_bad_seq == 3
+    with fresh() as s:
+        s.con.execute("DELETE FROM governance.ledger WHERE seq = 2")
+        assert ledger.verify(s).first_bad_seq == 3
+    with fresh() as s:
+        s.con.execute("UPDATE governance.ledger SET seq = 100 + seq WHERE seq IN (2, 3)")
+        s.con.execute("UPDATE governance.ledger SET seq = 5 - (seq - 100) WHERE seq > 100")
+        assert not ledger.verify(s).ok
+    with fresh() as s:
+        row = s.con.execute("SELECT * FROM governance.ledger WHERE seq = 5").fetchone()
+        assert row is not None
+        s.con.execute(
+            "INSERT INTO governance.ledger VALUES (6, 'audit', ?, ?, '{}', ?, ?)",
+            [row[2], row[3], row[6], "f" * 64],
+        )
+        assert ledger.verify(s).first_bad_seq == 6

@@ -131,6 +131,7 @@ class Store:
     con: duckdb.DuckDBPyConnection
     read_only: bool = False
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    _tx_depth: int = 0
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -207,15 +208,25 @@ class Store:
     # -- transactions ------------------------------------------------------------------------
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """One atomic unit of writes; rolled back on any exception."""
+        """One atomic unit of writes; rolled back on any exception. Nested calls join the outer."""
+        if self._tx_depth:
+            self._tx_depth += 1
+            try:
+                yield self.con
+            finally:
+                self._tx_depth -= 1
+            return
+        self._tx_depth = 1
         self.con.execute("BEGIN TRANSACTION")
         try:
             yield self.con
         except BaseException:
+            self._tx_depth = 0
             with contextlib.suppress(duckdb.Error):
                 self.con.execute("ROLLBACK")
             raise
         else:
+            self._tx_depth = 0
             self.con.execute("COMMIT")
 
     # -- helpers used by every stage -------------------------------------------------------

@@ -1,0 +1,106 @@
+"""What every asset run records about itself: the raw material of PROV lineage.
+
+An :class:`ActivityRecord` names the run, the asset, who launched it, what it read (tables and
+source files), what it wrote (table versions: rows and content hash), and the code, policy and
+key versions in force. :func:`record_activity` appends it to the tamper-evident ledger in the
+asset's own transaction, so nothing materializes without its record.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from twin_pipeline import __version__, ledger
+from twin_pipeline.paths import PROJECT_ROOT
+from twin_pipeline.store import Store
+
+
+@dataclass
+class TableVersion:
+    table: str
+    rows: int
+    content_hash: str
+
+
+@dataclass
+class ActivityRecord:
+    activity_id: str
+    run_id: str
+    asset_key: str
+    started_at: str
+    ended_at: str
+    user: str
+    role: str
+    inputs: list[str] = field(default_factory=list)  # tables read (schema.table)
+    input_versions: list[TableVersion] = field(default_factory=list)
+    outputs: list[TableVersion] = field(default_factory=list)
+    source_files: list[dict[str, Any]] = field(default_factory=list)  # {path, sha256, size}
+    params: dict[str, Any] = field(default_factory=dict)
+    code_version: dict[str, str] = field(default_factory=dict)
+    policy_versions: dict[str, str] = field(default_factory=dict)  # file -> sha256
+    key_versions: dict[str, str] = field(default_factory=dict)  # kind -> "v1:<fingerprint>"
+    informed_by: list[str] = field(default_factory=list)  # upstream asset keys of this run
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@functools.cache
+def code_version() -> dict[str, str]:
+    """The package version and git commit of the code doing the work."""
+    commit = "unknown"
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=5,
+        )
+        if out.returncode == 0:
+            commit = out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"package": f"twin-pipeline {__version__}", "git_commit": commit}
+
+
+def file_sha256(path: Any) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def table_versions(store: Store, tables: Sequence[str]) -> list[TableVersion]:
+    return [
+        TableVersion(t, store.row_count(t), store.content_hash(t))
+        for t in tables
+        if store.table_exists(t)
+    ]
+
+
+def record_activity(store: Store, record: ActivityRecord) -> int:
+    """Append the activity to the ledger (kind ``activity``). Returns the ledger sequence."""
+    return ledger.append(store, "activity", record.to_dict(), run_id=record.run_id)
+
+
+def activities(store: Store, run_id: str | None = None) -> list[dict[str, Any]]:
+    """Activity records from the ledger, oldest first (optionally one run's)."""
+    import json
+
+    if not store.table_exists("governance.ledger"):
+        return []
+    sql = "SELECT payload FROM governance.ledger WHERE kind = 'activity'"
+    params: list[Any] = []
+    if run_id:
+        sql += " AND run_id = ?"
+        params.append(run_id)
+    rows = store.con.execute(sql + " ORDER BY seq", params).fetchall()
+    out: list[dict[str, Any]] = [json.loads(r[0]) for r in rows]
+    return out
+
+
+def params_of(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in mapping.items() if isinstance(v, str | int | float | bool)}

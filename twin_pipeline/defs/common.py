@@ -1,0 +1,100 @@
+"""The governed wrapper every asset uses: one transaction, an activity record, and metadata.
+
+    @dg.asset(key=["harmonized", "patient"], deps=[["raw", "fhir"]], ...)
+    def patient(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.MaterializeResult:
+        with governed_run(context, twin, inputs=["raw.fhir_resource"]) as run:
+            build_patient_table(run.store)              # library code, writes harmonized.patient
+            run.outputs("harmonized.patient")
+            run.meta(quarantined=3)
+        return run.result()
+
+Everything inside the ``with`` block commits together with the activity record, or not at all.
+"""
+
+import contextlib
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import dagster as dg
+
+from twin_pipeline.activity import (
+    ActivityRecord,
+    TableVersion,
+    code_version,
+    record_activity,
+    table_versions,
+)
+from twin_pipeline.defs.resources import TwinResource
+from twin_pipeline.store import Store
+
+
+@dataclass
+class GovernedRun:
+    store: Store
+    record: ActivityRecord
+    _outputs: list[str] = field(default_factory=list)
+    _meta: dict[str, Any] = field(default_factory=dict)
+    _result: dg.MaterializeResult | None = None
+
+    def outputs(self, *tables: str) -> None:
+        self._outputs.extend(tables)
+
+    def meta(self, **values: Any) -> None:
+        self._meta.update(values)
+
+    def source_files(self, files: Sequence[dict[str, Any]]) -> None:
+        self.record.source_files.extend(files)
+
+    def result(self) -> dg.MaterializeResult:
+        assert self._result is not None, "result() is available after the with-block"
+        return self._result
+
+
+@contextlib.contextmanager
+def governed_run(
+    context: dg.AssetExecutionContext,
+    twin: TwinResource,
+    *,
+    inputs: Sequence[str] = (),
+    params: dict[str, Any] | None = None,
+) -> Iterator[GovernedRun]:
+    store = twin.open_store(run_id=context.run_id)
+    asset_key = context.asset_key.to_user_string()
+    record = ActivityRecord(
+        activity_id=f"{context.run_id}:{asset_key}:{uuid.uuid4().hex[:8]}",
+        run_id=context.run_id,
+        asset_key=asset_key,
+        started_at=datetime.now(UTC).isoformat(),
+        ended_at="",
+        user=twin.user,
+        role=twin.role,
+        inputs=list(inputs),
+        params=dict(params or {}),
+        code_version=code_version(),
+        informed_by=[k.to_user_string() for k in context.assets_def.dependency_keys],
+    )
+    run = GovernedRun(store, record)
+    try:
+        with store.transaction():
+            record.input_versions = table_versions(store, inputs)
+            yield run
+            outs = table_versions(store, run._outputs)
+            record.outputs = outs
+            record.ended_at = datetime.now(UTC).isoformat()
+            record_activity(store, record)
+        run._result = dg.MaterializeResult(metadata=_metadata(outs, run._meta))
+    finally:
+        store.close()
+
+
+def _metadata(outs: list[TableVersion], extra: dict[str, Any]) -> dict[str, Any]:
+    md: dict[str, Any] = {}
+    for tv in outs:
+        prefix = "" if len(outs) == 1 else f"{tv.table}."
+        md[f"{prefix}rows"] = dg.MetadataValue.int(tv.rows)
+        md[f"{prefix}content_hash"] = dg.MetadataValue.text(tv.content_hash)
+    md.update(extra)
+    return md
