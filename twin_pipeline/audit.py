@@ -1,0 +1,137 @@
+"""Access audit records and whole-store tamper verification.
+
+Every access decision of the policy gateway is appended to the hash-chained ledger
+(:mod:`twin_pipeline.ledger`) as an entry of kind ``audit``; :func:`verify_all` recomputes that
+chain and checks every signed PROV bundle, naming the first record that does not verify. It backs
+``twin audit verify``.
+
+The store passed to :func:`record_access` must be writable. If the caller holds a transaction
+that it is about to roll back (e.g. on a denied query), record the decision outside it, or the
+audit entry is rolled back too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from twin_pipeline import ledger
+from twin_pipeline.errors import TwinPipelineError
+from twin_pipeline.store import Store
+
+AUDIT_KIND = "audit"
+DECISIONS = frozenset({"allow", "deny"})
+
+
+def audit(store: Store, event: dict[str, Any]) -> int:
+    """Append one audit event (any JSON-able mapping) to the ledger; returns its sequence.
+
+    ``event`` should name at least ``user`` and ``action``; a UTC timestamp ``at`` is added if
+    missing.
+    """
+    body = dict(event)
+    body.setdefault("at", datetime.now(UTC).isoformat(timespec="microseconds"))
+    return ledger.append(store, AUDIT_KIND, body, run_id=str(body.get("run_id") or store.run_id))
+
+
+def record_access(
+    store: Store,
+    *,
+    user: str,
+    role: str,
+    sql: str,
+    relations: Sequence[str] = (),
+    rows: int | None = None,
+    decision: str = "allow",
+    reason: str | None = None,
+    **extra: Any,
+) -> int:
+    """Record one query through the access gateway (allowed or denied) in the audit chain."""
+    if decision not in DECISIONS:
+        raise TwinPipelineError(f"audit decision must be one of {sorted(DECISIONS)}: {decision!r}")
+    event: dict[str, Any] = {
+        "action": "query",
+        "user": user,
+        "role": role,
+        "sql": sql,
+        "relations": sorted(set(relations)),
+        "rows": rows,
+        "decision": decision,
+        "reason": reason,
+    }
+    event.update(extra)
+    return audit(store, event)
+
+
+def access_events(store: Store, *, limit: int | None = None) -> list[dict[str, Any]]:
+    """Audit events of kind ``audit``, oldest first, each with its ledger ``seq``."""
+    import json
+
+    if not store.table_exists("governance.ledger"):
+        return []
+    sql = "SELECT seq, created_at, payload FROM governance.ledger WHERE kind = ? ORDER BY seq"
+    if limit:
+        sql += f" LIMIT {int(limit)}"
+    out = []
+    for seq, created, payload in store.con.execute(sql, [AUDIT_KIND]).fetchall():
+        doc = json.loads(payload)
+        doc["seq"] = int(seq)
+        doc.setdefault("at", created)
+        out.append(doc)
+    return out
+
+
+@dataclass
+class Problem:
+    """One record that does not verify."""
+
+    record: str  # e.g. "governance.ledger seq 17" or "governance.prov_bundle run 3f2a..."
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.record}: {self.problem}"
+
+
+@dataclass
+class VerifyReport:
+    ledger_entries: int
+    bundles: int
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def first_bad(self) -> Problem | None:
+        return self.problems[0] if self.problems else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "ledger_entries": self.ledger_entries,
+            "bundles": self.bundles,
+            "first_bad": str(self.first_bad) if self.first_bad else None,
+            "problems": [str(p) for p in self.problems],
+        }
+
+
+def verify_all(store: Store) -> VerifyReport:
+    """Recompute the ledger hash chain and verify every signed PROV bundle.
+
+    Problems are listed in order: the chain's first bad entry first, then bundle problems.
+    """
+    chain = ledger.verify(store)
+    report = VerifyReport(ledger_entries=chain.entries, bundles=0)
+    if not chain.ok:
+        report.problems.append(
+            Problem(f"governance.ledger seq {chain.first_bad_seq}", chain.problem or "bad entry")
+        )
+    from twin_pipeline.lineage import storage
+
+    bundles, problems = storage.verify_bundles(store)
+    report.bundles = bundles
+    report.problems.extend(Problem(rec, msg) for rec, msg in problems)
+    return report

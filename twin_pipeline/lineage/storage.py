@@ -1,0 +1,241 @@
+"""Signed PROV bundles in ``governance.prov_bundle``, one per pipeline run.
+
+A bundle row holds the run's PROV-JSON, its sha256 and an Ed25519 signature made with the current
+signing key from :class:`twin_pipeline.keys.KeyRing`. The signature covers the bundle hash *and*
+the hash of the ledger entry the bundle closes (the last entry of the run), so rewriting the
+hash-chained ledger, even with every hash recomputed, no longer matches a signature. Each bundle is
+also announced in the ledger as an entry of kind ``prov_bundle``; :func:`verify_bundles` checks the
+three agree.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+
+from twin_pipeline import ledger
+from twin_pipeline.errors import KeyMaterialError
+from twin_pipeline.keys import KeyRing
+from twin_pipeline.store import Store
+
+BUNDLE_KIND = "prov_bundle"
+DDL = """
+CREATE TABLE IF NOT EXISTS governance.prov_bundle (
+    run_id VARCHAR PRIMARY KEY,
+    created_at VARCHAR,
+    prov_json VARCHAR,          -- PROV-JSON of the run (W3C PROV-JSON serialization)
+    sha256 VARCHAR,             -- of prov_json (UTF-8)
+    ledger_seq BIGINT,          -- the ledger entry this bundle closes
+    ledger_hash VARCHAR,        -- and its hash at signing time
+    key_version INTEGER,        -- signing key version (never the key)
+    key_fingerprint VARCHAR,
+    signature VARCHAR           -- base64 Ed25519 over signed_message(...)
+)
+"""
+
+
+def ensure(store: Store) -> None:
+    ledger.ensure(store)
+    store.con.execute(DDL)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def signed_message(
+    run_id: str, sha256: str, ledger_seq: int, ledger_hash: str, key_version: int
+) -> bytes:
+    """The exact bytes that are signed: canonical JSON of what the bundle vouches for."""
+    return ledger.canonical_json(
+        {
+            "run_id": run_id,
+            "sha256": sha256,
+            "ledger_seq": ledger_seq,
+            "ledger_hash": ledger_hash,
+            "key_version": key_version,
+        }
+    ).encode()
+
+
+@dataclass
+class BundleRow:
+    run_id: str
+    created_at: str
+    prov_json: str
+    sha256: str
+    ledger_seq: int
+    ledger_hash: str
+    key_version: int
+    key_fingerprint: str
+    signature: str
+
+    def document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self.prov_json)
+        return doc
+
+
+def _last_entry_of_run(store: Store, run_id: str) -> tuple[int, str]:
+    row = store.con.execute(
+        "SELECT seq, hash FROM governance.ledger WHERE run_id = ? AND kind <> ? "
+        "ORDER BY seq DESC LIMIT 1",
+        [run_id, BUNDLE_KIND],
+    ).fetchone()
+    if row is None:
+        row = store.con.execute(
+            "SELECT seq, hash FROM governance.ledger ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+    return (int(row[0]), str(row[1])) if row else (0, ledger.GENESIS)
+
+
+def store_bundle(store: Store, run_id: str, prov_json: str, keyring: KeyRing) -> BundleRow:
+    """Sign and store (or replace) the run's bundle and announce it in the ledger. Atomic."""
+    ensure(store)
+    with store.transaction() as con:
+        seq, head = _last_entry_of_run(store, run_id)
+        version = keyring.version("signing")
+        digest = sha256_text(prov_json)
+        sig = keyring.signing_key(version.version).sign(
+            signed_message(run_id, digest, seq, head, version.version)
+        )
+        row = BundleRow(
+            run_id=run_id,
+            created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
+            prov_json=prov_json,
+            sha256=digest,
+            ledger_seq=seq,
+            ledger_hash=head,
+            key_version=version.version,
+            key_fingerprint=version.fingerprint,
+            signature=base64.b64encode(sig).decode(),
+        )
+        con.execute("DELETE FROM governance.prov_bundle WHERE run_id = ?", [run_id])
+        con.execute(
+            "INSERT INTO governance.prov_bundle VALUES (?,?,?,?,?,?,?,?,?)",
+            [
+                row.run_id,
+                row.created_at,
+                row.prov_json,
+                row.sha256,
+                row.ledger_seq,
+                row.ledger_hash,
+                row.key_version,
+                row.key_fingerprint,
+                row.signature,
+            ],
+        )
+        ledger.append(
+            store,
+            BUNDLE_KIND,
+            {
+                "run_id": run_id,
+                "sha256": digest,
+                "ledger_seq": seq,
+                "ledger_hash": head,
+                "key_version": version.version,
+                "key_fingerprint": version.fingerprint,
+                "signature": row.signature,
+            },
+            run_id=run_id,
+        )
+    return row
+
+
+def bundles(store: Store, run_id: str | None = None) -> list[BundleRow]:
+    """Stored bundles, oldest first (optionally only one run's)."""
+    if not store.table_exists("governance.prov_bundle"):
+        return []
+    sql = (
+        "SELECT run_id, created_at, prov_json, sha256, ledger_seq, ledger_hash, key_version, "
+        "key_fingerprint, signature FROM governance.prov_bundle"
+    )
+    params: list[Any] = []
+    if run_id:
+        sql += " WHERE run_id = ? OR run_id LIKE ?"
+        params += [run_id, f"{run_id}%"]
+    sql += " ORDER BY created_at, run_id"
+    return [
+        BundleRow(
+            str(r[0]),
+            str(r[1]),
+            str(r[2]),
+            str(r[3]),
+            int(r[4]),
+            str(r[5]),
+            int(r[6]),
+            str(r[7]),
+            str(r[8]),
+        )
+        for r in store.con.execute(sql, params).fetchall()
+    ]
+
+
+def verify_bundles(
+    store: Store, keyring: KeyRing | None = None
+) -> tuple[int, list[tuple[str, str]]]:
+    """Check every bundle: hash, signature, ledger anchor and ledger announcement.
+
+    Returns the number of bundles and ``(record, problem)`` pairs, bundles in creation order.
+    Also reports runs whose activities were recorded but never closed by a signed bundle.
+    """
+    keyring = keyring or KeyRing(store.settings.keys_dir)
+    problems: list[tuple[str, str]] = []
+    rows = bundles(store)
+    announced: dict[str, dict[str, Any]] = {}
+    ledger_hash: dict[int, str] = {}
+    runs_with_activity: list[str] = []
+    if store.table_exists("governance.ledger"):
+        for seq, kind, rid, payload, h in store.con.execute(
+            "SELECT seq, kind, run_id, payload, hash FROM governance.ledger ORDER BY seq"
+        ).fetchall():
+            ledger_hash[int(seq)] = str(h)
+            if kind == BUNDLE_KIND:
+                announced[str(rid)] = json.loads(payload)  # the latest announcement wins
+            elif kind == "activity" and rid not in runs_with_activity:
+                runs_with_activity.append(str(rid))
+    stored = {r.run_id for r in rows}
+    for r in rows:
+        where = f"governance.prov_bundle run {r.run_id}"
+        if sha256_text(r.prov_json) != r.sha256:
+            problems.append((where, "PROV-JSON does not match its recorded sha256"))
+            continue
+        try:
+            pub = keyring.public_key(r.key_version)
+        except KeyMaterialError as exc:
+            problems.append((where, f"cannot verify: signing key v{r.key_version}: {exc}"))
+            continue
+        try:
+            sig = base64.b64decode(r.signature, validate=True)
+            pub.verify(
+                sig, signed_message(r.run_id, r.sha256, r.ledger_seq, r.ledger_hash, r.key_version)
+            )
+        except (InvalidSignature, ValueError):
+            problems.append((where, f"Ed25519 signature does not verify (key v{r.key_version})"))
+            continue
+        if ledger_hash.get(r.ledger_seq) != r.ledger_hash:
+            problems.append(
+                (where, f"signed ledger anchor seq {r.ledger_seq} no longer has the signed hash")
+            )
+            continue
+        ann = announced.get(r.run_id)
+        if ann is None:
+            problems.append((where, "bundle is not announced in the ledger"))
+        elif ann.get("sha256") != r.sha256 or ann.get("signature") != r.signature:
+            problems.append((where, "bundle differs from the one announced in the ledger"))
+    for rid in announced:
+        if rid not in stored:
+            problems.append(
+                (f"governance.prov_bundle run {rid}", "announced in the ledger but missing")
+            )
+    for rid in runs_with_activity:
+        if rid not in stored and rid not in announced:
+            problems.append(
+                (f"governance.ledger run {rid}", "activities recorded but no signed PROV bundle")
+            )
+    return len(rows), problems
