@@ -117,6 +117,12 @@ def lineage_key(file_sha256: str, position: str, record_hash: str) -> str:
     return hashlib.sha256(f"{file_sha256}|{position}|{record_hash}".encode()).hexdigest()[:32]
 
 
+def fully_qualified(qualified: str) -> str:
+    """``schema.table`` with the catalog in front: ``twin.node`` alone is ambiguous, because the
+    catalog and one of its schemas are both named ``twin``."""
+    return f"{CATALOG}.{qualified}" if qualified.count(".") == 1 else qualified
+
+
 @dataclass
 class TableStatus:
     rows: int
@@ -304,12 +310,12 @@ class Store:
         collist = ", ".join(f'"{c}"' for c in cols)
         row = self.con.execute(
             f"SELECT sha256(coalesce(string_agg(h, '' ORDER BY h), '')) FROM "
-            f"(SELECT md5(CAST(row({collist}) AS VARCHAR)) AS h FROM {qualified})"
+            f"(SELECT md5(CAST(row({collist}) AS VARCHAR)) AS h FROM {fully_qualified(qualified)})"
         ).fetchone()
         return str(row[0]) if row else ""
 
     def row_count(self, qualified: str) -> int:
-        row = self.con.execute(f"SELECT count(*) FROM {qualified}").fetchone()
+        row = self.con.execute(f"SELECT count(*) FROM {fully_qualified(qualified)}").fetchone()
         return int(row[0]) if row else 0
 
     def status(self) -> dict[str, Any]:
