@@ -10,14 +10,14 @@ from pathlib import Path
 from random import Random
 from typing import IO, Any
 
+from twin_pipeline.errors import TwinPipelineError
 from twin_pipeline.generate.vocab import TZ_OFFSET, UID_ROOT, City
 
 JsonDict = dict[str, Any]
 
-try:  # pragma: no cover - depends on the core package being present
-    from twin_pipeline.errors import TwinPipelineError as GeneratorError
-except ImportError:  # pragma: no cover
-    GeneratorError = ValueError  # type: ignore[misc,assignment]
+
+class GeneratorError(TwinPipelineError, ValueError):
+    """Invalid generator arguments or output directory."""
 
 
 def new_id(rng: Random) -> str:
@@ -75,6 +75,11 @@ class Person:
     def full_name(self) -> str:
         """'Given Family'."""
         return f"{self.given} {self.family}"
+
+    def age_on(self, day: date) -> int:
+        """Age in whole years on ``day``."""
+        b = self.birth_date
+        return day.year - b.year - ((day.month, day.day) < (b.month, b.day))
 
 
 @dataclass(slots=True)

@@ -118,7 +118,9 @@ def _person_variant(b: NoteBuilder, rng: Random, p: Person) -> None:
         b.p(f"{p.family.upper()}, {p.given.upper()}", "PERSON")
 
 
-def build_note(rng: Random, ctx: NoteContext, ids: Identifiers) -> tuple[str, list[dict[str, int | str]]]:
+def build_note(
+    rng: Random, ctx: NoteContext, ids: Identifiers
+) -> tuple[str, list[dict[str, int | str]]]:
     """Compose a ~1 kB note; return its text and PHI spans."""
     p = ctx.person
     b = NoteBuilder()
@@ -135,11 +137,13 @@ def build_note(rng: Random, ctx: NoteContext, ids: Identifiers) -> tuple[str, li
     # HPI
     honor = {"male": "Mr.", "female": "Ms."}.get(p.gender, "Mx.")
     noun = {"male": "man", "female": "woman"}.get(p.gender, "patient")
-    b.t(f"HPI: {honor} ").p(p.family, "PERSON").t(" is a ")
-    if p.age > 89:
-        b.p(f"{p.age}-year-old", "AGE")
+    age = p.age_on(ctx.start.date())
+    article = "an" if str(age).startswith("8") or age in (11, 18) else "a"
+    b.t(f"HPI: {honor} ").p(p.family, "PERSON").t(f" is {article} ")
+    if age > 89:
+        b.p(f"{age}-year-old", "AGE")
     else:
-        b.t(f"{p.age}-year-old")
+        b.t(f"{age}-year-old")
     conds = " and ".join(c.lower() for c in ctx.conditions[:2]) or "no significant history"
     days = rng.randint(1, 6)
     b.t(
@@ -196,7 +200,11 @@ def build_note(rng: Random, ctx: NoteContext, ids: Identifiers) -> tuple[str, li
         b.t("Shared results link ").p(p.url, "URL").t(". ")
     if rng.random() < 0.1:
         b.t("SSN ").p(p.ssn, "SSN").t(" verified for insurance. ")
-    b.t(f"Tobacco {rng.randint(0, 40)} pack-years; EtOH {rng.randint(0, 3)} drinks/wk.\n\n")
+    if age >= 18:
+        b.t(f"Tobacco {rng.randint(0, 40)} pack-years; EtOH {rng.randint(0, 3)} drinks/wk.")
+    else:
+        b.t(f"Immunizations up to date; grade {max(age - 5, 0)} at school.")
+    b.t("\n\n")
 
     # Assessment and plan
     b.t("Assessment/Plan:\n")

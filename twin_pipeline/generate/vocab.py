@@ -386,6 +386,10 @@ STREETS: Final = (
 STREET_SUFFIX: Final = ("St", "Ave", "Rd", "Ln", "Dr", "Ct", "Way", "Blvd", "Terrace")
 EMAIL_DOMAINS: Final = ("gmail.com", "yahoo.com", "outlook.com", "icloud.com", "comcast.net")
 RELATIONS: Final = ("daughter", "son", "wife", "husband", "sister", "brother", "niece")
+CHILD_RELATIONS: Final = ("mother", "father", "grandmother", "aunt")
+FEMALE_RELATIONS: Final = frozenset(
+    ("daughter", "wife", "sister", "niece", "mother", "grandmother", "aunt")
+)
 
 
 class VitalSpec(NamedTuple):
