@@ -11,7 +11,7 @@ import pytest
 from twin_pipeline.errors import KeyMaterialError, StoreError
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.paths import Settings
-from twin_pipeline.store import Store
+from twin_pipeline.store import SCHEMA_VERSION, Store
 
 
 def test_keys_created_private_and_versioned(twin_home: Settings) -> None:
@@ -85,7 +85,7 @@ def test_content_hash_order_independent_and_ignores_volatile(twin_home: Settings
         assert store.content_hash("raw.a") != store.content_hash("raw.c")
         status = store.status()
         assert status["tables"]["raw.a"]["rows"] == 100
-        assert status["schema_version"] == 1
+        assert status["schema_version"] == SCHEMA_VERSION
 
 
 def test_newer_store_schema_is_refused(twin_home: Settings) -> None:
@@ -126,3 +126,30 @@ def test_ledger_detects_change_delete_insert_reorder(twin_home: Settings) -> Non
             [row[2], row[3], row[6], "f" * 64],
         )
         assert ledger.verify(s).first_bad_seq == 6
+
+
+def test_older_store_is_migrated(twin_home: Settings) -> None:
+    with Store.open(twin_home) as store:
+        store.con.execute("CREATE TABLE harmonized.keepme AS SELECT 42 AS x")
+        store.con.execute("DROP TABLE governance.schema_migration")
+        store.con.execute(
+            "UPDATE governance.store_meta SET value = '1' WHERE key = 'schema_version'"
+        )
+    with Store.open(twin_home) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        applied = store.con.execute("SELECT version FROM governance.schema_migration").fetchall()
+        assert applied == [(2,)]
+        assert store.con.execute("SELECT x FROM harmonized.keepme").fetchall() == [(42,)]
+
+
+def test_unversioned_store_counts_as_version_zero(twin_home: Settings) -> None:
+    with Store.open(twin_home) as store:
+        store.con.execute("CREATE TABLE raw.old AS SELECT 1 AS x")
+        store.con.execute("DROP TABLE governance.store_meta")
+        store.con.execute("DROP TABLE governance.schema_migration")
+    with Store.open(twin_home) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        versions = store.con.execute(
+            "SELECT version FROM governance.schema_migration ORDER BY 1"
+        ).fetchall()
+        assert versions == [(1,), (2,)]

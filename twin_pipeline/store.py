@@ -24,7 +24,19 @@ from twin_pipeline.errors import StoreError
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.paths import Settings
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Ordered migrations: (version reached, what it does, SQL). A store records the version it is at
+# in governance.store_meta; opening an older store applies the missing steps in one transaction.
+# A store with no version (made before versioning) counts as version 0.
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (1, "governance layout: store_meta, source_file, quarantine, run", ""),
+    (
+        2,
+        "record applied migrations in governance.schema_migration",
+        "CREATE TABLE IF NOT EXISTS governance.schema_migration ("
+        "version INTEGER PRIMARY KEY, description VARCHAR, applied_at TIMESTAMPTZ)",
+    ),
+)
 SCHEMAS = ("raw", "harmonized", "deid", "governance", "twin")
 CATALOG = "twin"
 # Columns that differ between two runs over the same data; left out of content hashes.
@@ -186,24 +198,37 @@ class Store:
 
     # -- schema ------------------------------------------------------------------------------
     def ensure_schema(self) -> None:
+        """Create the schemas and governance tables; migrate an older store to this version."""
         with self.transaction():
+            had_meta = self.table_exists("governance.store_meta")
             for schema in SCHEMAS:
                 self.con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
             self.con.execute(GOVERNANCE_DDL)
             current = self.con.execute(
                 "SELECT value FROM governance.store_meta WHERE key = 'schema_version'"
             ).fetchone()
-            if current is None:
-                self.con.execute(
-                    "INSERT INTO governance.store_meta VALUES ('schema_version', ?)",
-                    [str(SCHEMA_VERSION)],
-                )
-            elif int(current[0]) > SCHEMA_VERSION:
+            fresh = not had_meta and not self.tables(("raw", "harmonized", "deid", "twin"))
+            version = int(current[0]) if current else (SCHEMA_VERSION if fresh else 0)
+            if version > SCHEMA_VERSION:
                 raise StoreError(
-                    f"store schema version {current[0]} is newer than this twin-pipeline "
-                    f"({SCHEMA_VERSION}); upgrade twin-pipeline",
+                    f"store schema version {version} is newer than this twin-pipeline "
+                    f"({SCHEMA_VERSION}); upgrade twin-pipeline to open it",
                     path=str(self.settings.store_path),
                 )
+            steps = [m for m in MIGRATIONS if m[0] > version or fresh]
+            now = datetime.now(UTC)
+            for _, _, sql in steps:
+                if sql:
+                    self.con.execute(sql)
+            for to_version, description, _ in steps:
+                self.con.execute(
+                    "INSERT OR REPLACE INTO governance.schema_migration VALUES (?, ?, ?)",
+                    [to_version, description, now],
+                )
+            self.con.execute(
+                "INSERT OR REPLACE INTO governance.store_meta VALUES ('schema_version', ?)",
+                [str(SCHEMA_VERSION)],
+            )
 
     def schema_version(self) -> int:
         row = self.con.execute(
