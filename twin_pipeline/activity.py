@@ -102,5 +102,37 @@ def activities(store: Store, run_id: str | None = None) -> list[dict[str, Any]]:
     return out
 
 
+def policy_versions(policies_dir: Any = None) -> dict[str, str]:
+    """sha256 of every policy file in force (``policies/**.yaml|yml|json``), by relative path."""
+    from pathlib import Path
+
+    from twin_pipeline.paths import POLICIES_DIR
+
+    root = Path(policies_dir or POLICIES_DIR)
+    if not root.is_dir():
+        return {}
+    return {
+        p.relative_to(root.parent).as_posix(): file_sha256(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.suffix in {".yaml", ".yml", ".json"}
+    }
+
+
+def key_versions(keys_dir: Any) -> dict[str, str]:
+    """Versions and fingerprints (never the keys) of the keys in force: ``kind -> "v1:<fp>"``."""
+    from twin_pipeline.errors import KeyMaterialError
+    from twin_pipeline.keys import KeyRing
+
+    ring = KeyRing(keys_dir)
+    out: dict[str, str] = {}
+    for kind in ("pseudonym", "signing"):
+        try:
+            v = ring.version(kind)  # type: ignore[arg-type]
+        except (KeyMaterialError, KeyError):
+            continue
+        out[kind] = f"v{v.version}:{v.fingerprint}"
+    return out
+
+
 def params_of(mapping: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in mapping.items() if isinstance(v, str | int | float | bool)}

@@ -132,5 +132,17 @@ def run_pipeline(
                 role=role,
                 status="success" if result.success else "failure",
             )
+            # Every run ends with a signed PROV bundle and its OpenLineage events.
+            from twin_pipeline.lineage.runs import finalize_run
+
+            finalize_run(
+                store,
+                result.run_id,
+                failures={
+                    str(ev.step_key).replace("__", "/"): ev.event_specific_data.error.message  # type: ignore[union-attr]
+                    for ev in result.all_events
+                    if ev.is_step_failure
+                },
+            )
             status = store.status()
     return RunSummary(result.run_id, result.success, wall, status, mats, failures)

@@ -1,0 +1,264 @@
+"""OpenLineage run events for every asset materialization, written with openlineage-python.
+
+Events go through the client's file transport to ``TWIN_HOME/openlineage/<run_id>.ndjson`` (one
+JSON event per line), so Marquez users can load them (``POST /api/v1/lineage`` per line). Each
+materialization gives one ``COMPLETE`` event (job = asset key) with the run's parent facet
+(the Dagster run), processing-engine and job-type facets; input datasets are the tables and
+source files read, output datasets carry schema, row count, version (content hash) and a
+column-lineage facet. Columns of ``deid.*`` tables that the de-identification policy rewrites are
+marked ``MASKED`` (transformation ``DIRECT``/``TRANSFORMATION`` with ``masking: true``). Failed
+assets give a ``FAIL`` event with the error message.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from openlineage.client import OpenLineageClient
+from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
+from openlineage.client.facet_v2 import (
+    column_lineage_dataset,
+    dataset_version_dataset,
+    datasource_dataset,
+    error_message_run,
+    job_type_job,
+    output_statistics_output_dataset,
+    parent_run,
+    processing_engine_run,
+    schema_dataset,
+)
+from openlineage.client.transport.file import FileConfig, FileTransport
+
+from twin_pipeline import __version__
+from twin_pipeline.activity import activities
+from twin_pipeline.lineage import policy_columns
+from twin_pipeline.store import Store
+
+NAMESPACE = "twin-pipeline"
+PARENT_JOB = "twin_all"
+PRODUCER = f"https://github.com/twin-pipeline/twin-pipeline/tree/{__version__}"
+DATASET_NAMESPACE = "duckdb://twin"
+
+
+def events_dir(store: Store) -> Path:
+    return store.settings.home / "openlineage"
+
+
+def events_path(store: Store, run_id: str) -> Path:
+    return events_dir(store) / f"{run_id}.ndjson"
+
+
+def _run_uuid(activity_id: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"twin-pipeline:{activity_id}"))
+
+
+def _parent_uuid(run_id: str) -> str:
+    try:
+        return str(uuid.UUID(run_id))
+    except ValueError:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"twin-pipeline-run:{run_id}"))
+
+
+def _time(value: Any) -> str:
+    return str(value) if value else datetime.now(UTC).isoformat()
+
+
+def _schema(store: Store, table: str) -> schema_dataset.SchemaDatasetFacet | None:
+    if not store.table_exists(table):
+        return None
+    return schema_dataset.SchemaDatasetFacet(
+        fields=[
+            schema_dataset.SchemaDatasetFacetFields(name=c, type=t) for c, t in store.columns(table)
+        ]
+    )
+
+
+def _datasource(store: Store) -> datasource_dataset.DatasourceDatasetFacet:
+    return datasource_dataset.DatasourceDatasetFacet(
+        name="twin", uri=f"duckdb://{store.settings.store_path}"
+    )
+
+
+def column_lineage(
+    store: Store, output: str, inputs: Iterable[str]
+) -> column_lineage_dataset.ColumnLineageDatasetFacet | None:
+    """Same-named columns of the inputs feed each output column; de-identified ones are MASKED."""
+    if not store.table_exists(output):
+        return None
+    in_cols: dict[str, list[str]] = {}
+    for t in inputs:
+        if t != output and store.table_exists(t):
+            for c, _ in store.columns(t):
+                in_cols.setdefault(c, []).append(t)
+    out_cols = [c for c, _ in store.columns(output)]
+    masked = policy_columns.masked_columns(output, out_cols) if output.startswith("deid.") else {}
+    fields: dict[str, column_lineage_dataset.Fields] = {}
+    for col in out_cols:
+        sources = in_cols.get(col)
+        if not sources:
+            continue
+        how = masked.get(col)
+        transformation = column_lineage_dataset.Transformation(
+            type="DIRECT",
+            subtype="TRANSFORMATION" if how else "IDENTITY",
+            description=how,
+            masking=bool(how),
+        )
+        fields[col] = column_lineage_dataset.Fields(
+            inputFields=[
+                column_lineage_dataset.InputField(
+                    namespace=DATASET_NAMESPACE, name=t, field=col, transformations=[transformation]
+                )
+                for t in sources
+            ],
+            transformationType="MASKED" if how else "IDENTITY",
+            transformationDescription=how or "copied",
+        )
+    return column_lineage_dataset.ColumnLineageDatasetFacet(fields=fields) if fields else None
+
+
+def _file_locations(store: Store) -> dict[str, str]:
+    if not store.table_exists("governance.source_file"):
+        return {}
+    return dict(store.con.execute("SELECT path, abs_path FROM governance.source_file").fetchall())
+
+
+def event_for(
+    store: Store, record: Mapping[str, Any], files: Mapping[str, str] | None = None
+) -> RunEvent:
+    """The COMPLETE event of one activity record."""
+    files = files if files is not None else _file_locations(store)
+    inputs_tables = [str(tv["table"]) for tv in record.get("input_versions") or []]
+    inputs: list[InputDataset] = [
+        InputDataset(
+            namespace=DATASET_NAMESPACE,
+            name=str(tv["table"]),
+            facets={
+                "version": dataset_version_dataset.DatasetVersionDatasetFacet(
+                    datasetVersion=str(tv["content_hash"])
+                ),
+                "dataSource": _datasource(store),
+            },
+        )
+        for tv in record.get("input_versions") or []
+    ]
+    for f in record.get("source_files") or []:
+        inputs.append(
+            InputDataset(
+                namespace="file",
+                name=files.get(str(f["path"]), str(f["path"])),
+                facets={
+                    "version": dataset_version_dataset.DatasetVersionDatasetFacet(
+                        datasetVersion=str(f["sha256"])
+                    )
+                },
+            )
+        )
+    outputs: list[OutputDataset] = []
+    for tv in record.get("outputs") or []:
+        table = str(tv["table"])
+        facets: dict[str, Any] = {
+            "version": dataset_version_dataset.DatasetVersionDatasetFacet(
+                datasetVersion=str(tv["content_hash"])
+            ),
+            "dataSource": _datasource(store),
+        }
+        schema = _schema(store, table)
+        if schema is not None:
+            facets["schema"] = schema
+        cl = column_lineage(store, table, inputs_tables)
+        if cl is not None:
+            facets["columnLineage"] = cl
+        outputs.append(
+            OutputDataset(
+                namespace=DATASET_NAMESPACE,
+                name=table,
+                facets=facets,
+                outputFacets={
+                    "outputStatistics": output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
+                        rowCount=int(tv["rows"])
+                    )
+                },
+            )
+        )
+    return RunEvent(
+        eventType=RunState.COMPLETE,
+        eventTime=_time(record.get("ended_at")),
+        run=Run(
+            runId=_run_uuid(str(record["activity_id"])),
+            facets=_run_facets(str(record["run_id"])),
+        ),
+        job=Job(namespace=NAMESPACE, name=str(record["asset_key"]), facets=_job_facets()),
+        inputs=inputs,
+        outputs=outputs,
+        producer=PRODUCER,
+    )
+
+
+def _run_facets(run_id: str) -> dict[str, Any]:
+    import dagster
+
+    return {
+        "parent": parent_run.ParentRunFacet(
+            run=parent_run.Run(runId=_parent_uuid(run_id)),
+            job=parent_run.Job(namespace=NAMESPACE, name=PARENT_JOB),
+        ),
+        "processing_engine": processing_engine_run.ProcessingEngineRunFacet(
+            version=dagster.__version__, name="dagster"
+        ),
+    }
+
+
+def _job_facets() -> dict[str, Any]:
+    return {
+        "jobType": job_type_job.JobTypeJobFacet(
+            processingType="BATCH", integration="DAGSTER", jobType="ASSET"
+        )
+    }
+
+
+def fail_event(run_id: str, asset_key: str, message: str) -> RunEvent:
+    facets = _run_facets(run_id)
+    facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
+        message=message, programmingLanguage="PYTHON"
+    )
+    return RunEvent(
+        eventType=RunState.FAIL,
+        eventTime=datetime.now(UTC).isoformat(),
+        run=Run(runId=_run_uuid(f"{run_id}:{asset_key}:failed"), facets=facets),
+        job=Job(namespace=NAMESPACE, name=asset_key, facets=_job_facets()),
+        producer=PRODUCER,
+    )
+
+
+def client_for(path: Path) -> OpenLineageClient:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    transport = FileTransport(FileConfig(log_file_path=str(path), append=True))
+    return OpenLineageClient(transport=transport)
+
+
+def emit_run(store: Store, run_id: str, *, failures: Mapping[str, str] | None = None) -> int:
+    """Write the run's events (replacing any earlier file of the run); returns how many."""
+    path = events_path(store, run_id)
+    path.unlink(missing_ok=True)
+    client = client_for(path)
+    files = _file_locations(store)
+    n = 0
+    for rec in activities(store, run_id):
+        client.emit(event_for(store, rec, files))
+        n += 1
+    for asset_key, message in (failures or {}).items():
+        client.emit(fail_event(run_id, asset_key, message))
+        n += 1
+    return n
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
