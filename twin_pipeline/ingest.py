@@ -15,6 +15,7 @@ from twin_pipeline.sources import (
     discover,
     load_readers,
     new_files,
+    scan,
 )
 from twin_pipeline.store import QuarantineRow, Store
 
@@ -83,8 +84,9 @@ def ingest_files(store: Store, reader: SourceReader, files: Sequence[SourceFile]
 
 
 def quarantine_unclaimed(store: Store, landing: Path) -> int:
-    """Files no reader claims are quarantined whole, so nothing landed is silently ignored."""
-    _, unclaimed = discover(landing, load_readers())
+    """Files no reader claims, or that cannot be read, are quarantined whole with a reason,
+    so nothing landed is silently ignored. Re-evaluated every run (a fixed file drops out)."""
+    s = scan(landing, load_readers())
     rows = [
         QuarantineRow(
             stage="read",
@@ -96,13 +98,23 @@ def quarantine_unclaimed(store: Store, landing: Path) -> int:
             reason=f"{rel}: no reader handles this kind of file",
             payload=json.dumps({"size": (landing / rel).stat().st_size}),
         )
-        for rel in unclaimed
+        for rel in s.unclaimed
+    ]
+    rows += [
+        QuarantineRow(
+            stage="read",
+            table_name="raw.unreadable",
+            source_kind="unknown",
+            source_file=rel,
+            position="file",
+            rule="unreadable_file",
+            reason=f"{rel}: {why}",
+        )
+        for rel, why in s.unreadable.items()
     ]
     with store.transaction():
         store.con.execute(
-            "DELETE FROM governance.quarantine WHERE rule = 'unknown_file_kind' "
-            "AND NOT list_contains(?, source_file)",
-            [unclaimed],
+            "DELETE FROM governance.quarantine WHERE rule IN ('unknown_file_kind', 'unreadable_file')"
         )
         store.quarantine(rows)
     return len(rows)

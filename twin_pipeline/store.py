@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,6 +106,28 @@ def httpfs_extension_path() -> Path:
     )
 
 
+def _attach_waiting(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """ATTACH, waiting while another process holds the store's write lock (a pipeline step).
+
+    Each asset holds the store only for its own transaction, so readers get in between steps and
+    see the last committed state. ``TWIN_LOCK_TIMEOUT`` seconds (default 120) bound the wait.
+    """
+    deadline = time.monotonic() + float(os.environ.get("TWIN_LOCK_TIMEOUT", "120"))
+    while True:
+        try:
+            con.execute(sql)
+            return
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                if "lock" in str(exc).lower():
+                    raise StoreError(
+                        "store is busy: another process (a pipeline run) holds it; "
+                        "try again later or raise TWIN_LOCK_TIMEOUT"
+                    ) from exc
+                raise
+            time.sleep(0.05)
+
+
 @dataclass
 class QuarantineRow:
     stage: str
@@ -171,7 +195,9 @@ class Store:
                 raise StoreError(
                     "no store yet: run `twin run` first", path=str(settings.store_path)
                 )
-            con.execute(f"ATTACH '{settings.store_path}' AS {CATALOG} (ENCRYPTION_KEY '{key}'{ro})")
+            _attach_waiting(
+                con, f"ATTACH '{settings.store_path}' AS {CATALOG} (ENCRYPTION_KEY '{key}'{ro})"
+            )
             con.execute(f"USE {CATALOG}")
         except duckdb.Error as exc:
             con.close()

@@ -54,6 +54,18 @@ def run_lock(settings: Settings, *, wait: bool = False) -> Iterator[None]:
         fh.close()
 
 
+def _root_cause(error: Any) -> str:
+    """The innermost error message: what went wrong, not Dagster's wrapper around it."""
+    while error is not None and getattr(error, "cause", None) is not None:
+        error = error.cause
+    if error is None:
+        return "unknown error"
+    cls = getattr(error, "cls_name", "") or ""
+    msg = str(getattr(error, "message", error)).strip().splitlines()
+    text = msg[-1] if msg else ""
+    return f"{cls}: {text}" if cls and not text.startswith(cls) else text
+
+
 def dagster_instance(settings: Settings) -> dg.DagsterInstance:
     home = settings.dagster_home
     home.mkdir(parents=True, exist_ok=True)
@@ -118,7 +130,7 @@ def run_pipeline(
                 k: getattr(v, "value", v) for k, v in mat.metadata.items()
             }
         failures = [
-            f"{ev.step_key}: {ev.event_specific_data.error.message.strip()}"  # type: ignore[union-attr]
+            f"{ev.step_key}: {_root_cause(ev.event_specific_data.error)}"  # type: ignore[union-attr]
             for ev in result.all_events
             if ev.is_step_failure
         ]

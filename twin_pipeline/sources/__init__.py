@@ -119,23 +119,48 @@ def classify(rel: str, readers: dict[str, SourceReader]) -> str | None:
     return None
 
 
-def discover(landing: Path, readers: dict[str, SourceReader]) -> tuple[list[SourceFile], list[str]]:
-    """Every source file under ``landing`` (sorted), and the paths no reader claims."""
+@dataclass
+class Scan:
+    """What a landing folder holds: claimed files, files no reader claims, unreadable files."""
+
+    found: list[SourceFile]
+    unclaimed: list[str]
+    unreadable: dict[str, str]  # rel path -> reason
+
+
+def scan(landing: Path, readers: dict[str, SourceReader]) -> Scan:
+    """Walk ``landing`` (sorted). Unreadable files are reported with a reason, never skipped."""
     if not landing.is_dir():
         raise ConfigError("landing folder does not exist", path=str(landing))
-    found: list[SourceFile] = []
-    unclaimed: list[str] = []
-    for path in sorted(p for p in landing.rglob("*") if p.is_file()):
+    result = Scan([], [], {})
+    for path in sorted(landing.rglob("*")):
         rel = path.relative_to(landing).as_posix()
         parts = set(rel.split("/")[:-1])
         if parts & IGNORED_PARTS or path.name in IGNORED_NAMES or path.name.startswith("."):
             continue
+        if path.is_symlink() and not path.exists():
+            result.unreadable[rel] = "dangling symbolic link"
+            continue
+        if not path.is_file():
+            continue
         kind = classify(rel, readers)
         if kind is None:
-            unclaimed.append(rel)
+            result.unclaimed.append(rel)
             continue
-        found.append(SourceFile(path, rel, kind, sha256_file(path), path.stat().st_size))
-    return found, unclaimed
+        try:
+            digest = sha256_file(path)
+            size = path.stat().st_size
+        except OSError as exc:
+            result.unreadable[rel] = f"cannot read file: {exc.strerror or exc}"
+            continue
+        result.found.append(SourceFile(path, rel, kind, digest, size))
+    return result
+
+
+def discover(landing: Path, readers: dict[str, SourceReader]) -> tuple[list[SourceFile], list[str]]:
+    """Every readable source file under ``landing`` (sorted), and the paths no reader claims."""
+    s = scan(landing, readers)
+    return s.found, s.unclaimed
 
 
 def new_files(store: Store, files: Sequence[SourceFile]) -> list[SourceFile]:
