@@ -6,8 +6,10 @@ not, d4 has no recorded consent (NULL), so a researcher sees d1 and d3 only.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,3 +117,14 @@ def gw_home(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 def gateway(gw_home: Settings) -> Iterator[Gateway]:
     with Gateway(gw_home, timeout_s=20) as gw:
         yield gw
+
+
+def last_audit(gw: Gateway) -> dict[str, Any]:
+    """The newest audit entry of the ledger, as a dict (with its seq)."""
+    row = gw.store.con.execute(
+        "SELECT seq, payload FROM governance.ledger WHERE kind = 'audit' ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    assert row is not None, "no audit entry"
+    doc: dict[str, Any] = json.loads(row[1])
+    doc["seq"] = int(row[0])
+    return doc

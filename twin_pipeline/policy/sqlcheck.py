@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -187,8 +188,10 @@ def _parse_one(sql: str) -> exp.Expr:
         statements = [s for s in sqlglot.parse(sql, read=DIALECT) if s is not None]
     except (ParseError, TokenError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        word = leading_keyword(sql)
         raise QueryDenied(
-            f"the query could not be parsed as one SELECT: {first}", construct="syntax"
+            f"the query could not be parsed as one SELECT (it starts with {word}): {first}",
+            construct=word,
         ) from None
     if len(statements) != 1:
         raise QueryDenied(
@@ -198,14 +201,22 @@ def _parse_one(sql: str) -> exp.Expr:
     return statements[0]
 
 
-def _check_root(root: exp.Expr) -> None:
+def leading_keyword(sql: str) -> str:
+    """The first word of ``sql`` after comments and whitespace, upper case (for messages)."""
+    text = re.sub(r"(--[^\n]*\n?|/\*.*?\*/|\s+)", " ", sql, flags=re.S).strip()
+    m = re.match(r"[A-Za-z_]+", text)
+    return m.group(0).upper() if m else (text[:1] or "empty query")
+
+
+def _check_root(root: exp.Expr, sql: str) -> None:
     node = root
     while isinstance(node, exp.Subquery):
         node = node.this
     if not isinstance(node, exp.Select | exp.SetOperation):
-        what = FORBIDDEN_NODES.get(type(node)) or type(node).__name__.upper()
+        what = FORBIDDEN_NODES.get(type(node))
         if isinstance(node, exp.Command):
             what = str(node.this).upper()
+        what = what or leading_keyword(sql)
         raise QueryDenied(
             f"{what} is not allowed: only read-only SELECT queries", construct=str(what)
         )
@@ -284,7 +295,12 @@ class _Rewriter:
             raise self.deny(
                 f"table reference {node.sql(DIALECT)} is not allowed", construct=node.sql(DIALECT)
             )
-        for arg in ("version", "when", "changes", "system_time", "partition", "rows_from"):
+        for arg in ("version", "when", "changes", "system_time"):
+            if node.args.get(arg):
+                raise self.deny(
+                    "time travel (AT/VERSION) on a table is not allowed", construct="AT"
+                )
+        for arg in ("partition", "rows_from", "indexed", "hints"):
             if node.args.get(arg):
                 raise self.deny(f"{arg.upper()} on a table is not allowed", construct=arg.upper())
         name = target.name.lower()
@@ -363,7 +379,7 @@ def rewrite(
     returns the policy subquery (a fresh SELECT expression) for one of them.
     """
     root = _parse_one(sql)
-    _check_root(root)
+    _check_root(root, sql)
     _check_nodes(root)
     rw = _Rewriter(role_name, may_read, relations, relation_query, catalog_views)
     rw.visit(root, {})
