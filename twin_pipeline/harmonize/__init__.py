@@ -1,0 +1,1 @@
+"""Harmonization: raw records mapped into the identified twin tables (no Dagster import)."""

@@ -1,0 +1,480 @@
+"""Raw readings → ``harmonized.telemetry_reading``, per-minute aggregates and device gaps.
+
+Incremental: only raw rows of source files not yet harmonized (or changed since) are mapped;
+``governance.telemetry_state`` remembers which file versions are in, and
+``governance.telemetry_pending`` the (patient, metric, minute) keys and devices whose aggregates
+and gaps must be recomputed. A full rebuild gives the same table content.
+
+Mapping: every metric code (MDC, LOINC, alias) to the canonical MDC metric; units through the
+UCUM synonym table and the metric's conversions to its canonical unit (no conversion → quarantine
+``bad_unit``); exact duplicates (device, metric, instant, value) quarantined as ``duplicate``
+(the copy with the smallest lineage key, or the one already harmonized, is kept); readings
+outside the plausible range flagged ``implausible``; readings older than their device's watermark
+at arrival (latest instant from files registered before theirs) flagged ``late`` and, beyond the
+late-arrival window, ``late_beyond_window``. Late readings are still accepted: tables are ordered
+by ``ts_utc``, never by arrival.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twin_pipeline.harmonize.telemetry_config import TelemetrySpec, load_telemetry_spec
+from twin_pipeline.sources.telemetry import (
+    QUARANTINE_ID_SQL,
+    RAW_TABLE,
+    ensure_raw_table,
+    vocabulary_table,
+)
+from twin_pipeline.store import Store
+
+READING = "harmonized.telemetry_reading"
+MINUTE = "harmonized.telemetry_minute"
+GAP = "harmonized.device_gap"
+STATE = "governance.telemetry_state"
+PENDING = "governance.telemetry_pending"
+TELEMETRY_KINDS = ("telemetry", "hl7v2", "wfdb")
+
+READING_DDL = f"""
+CREATE TABLE IF NOT EXISTS {READING} (
+    lineage_key VARCHAR,
+    source_file VARCHAR,
+    position VARCHAR,
+    source_kind VARCHAR,
+    device_id VARCHAR,
+    patient_id VARCHAR,
+    metric VARCHAR,            -- canonical IEEE 11073 MDC reference id
+    loinc VARCHAR,
+    value DOUBLE,              -- in the canonical unit
+    unit VARCHAR,              -- canonical UCUM unit
+    original_metric VARCHAR,
+    original_value DOUBLE,
+    original_unit VARCHAR,
+    ts_utc TIMESTAMPTZ,
+    implausible BOOLEAN,
+    late BOOLEAN,
+    late_beyond_window BOOLEAN
+);
+CREATE TABLE IF NOT EXISTS {STATE} (
+    source_file VARCHAR PRIMARY KEY,
+    sha256 VARCHAR,
+    first_seen TIMESTAMPTZ,
+    rows_in BIGINT,
+    rows_harmonized BIGINT
+);
+CREATE TABLE IF NOT EXISTS governance.telemetry_device_file (
+    device_id VARCHAR,
+    source_file VARCHAR,
+    first_seen TIMESTAMPTZ,
+    max_ts TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS {PENDING} (
+    kind VARCHAR,              -- minute | gap | full_minute | full_gap
+    device_id VARCHAR,
+    patient_id VARCHAR,
+    metric VARCHAR,
+    minute TIMESTAMPTZ
+);
+"""
+MINUTE_DDL = f"""
+CREATE TABLE IF NOT EXISTS {MINUTE} (
+    patient_id VARCHAR,
+    metric VARCHAR,
+    minute TIMESTAMPTZ,
+    n BIGINT,
+    n_implausible BIGINT,
+    min DOUBLE,                -- over plausible readings
+    max DOUBLE,
+    mean DOUBLE,
+    unit VARCHAR,
+    lineage_key VARCHAR        -- smallest lineage key of the readings in the minute
+)
+"""
+GAP_DDL = f"""
+CREATE TABLE IF NOT EXISTS {GAP} (
+    device_id VARCHAR,
+    patient_id VARCHAR,
+    gap_start TIMESTAMPTZ,     -- last reading before the gap
+    gap_end TIMESTAMPTZ,       -- first reading after it
+    gap_seconds DOUBLE,
+    threshold_seconds DOUBLE,
+    lineage_key VARCHAR        -- the reading that ended the gap
+)
+"""
+
+
+@dataclass
+class TelemetryResult:
+    files_processed: int
+    rows_in: int
+    harmonized: int
+    quarantined: int
+    duplicates: int
+    implausible: int
+    late: int
+
+
+def _spec_tables(store: Store, spec: TelemetrySpec) -> None:
+    con = store.con
+    vocabulary_table(store, spec)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _tele_metric (metric VARCHAR, loinc VARCHAR, unit VARCHAR, "
+        "lo DOUBLE, hi DOUBLE)"
+    )
+    con.executemany(
+        "INSERT INTO _tele_metric VALUES (?,?,?,?,?)",
+        [(m.metric, m.loinc, m.unit, m.plausible[0], m.plausible[1]) for m in spec.metrics],
+    )
+    con.execute("CREATE OR REPLACE TEMP TABLE _tele_unit (unit VARCHAR, ucum VARCHAR)")
+    con.executemany("INSERT INTO _tele_unit VALUES (?, ?)", list(spec.units.items()))
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _tele_conv (metric VARCHAR, ucum VARCHAR, factor DOUBLE, "
+        "off DOUBLE)"
+    )
+    con.executemany("INSERT INTO _tele_conv VALUES (?,?,?,?)", spec.unit_rows())
+
+
+def ensure_tables(store: Store) -> None:
+    ensure_raw_table(store)
+    store.con.execute(READING_DDL)
+
+
+def harmonize_readings(
+    store: Store, spec: TelemetrySpec | None = None, *, full: bool = False
+) -> TelemetryResult:
+    """Map the raw readings of new or changed source files into ``harmonized.telemetry_reading``."""
+    spec = spec or load_telemetry_spec()
+    con = store.con
+    with store.transaction():
+        fresh = not store.table_exists(READING)
+        ensure_tables(store)
+        _spec_tables(store, spec)
+        con.execute(
+            f"""
+            CREATE OR REPLACE TEMP TABLE _th_files AS
+            SELECT s.path AS source_file, s.sha256, s.first_seen
+            FROM governance.source_file s
+            WHERE s.kind IN {TELEMETRY_KINDS}
+            """
+        )
+        if full or fresh:
+            con.execute(f"DELETE FROM {READING}")
+            con.execute(f"DELETE FROM {STATE}")
+            con.execute("DELETE FROM governance.telemetry_device_file")
+            store.clear_quarantine("harmonize", READING)
+            con.execute(f"DELETE FROM {PENDING}")
+            con.execute(
+                f"INSERT INTO {PENDING} VALUES ('full_minute', NULL, NULL, NULL, NULL), "
+                "('full_gap', NULL, NULL, NULL, NULL)"
+            )
+        con.execute(
+            f"""
+            CREATE OR REPLACE TEMP TABLE _th_todo AS
+            SELECT f.* FROM _th_files f LEFT JOIN {STATE} s USING (source_file)
+            WHERE s.sha256 IS DISTINCT FROM f.sha256
+            """
+        )
+        con.execute(
+            f"""
+            CREATE OR REPLACE TEMP TABLE _th_gone AS
+            SELECT source_file FROM {STATE}
+            WHERE source_file NOT IN (SELECT source_file FROM _th_files)
+               OR source_file IN (SELECT source_file FROM _th_todo)
+            """
+        )
+        # Whatever an earlier version of a changed/removed file contributed is undone.
+        con.execute(
+            f"""
+            INSERT INTO {PENDING}
+            SELECT 'minute', NULL, patient_id, metric, date_trunc('minute', ts_utc)
+            FROM {READING} WHERE source_file IN (SELECT source_file FROM _th_gone)
+            UNION
+            SELECT 'gap', device_id, NULL, NULL, NULL
+            FROM {READING} WHERE source_file IN (SELECT source_file FROM _th_gone)
+            """
+        )
+        for table in (READING, "governance.telemetry_device_file", STATE):
+            con.execute(
+                f"DELETE FROM {table} WHERE source_file IN (SELECT source_file FROM _th_gone)"
+            )
+        con.execute(
+            "DELETE FROM governance.quarantine WHERE stage = 'harmonize' AND table_name = ? "
+            "AND source_file IN (SELECT source_file FROM _th_gone)",
+            [READING],
+        )
+        n_todo = con.execute("SELECT count(*) FROM _th_todo").fetchone()
+        if not n_todo or not n_todo[0]:
+            return TelemetryResult(0, 0, 0, 0, 0, 0, 0)
+        patient_sql = _patient_sql(store)
+        con.execute(
+            f"""
+            CREATE OR REPLACE TEMP TABLE _th_batch AS
+            SELECT r.lineage_key, r.source_file, r.position, r.source_kind, r.device_id,
+                   {patient_sql} AS patient_id,
+                   a.metric, m.loinc, (r.value + c.off) * c.factor AS value, m.unit,
+                   r.metric AS original_metric, r.value AS original_value,
+                   r.unit AS original_unit, r.ts AS ts_utc,
+                   (r.value + c.off) * c.factor NOT BETWEEN m.lo AND m.hi AS implausible,
+                   t.first_seen,
+                   CASE WHEN a.metric IS NULL THEN 'unknown_metric'
+                        WHEN c.factor IS NULL THEN 'bad_unit'
+                        WHEN r.device_id IS NULL OR r.device_id = '' THEN 'missing_device'
+                   END AS rule
+            FROM {RAW_TABLE} r
+            JOIN _th_todo t USING (source_file)
+            LEFT JOIN _tele_alias a ON a.alias = upper(r.metric)
+            LEFT JOIN _tele_metric m ON m.metric = a.metric
+            LEFT JOIN _tele_unit u ON u.unit = r.unit
+            LEFT JOIN _tele_conv c ON c.metric = a.metric AND c.ucum = coalesce(u.ucum, r.unit)
+            """
+        )
+        # Exact duplicates within the batch: keep the smallest lineage key (order-independent).
+        con.execute(
+            """
+            CREATE OR REPLACE TEMP TABLE _th_keep AS
+            SELECT min(lineage_key) AS lineage_key FROM _th_batch WHERE rule IS NULL
+            GROUP BY device_id, metric, ts_utc, value
+            """
+        )
+        con.execute(
+            f"""
+            CREATE OR REPLACE TEMP TABLE _th_seen AS
+            SELECT DISTINCT h.device_id, h.metric, h.ts_utc, h.value FROM {READING} h
+            WHERE h.device_id IN (SELECT DISTINCT device_id FROM _th_batch)
+            """
+        )
+        con.execute(
+            """
+            CREATE OR REPLACE TEMP TABLE _th_batch AS
+            SELECT b.* REPLACE (
+                CASE WHEN b.rule IS NOT NULL THEN b.rule
+                     WHEN k.lineage_key IS NULL OR s.device_id IS NOT NULL THEN 'duplicate'
+                END AS rule)
+            FROM _th_batch b
+            LEFT JOIN _th_keep k ON k.lineage_key = b.lineage_key
+            LEFT JOIN _th_seen s ON s.device_id = b.device_id AND s.metric = b.metric
+             AND s.ts_utc = b.ts_utc AND s.value = b.value
+            """
+        )
+        window = spec.late_arrival_window_seconds
+        con.execute(
+            """
+            CREATE OR REPLACE TEMP TABLE _th_watermark AS
+            SELECT b.device_id, b.source_file, max(d.max_ts) AS watermark
+            FROM (SELECT DISTINCT device_id, source_file, first_seen FROM _th_batch
+                  WHERE rule IS NULL) b
+            JOIN governance.telemetry_device_file d ON d.device_id = b.device_id
+             AND (d.first_seen, d.source_file) < (b.first_seen, b.source_file)
+            GROUP BY ALL
+            """
+        )
+        con.execute(
+            f"""
+            INSERT INTO {READING}
+            SELECT b.lineage_key, b.source_file, b.position, b.source_kind, b.device_id,
+                   b.patient_id, b.metric, b.loinc, b.value, b.unit, b.original_metric,
+                   b.original_value, b.original_unit, b.ts_utc, b.implausible,
+                   coalesce(b.ts_utc < w.watermark, false),
+                   coalesce(b.ts_utc < w.watermark - to_seconds({window}), false)
+            FROM _th_batch b LEFT JOIN _th_watermark w USING (device_id, source_file)
+            WHERE b.rule IS NULL
+            ORDER BY b.ts_utc
+            """
+        )
+        qid = QUARANTINE_ID_SQL.format(
+            stage="'harmonize'",
+            table=f"'{READING}'",
+            file="source_file",
+            pos="position",
+            rule="rule",
+        )
+        reason = (
+            "source_file || ' [' || position || ']: ' || CASE rule "
+            "WHEN 'unknown_metric' THEN 'metric ' || original_metric || "
+            "' is not in the telemetry vocabulary' "
+            "WHEN 'bad_unit' THEN 'unit ' || coalesce(original_unit, '(none)') || "
+            "' cannot be converted to ' || coalesce(unit, '?') || ' for ' || metric "
+            "WHEN 'missing_device' THEN 'reading has no device id' "
+            "WHEN 'duplicate' THEN 'exact duplicate of a reading already kept (device ' || "
+            "device_id || ', ' || metric || ' at ' || ts_utc || ')' END"
+        )
+        con.execute(
+            f"""
+            INSERT INTO governance.quarantine
+            SELECT {qid}, ?, 'harmonize', '{READING}', source_kind, source_file, position,
+                   rule, {reason},
+                   json_object('device_id', device_id, 'metric', original_metric,
+                               'value', original_value, 'unit', original_unit,
+                               'ts', CAST(ts_utc AS VARCHAR)),
+                   lineage_key, now()
+            FROM _th_batch WHERE rule IS NOT NULL
+            """,
+            [store.run_id],
+        )
+        con.execute(
+            """
+            INSERT INTO governance.telemetry_device_file
+            SELECT device_id, source_file, any_value(first_seen), max(ts_utc)
+            FROM _th_batch WHERE rule IS NULL GROUP BY device_id, source_file
+            """
+        )
+        con.execute(
+            f"""
+            INSERT INTO {STATE}
+            SELECT t.source_file, t.sha256, t.first_seen, count(b.lineage_key),
+                   count(b.lineage_key) FILTER (b.rule IS NULL)
+            FROM _th_todo t LEFT JOIN _th_batch b USING (source_file)
+            GROUP BY ALL
+            """
+        )
+        con.execute(
+            f"""
+            INSERT INTO {PENDING}
+            SELECT DISTINCT 'minute', NULL, patient_id, metric, date_trunc('minute', ts_utc)
+            FROM _th_batch WHERE rule IS NULL
+            UNION ALL
+            SELECT DISTINCT 'gap', device_id, NULL, NULL, NULL FROM _th_batch WHERE rule IS NULL
+            """
+        )
+        row = con.execute(
+            """
+            SELECT count(*), count(*) FILTER (rule IS NULL),
+                   count(*) FILTER (rule = 'duplicate'),
+                   count(*) FILTER (rule IS NULL AND implausible)
+            FROM _th_batch
+            """
+        ).fetchone()
+        late = con.execute(
+            f"SELECT count(*) FROM {READING} WHERE late AND source_file IN "
+            "(SELECT source_file FROM _th_todo)"
+        ).fetchone()
+        for t in (
+            "_th_batch",
+            "_th_keep",
+            "_th_seen",
+            "_th_watermark",
+            "_th_todo",
+            "_th_gone",
+            "_th_files",
+        ):
+            con.execute(f"DROP TABLE IF EXISTS {t}")
+    assert row is not None
+    total, ok, dup, impl = (int(x) for x in row)
+    return TelemetryResult(
+        int(n_todo[0]), total, ok, total - ok, dup, impl, int(late[0]) if late else 0
+    )
+
+
+def _patient_sql(store: Store) -> str:
+    """The patient of a reading: as sent, else by MRN, else the device's patient at that time."""
+    parts = ["r.patient_id"]
+    if store.table_exists("harmonized.patient"):
+        parts.append(
+            "(SELECT any_value(p.patient_id) FROM harmonized.patient p "
+            "WHERE r.patient_mrn IS NOT NULL AND p.mrn = r.patient_mrn)"
+        )
+    if store.table_exists("harmonized.device_association"):
+        parts.append(
+            "(SELECT any_value(da.patient_id) FROM harmonized.device_association da "
+            "WHERE da.device_id = r.device_id AND r.ts >= da.valid_from "
+            "AND (da.valid_to IS NULL OR r.ts < da.valid_to))"
+        )
+    return parts[0] if len(parts) == 1 else f"coalesce({', '.join(parts)})"
+
+
+def _pending(store: Store, kind: str) -> tuple[bool, bool]:
+    """(full rebuild needed, anything pending) for ``kind``; pending rows are consumed."""
+    row = store.con.execute(
+        f"SELECT count(*) FILTER (kind = ?), count(*) FILTER (kind = ?) FROM {PENDING}",
+        [f"full_{kind}", kind],
+    ).fetchone()
+    assert row is not None
+    return bool(row[0]), bool(row[1])
+
+
+def build_minutes(store: Store) -> int:
+    """Recompute ``harmonized.telemetry_minute`` for the pending keys (all when new)."""
+    con = store.con
+    agg = f"""
+        SELECT r.patient_id, r.metric, date_trunc('minute', r.ts_utc) AS minute, count(*) AS n,
+               count(*) FILTER (r.implausible) AS n_implausible,
+               min(r.value) FILTER (NOT r.implausible), max(r.value) FILTER (NOT r.implausible),
+               avg(r.value) FILTER (NOT r.implausible), any_value(r.unit),
+               min(r.lineage_key)
+        FROM {READING} r
+    """
+    with store.transaction():
+        ensure_tables(store)
+        fresh = not store.table_exists(MINUTE)
+        con.execute(MINUTE_DDL)
+        full, some = _pending(store, "minute")
+        if fresh or full:
+            con.execute(f"DELETE FROM {MINUTE}")
+            con.execute(f"INSERT INTO {MINUTE} {agg} GROUP BY ALL ORDER BY minute")
+        elif some:
+            con.execute(
+                f"""
+                CREATE OR REPLACE TEMP TABLE _tm_keys AS
+                SELECT DISTINCT patient_id, metric, minute FROM {PENDING} WHERE kind = 'minute'
+                """
+            )
+            con.execute(
+                f"""
+                DELETE FROM {MINUTE} t USING _tm_keys k
+                WHERE t.patient_id IS NOT DISTINCT FROM k.patient_id AND t.metric = k.metric
+                  AND t.minute = k.minute
+                """
+            )
+            con.execute(
+                f"""
+                INSERT INTO {MINUTE} {agg}
+                SEMI JOIN _tm_keys k ON r.patient_id IS NOT DISTINCT FROM k.patient_id
+                 AND r.metric = k.metric AND date_trunc('minute', r.ts_utc) = k.minute
+                GROUP BY ALL ORDER BY minute
+                """
+            )
+            con.execute("DROP TABLE _tm_keys")
+        con.execute(f"DELETE FROM {PENDING} WHERE kind IN ('minute', 'full_minute')")
+    return store.row_count(MINUTE)
+
+
+def build_gaps(store: Store, spec: TelemetrySpec | None = None) -> int:
+    """Recompute ``harmonized.device_gap`` for the pending devices (all when new)."""
+    spec = spec or load_telemetry_spec()
+    con = store.con
+    threshold = spec.gap_threshold_seconds
+    with store.transaction():
+        ensure_tables(store)
+        fresh = not store.table_exists(GAP)
+        con.execute(GAP_DDL)
+        full, some = _pending(store, "gap")
+        where = ""
+        if not (fresh or full):
+            if not some:
+                return store.row_count(GAP)
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE _tg_dev AS SELECT DISTINCT device_id FROM {PENDING} "
+                "WHERE kind = 'gap'"
+            )
+            con.execute(f"DELETE FROM {GAP} WHERE device_id IN (SELECT device_id FROM _tg_dev)")
+            where = "WHERE device_id IN (SELECT device_id FROM _tg_dev)"
+        else:
+            con.execute(f"DELETE FROM {GAP}")
+        con.execute(
+            f"""
+            INSERT INTO {GAP}
+            SELECT device_id, patient_id, prev_ts, ts_utc,
+                   epoch(ts_utc) - epoch(prev_ts), {threshold}, lineage_key
+            FROM (
+                SELECT device_id, ts_utc, patient_id, lineage_key,
+                       lag(ts_utc) OVER (PARTITION BY device_id ORDER BY ts_utc) AS prev_ts
+                FROM (SELECT device_id, ts_utc, any_value(patient_id) AS patient_id,
+                             min(lineage_key) AS lineage_key
+                      FROM {READING} {where} GROUP BY device_id, ts_utc))
+            WHERE epoch(ts_utc) - epoch(prev_ts) > {threshold}
+            ORDER BY device_id, prev_ts
+            """
+        )
+        con.execute("DROP TABLE IF EXISTS _tg_dev")
+        con.execute(f"DELETE FROM {PENDING} WHERE kind IN ('gap', 'full_gap')")
+    return store.row_count(GAP)
