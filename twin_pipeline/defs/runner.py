@@ -84,8 +84,12 @@ def run_pipeline(
     selection: Sequence[str] | None = None,
     wait: bool = False,
     ephemeral: bool = False,
+    extra_config: dict[str, Any] | None = None,
 ) -> RunSummary:
-    """Materialize the whole graph (or ``selection``, asset key paths like ``raw/fhir``)."""
+    """Materialize the whole graph (or ``selection``, asset key paths like ``raw/fhir``).
+
+    ``extra_config`` is merged into the run config (e.g. ``{"ops": {...}}`` asset config).
+    """
     from twin_pipeline.definitions import ALL_JOB, defs
 
     settings = (settings or Settings.from_env()).ensure()
@@ -107,6 +111,8 @@ def run_pipeline(
             }
         },
     }
+    if extra_config:
+        run_config.update(extra_config)
     job = defs.resolve_job_def(ALL_JOB)
     asset_selection = [dg.AssetKey(s.split("/")) for s in selection] if selection else None
     with run_lock(settings, wait=wait):

@@ -1,0 +1,223 @@
+"""Twin assets: the graph (``twin/node``, ``twin/edge``), current state per twin, and what-if
+simulation runs (``twin/simulation_result``), each a governed, lineage-recorded run."""
+
+from pathlib import Path
+
+import dagster as dg
+
+from twin_pipeline.activity import file_sha256
+from twin_pipeline.defs.common import governed_run
+from twin_pipeline.defs.resources import TwinResource
+from twin_pipeline.twin.graph import build_graph, ensure_graph_tables
+from twin_pipeline.twin.model import load_model
+from twin_pipeline.twin.scenario import load_scenario
+from twin_pipeline.twin.simulate import NOTICE, make_chart, run_simulation, save_result, sim_id
+from twin_pipeline.twin.state import (
+    build_device_state,
+    build_patient_vitals,
+    build_scanner_state,
+)
+
+OWNERS = ["team:twin"]
+DEFAULT_SCENARIO = "add_ct_scanner.yaml"
+
+
+def _defined_elsewhere() -> set[dg.AssetKey]:
+    """Asset keys other stage packages define (deps on keys nobody defines would become stubs)."""
+    import importlib
+    import pkgutil
+
+    from twin_pipeline import defs as defs_pkg
+
+    keys: set[dg.AssetKey] = set()
+    for mod in pkgutil.iter_modules(defs_pkg.__path__):
+        if not mod.ispkg or mod.name == "twin":
+            continue
+        stage = getattr(importlib.import_module(f"{defs_pkg.__name__}.{mod.name}"), "defs", None)
+        if isinstance(stage, dg.Definitions):
+            for a in stage.assets or []:
+                if isinstance(a, dg.AssetsDefinition):
+                    keys.update(a.keys)
+    return keys
+
+
+_MODEL = load_model()
+SOURCE_KEYS = [
+    k
+    for k in (dg.AssetKey(t.split(".")) for t in _MODEL.source_tables())
+    if k in _defined_elsewhere()
+]
+
+
+@dg.asset(
+    key=dg.AssetKey(["twin", "node"]),
+    deps=SOURCE_KEYS,
+    group_name="twin",
+    kinds={"duckdb", "sql"},
+    owners=OWNERS,
+    description="Twin graph nodes (and, with them, twin.edge): one node per twin of each "
+    "interface in assets/twin_model.yaml, built in SQL from the tables the model names.",
+)
+def twin_node(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.MaterializeResult:
+    model = load_model()
+    with governed_run(
+        context, twin, inputs=model.source_tables(), params={"model_id": model.model_id}
+    ) as run:
+        report = build_graph(run.store, model)
+        run.outputs("twin.node", "twin.edge")
+        run.meta(
+            nodes_by_type=dg.MetadataValue.json(report.nodes),
+            edges_by_rel=dg.MetadataValue.json(report.edges),
+            dangling=dg.MetadataValue.json(report.dangling),
+            warnings=dg.MetadataValue.json(report.warnings),
+        )
+    return run.result()
+
+
+@dg.asset(
+    key=dg.AssetKey(["twin", "edge"]),
+    deps=[dg.AssetKey(["twin", "node"])],
+    group_name="twin",
+    kinds={"duckdb", "sql"},
+    owners=OWNERS,
+    description="Twin graph edges (relationships with validity periods). Written together "
+    "with twin/node; this asset verifies and reports them.",
+)
+def twin_edge(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.MaterializeResult:
+    with governed_run(context, twin, inputs=["twin.node"]) as run:
+        ensure_graph_tables(run.store)
+        rows = run.store.con.execute(
+            "SELECT rel, count(*) FROM twin.twin.edge GROUP BY rel ORDER BY rel"
+        ).fetchall()
+        dangling = run.store.con.execute(
+            "SELECT count(*) FROM twin.twin.edge e WHERE NOT EXISTS "
+            "(SELECT 1 FROM twin.twin.node n WHERE n.node_id = e.dst)"
+        ).fetchone()
+        if dangling and dangling[0]:
+            raise dg.Failure(f"twin.edge has {dangling[0]} edges to missing nodes")
+        run.outputs("twin.edge")
+        run.meta(edges_by_rel=dg.MetadataValue.json({r[0]: int(r[1]) for r in rows}))
+    return run.result()
+
+
+def _state_asset(name: str, builder, description: str) -> dg.AssetsDefinition:  # type: ignore[no-untyped-def]
+    @dg.asset(
+        key=dg.AssetKey(["twin", name]),
+        deps=[dg.AssetKey(["twin", "node"]), dg.AssetKey(["twin", "edge"])],
+        group_name="twin",
+        kinds={"duckdb", "sql"},
+        owners=OWNERS,
+        description=description,
+    )
+    def _asset(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.MaterializeResult:
+        model = load_model()
+        with governed_run(context, twin, inputs=["twin.node", "twin.edge"]) as run:
+            ensure_graph_tables(run.store)
+            rep = builder(run.store, model)
+            run.record.inputs.extend(t for t in rep.inputs if t not in run.record.inputs)
+            run.outputs(f"twin.{name}")
+            run.meta(
+                as_of=str(rep.as_of) if rep.as_of else "none",
+                warnings=dg.MetadataValue.json(rep.warnings),
+            )
+        return run.result()
+
+    return _asset
+
+
+state_patient_vitals = _state_asset(
+    "state_patient_vitals",
+    build_patient_vitals,
+    "Latest value of each vital sign per Patient twin, from observations and device readings.",
+)
+state_device = _state_asset(
+    "state_device",
+    build_device_state,
+    "Per Device twin: status, last reading, readings in 24 h, attached patient at as-of time.",
+)
+state_scanner = _state_asset(
+    "state_scanner",
+    build_scanner_state,
+    "Per scanner twin: studies and busy minutes on the as-of day, utilization, last study.",
+)
+
+
+class SimulationConfig(dg.Config):  # type: ignore[misc]
+    """Which scenario to run (a path, or a name under assets/scenarios/)."""
+
+    scenario: str = DEFAULT_SCENARIO
+    replications: int = 0  # 0: the scenario's own
+    seed: int = -1  # -1: the scenario's own
+    chart: str = ""  # PNG path; default TWIN_HOME/reports/simulation-<id>.png
+
+
+@dg.asset(
+    key=dg.AssetKey(["twin", "simulation_result"]),
+    deps=[dg.AssetKey(["twin", "node"]), dg.AssetKey(["twin", "edge"])],
+    group_name="twin",
+    kinds={"python", "simpy"},
+    owners=OWNERS,
+    description="A what-if simulation run (SimPy) of the imaging department and bed capacity: "
+    "baseline fitted from the twin's history vs a scenario, with replications and 95% CIs. "
+    + NOTICE,
+)
+def simulation_result(
+    context: dg.AssetExecutionContext, twin: TwinResource, config: SimulationConfig
+) -> dg.MaterializeResult:
+    sc, path, sha = load_scenario(config.scenario)
+    params = {"scenario_file": str(path), "scenario_sha256": sha, "scenario": sc.name}
+    with governed_run(context, twin, inputs=["twin.node", "twin.edge"], params=params) as run:
+        ensure_graph_tables(run.store)
+        run.source_files(
+            [
+                {
+                    "path": str(path),
+                    "sha256": file_sha256(path),
+                    "size": path.stat().st_size,
+                    "kind": "scenario",
+                }
+            ]
+        )
+        snapshot = "|".join(f"{v.table}:{v.content_hash}" for v in run.record.input_versions)
+        result = run_simulation(
+            run.store,
+            sc,
+            scenario_path=str(path),
+            scenario_sha256=sha,
+            replications=config.replications or None,
+            seed=None if config.seed < 0 else config.seed,
+        )
+        run.record.params.update(
+            seed=result["seed"], replications=result["replications"], twin_snapshot=snapshot
+        )
+        sid = sim_id(result, snapshot)
+        chart = None
+        if result.get("status") == "ok":
+            target = config.chart or str(twin.settings().reports_dir / f"simulation-{sid}.png")
+            chart = str(make_chart(result, Path(target)))
+        save_result(run.store, result, snapshot=snapshot, chart=chart)
+        run.record.params["sim_id"] = sid
+        run.outputs("twin.simulation_run", "twin.simulation_metric")
+        run.meta(
+            sim_id=sid,
+            scenario=sc.name,
+            status=result.get("status", ""),
+            historical_throughput=result.get("historical_throughput") or 0.0,
+            baseline_throughput=result.get("baseline_throughput") or 0.0,
+            baseline_error_pct=result.get("baseline_error_pct") or 0.0,
+            scenario_throughput=result.get("scenario_throughput") or 0.0,
+            notice=NOTICE,
+        )
+    return run.result()
+
+
+defs = dg.Definitions(
+    assets=[
+        twin_node,
+        twin_edge,
+        state_patient_vitals,
+        state_device,
+        state_scanner,
+        simulation_result,
+    ]
+)
