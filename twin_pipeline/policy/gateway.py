@@ -110,7 +110,7 @@ class QueryResult:
 
 @dataclass
 class _Compiled:
-    query: Any  # sqlglot Select
+    sql: str  # the policy subquery
     masks: dict[str, str]
     filters: list[str]
     reads: set[str]
@@ -155,6 +155,7 @@ class Gateway:
         self._compiled: dict[tuple[str, str], _Compiled] = {}
         self._salt = ""
         self._lock = threading.Lock()
+        self._watchdog: _Watchdog | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def open(self) -> Gateway:
@@ -181,6 +182,9 @@ class Gateway:
         return self
 
     def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -215,7 +219,8 @@ class Gateway:
                     construct=relation,
                     relations=[relation],
                 )
-            hit = self._compiled[key] = _Compiled(q, masks, filters, reads)
+            sql = q.sql(dialect="duckdb", comments=False)
+            hit = self._compiled[key] = _Compiled(sql, masks, filters, reads)
         return hit
 
     def describe(self, user: str) -> dict[str, Any]:
@@ -250,7 +255,7 @@ class Gateway:
                 role_name=role_name,
                 may_read=role.may_read,
                 relations=self._relations,
-                relation_query=lambda rel: self._compile(role_name, role, rel).query.copy(),
+                relation_query=lambda rel: self._compile(role_name, role, rel).sql,
                 catalog_views=role.catalog_views,
             )
             relations = rw.relations
@@ -329,8 +334,9 @@ class Gateway:
     def _execute(
         self, con: duckdb.DuckDBPyConnection, sql: str, fetch: int
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
-        timer = threading.Timer(self.timeout_s, con.interrupt)
-        timer.start()
+        if self._watchdog is None:
+            self._watchdog = _Watchdog(con)
+        self._watchdog.arm(self.timeout_s)
         try:
             cur = con.execute(sql)
             columns = [d[0] for d in cur.description or []]
@@ -340,7 +346,7 @@ class Gateway:
                 f"time limit of {self.timeout_s:g} s exceeded"
             ) from None
         finally:
-            timer.cancel()
+            self._watchdog.disarm()
         return columns, rows
 
     # -- second opinion from DuckDB's parser --------------------------------------------------
@@ -406,6 +412,47 @@ class Gateway:
                     construct=f"{name}()",
                     relations=rw.relations,
                 )
+
+
+class _Watchdog:
+    """One thread per gateway that interrupts the running query when its time is up
+    (a thread per query would cost more than the rest of the gateway)."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._con = con
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="twin-gateway-watchdog", daemon=True)
+        self._thread.start()
+
+    def arm(self, seconds: float) -> None:
+        with self._cond:
+            self._deadline = time.monotonic() + seconds
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._deadline = None
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                remaining = self._deadline - time.monotonic()
+                if remaining > 0:
+                    self._cond.wait(remaining)
+                    continue
+                self._deadline = None
+                self._con.interrupt()
 
 
 def _walk(obj: Any) -> Iterator[dict[str, Any]]:

@@ -1,0 +1,154 @@
+"""Gateway overhead per query vs the same query run directly on DuckDB (goal: <= 5 ms median).
+
+Builds a de-identified store of ``--patients`` patients (default 2,000; 20 observations each) in
+the bench workdir, then runs each query ``REPEATS`` times directly on the store connection
+(baseline) and through :meth:`Gateway.query` as the researcher (consent filter and masks
+applied, audit entry written). Prints medians, the overhead and its parts: parse + rewrite,
+DuckDB's cross-check, and the audit append (one hash-chained ledger commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twin_pipeline.keys import KeyRing
+from twin_pipeline.paths import Settings
+from twin_pipeline.policy import Gateway
+from twin_pipeline.policy.gateway import _record_access
+from twin_pipeline.policy.sqlcheck import rewrite
+from twin_pipeline.store import Store
+
+REPEATS = 200
+QUERIES = {
+    "point": "SELECT * FROM deid.patient WHERE patient_id = 'd17'",
+    "count": "SELECT count(*) FROM deid.observation WHERE code = '8867-4'",
+    "join_agg": (
+        "SELECT p.gender, avg(o.value) FROM deid.patient p JOIN deid.observation o "
+        "ON o.patient_id = p.patient_id WHERE o.code = '8867-4' GROUP BY ALL ORDER BY 1"
+    ),
+    "cte_limit": (
+        "WITH recent AS (SELECT patient_id, max(effective_at) AS last_seen "
+        "FROM deid.observation GROUP BY ALL) SELECT * FROM recent ORDER BY last_seen DESC LIMIT 20"
+    ),
+}
+
+
+def build(settings: Settings, patients: int) -> None:
+    KeyRing(settings.keys_dir).init(if_missing=True)
+    with Store.open(settings) as store, store.transaction() as con:
+        con.execute(
+            "CREATE TABLE deid.patient AS SELECT 'd' || i AS patient_id, "
+            "CASE WHEN i % 2 = 0 THEN 'female' ELSE 'male' END AS gender, "
+            "make_date(1940 + i % 60, 1, 1) AS birth_date, '021' AS zip3, "
+            "(i % 3 <> 0) AS research_consent, 'lk-p' || i AS lineage_key, 1 AS key_version "
+            f"FROM range({patients}) t(i)"
+        )
+        con.execute(
+            "CREATE TABLE deid.observation AS SELECT 'o' || j AS observation_id, "
+            f"'d' || (j % {patients}) AS patient_id, "
+            "CASE WHEN j % 4 = 0 THEN '8310-5' ELSE '8867-4' END AS code, "
+            "60 + (j % 40)::DOUBLE AS value, '/min' AS unit, "
+            "TIMESTAMPTZ '2025-01-01 00:00:00+00' + to_minutes(j) AS effective_at, "
+            "'lk-o' || j AS lineage_key, 1 AS key_version "
+            f"FROM range({patients * 20}) t(j)"
+        )
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t) * 1000)
+    return statistics.median(samples)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    patients = getattr(args, "patients", None) or 2000
+    repeats = 50 if getattr(args, "quick", False) else REPEATS
+    home = Path(args.workdir) / "gateway_home"
+    shutil.rmtree(home, ignore_errors=True)
+    settings = Settings.from_env(home).ensure()
+    build(settings, patients)
+    out: dict[str, Any] = {"patients": patients, "repeats": repeats, "queries": {}}
+    with Gateway(settings) as gw:
+        con = gw.store.con
+        role_name, role = gw.policies.role_of("researcher")
+        print(
+            f"{'query':10s} {'direct ms':>10s} {'gateway ms':>11s} {'overhead ms':>12s} {'ratio':>6s}"
+        )
+        overheads = []
+        for name, sql in QUERIES.items():
+            direct = _median_ms(lambda sql=sql: con.execute(sql).fetchall(), repeats)
+            via = _median_ms(lambda sql=sql: gw.query("researcher", sql), repeats)
+            overhead = via - direct
+            overheads.append(overhead)
+            out["queries"][name] = {
+                "direct_ms": round(direct, 3),
+                "gateway_ms": round(via, 3),
+                "overhead_ms": round(overhead, 3),
+                "ratio": round(via / direct, 2) if direct else None,
+            }
+            print(f"{name:10s} {direct:10.2f} {via:11.2f} {overhead:12.2f} {via / direct:6.2f}x")
+
+        sql = QUERIES["join_agg"]
+
+        def do_rewrite() -> Any:
+            return rewrite(
+                sql,
+                role_name=role_name,
+                may_read=role.may_read,
+                relations=gw._relations,
+                relation_query=lambda rel: gw._compile(role_name, role, rel).sql,
+            )
+
+        rw = do_rewrite()
+        parts = {
+            "parse_rewrite_ms": _median_ms(do_rewrite, repeats),
+            "duckdb_crosscheck_ms": _median_ms(
+                lambda: gw._duckdb_agrees(sql, rw, role_name, role), repeats
+            ),
+            "audit_append_ms": _median_ms(
+                lambda: _record_access(
+                    gw.store,
+                    user="bench",
+                    role="researcher",
+                    sql=sql,
+                    relations=rw.relations,
+                    rows=1,
+                    decision="allow",
+                    reason=None,
+                ),
+                repeats,
+            ),
+        }
+    med = statistics.median(overheads)
+    out["median_overhead_ms"] = round(med, 3)
+    out["parts"] = {k: round(v, 3) for k, v in parts.items()}
+    out["goal_ms"] = 5.0
+    out["meets_goal"] = med <= 5.0
+    print(
+        "parts (join_agg): "
+        + ", ".join(f"{k.removesuffix('_ms')} {v:.2f} ms" for k, v in parts.items())
+    )
+    print(
+        f"median gateway overhead: {med:.2f} ms per query (goal <= 5 ms: {'met' if med <= 5 else 'NOT met'})"
+    )
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_gateway")
+    p.add_argument("--patients", type=int, default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--workdir", type=Path, default=Settings.from_env().home / "bench")
+    ns = p.parse_args()
+    ns.workdir.mkdir(parents=True, exist_ok=True)
+    run(ns)
