@@ -109,8 +109,8 @@ def _int(value: Any) -> int | None:
 def _check_truncated(path: Path, ds: Dataset) -> None:
     """Raise when the file ends inside an element (pydicom stops quietly at EOF)."""
     size = path.stat().st_size
-    for tag in ds:  # top level: large values are deferred, their extent is known
-        raw = ds.get_item(tag)
+    # Top level: large values are deferred, their extent is known without reading them.
+    for tag, raw in ds._dict.items():
         tell = getattr(raw, "value_tell", None)
         length = getattr(raw, "length", None)
         if tell is not None and length not in (None, 0xFFFFFFFF) and tell + length > size:
@@ -161,8 +161,9 @@ def read_part10(path: Path) -> tuple[Dataset, str | None]:
         raise BadDicom("not_dicom", f"not a readable DICOM file ({type(exc).__name__})") from exc
     if not has_preamble and len(ds) == 0:
         raise BadDicom("not_dicom", "no DICM preamble and no data elements")
-    _check_truncated(path, ds)
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if str(ts) != "1.2.840.10008.1.2.1.99":  # deflated: offsets are in the inflated stream
+        _check_truncated(path, ds)
     _check_native_pixels(ds, ts)
     if not has_preamble and ts is None and "SOPClassUID" not in ds:
         raise BadDicom("not_dicom", "no DICM preamble and no DICOM identifying elements")
