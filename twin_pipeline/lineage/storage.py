@@ -218,7 +218,8 @@ def verify_bundles(
         except (InvalidSignature, ValueError):
             problems.append((where, f"Ed25519 signature does not verify (key v{r.key_version})"))
             continue
-        if ledger_hash.get(r.ledger_seq) != r.ledger_hash:
+        anchor = ledger_hash.get(r.ledger_seq, ledger.GENESIS if r.ledger_seq == 0 else None)
+        if anchor != r.ledger_hash:
             problems.append(
                 (where, f"signed ledger anchor seq {r.ledger_seq} no longer has the signed hash")
             )
@@ -239,3 +240,16 @@ def verify_bundles(
                 (f"governance.ledger run {rid}", "activities recorded but no signed PROV bundle")
             )
     return len(rows), problems
+
+
+def stored_document(store: Store, run_id: str | None = None) -> Any:
+    """The stored PROV graph: one run's bundle, or every bundle merged (a ``ProvDocument``)."""
+    from twin_pipeline.errors import TwinPipelineError
+    from twin_pipeline.lineage import prov_build
+
+    rows = bundles(store, run_id)
+    if run_id and not rows:
+        raise TwinPipelineError(f"no signed PROV bundle for run {run_id!r}")
+    if run_id and len({r.run_id for r in rows}) > 1:
+        raise TwinPipelineError(f"run id prefix {run_id!r} is ambiguous")
+    return prov_build.merge(prov_build.from_json(r.prov_json) for r in rows)
