@@ -73,12 +73,51 @@ def file_sha256(path: Any) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
+VERSION_DDL = """
+CREATE TABLE IF NOT EXISTS governance.table_version (
+    table_name VARCHAR PRIMARY KEY, row_count BIGINT, content_hash VARCHAR, run_id VARCHAR
+)
+"""
+
+
 def table_versions(store: Store, tables: Sequence[str]) -> list[TableVersion]:
-    return [
+    """Compute the current version (rows, content hash) of tables an asset wrote, and remember
+    it in ``governance.table_version`` so readers of these tables need not hash them again."""
+    out = [
         TableVersion(t, store.row_count(t), store.content_hash(t))
         for t in tables
         if store.table_exists(t)
     ]
+    if out:
+        store.con.execute(VERSION_DDL)
+        store.con.executemany(
+            "INSERT OR REPLACE INTO governance.table_version VALUES (?, ?, ?, ?)",
+            [(tv.table, tv.rows, tv.content_hash, store.run_id) for tv in out],
+        )
+    return out
+
+
+def input_versions(store: Store, tables: Sequence[str]) -> list[TableVersion]:
+    """Versions of tables an asset reads: the version recorded when they were last written
+    (checked against the row count), else computed."""
+    known: dict[str, tuple[int, str]] = {}
+    if store.table_exists("governance.table_version"):
+        known = {
+            r[0]: (int(r[1]), str(r[2]))
+            for r in store.con.execute(
+                "SELECT table_name, row_count, content_hash FROM governance.table_version"
+            ).fetchall()
+        }
+    out: list[TableVersion] = []
+    for t in tables:
+        if not store.table_exists(t):
+            continue
+        rows = store.row_count(t)
+        if t in known and known[t][0] == rows:
+            out.append(TableVersion(t, rows, known[t][1]))
+        else:
+            out.extend(table_versions(store, [t]))
+    return out
 
 
 def record_activity(store: Store, record: ActivityRecord) -> int:

@@ -67,6 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     "success": summary.success,
                     "wall_s": round(summary.wall_s, 3),
                     "failures": summary.failures,
+                    "steps_s": summary.steps_s,
                     "status": summary.status,
                 },
                 indent=2,

@@ -24,6 +24,7 @@ from twin_pipeline.activity import (
     ActivityRecord,
     TableVersion,
     code_version,
+    input_versions,
     key_versions,
     policy_versions,
     record_activity,
@@ -82,7 +83,7 @@ def governed_run(
     run = GovernedRun(store, record)
     try:
         with store.transaction():
-            record.input_versions = table_versions(store, inputs)
+            record.input_versions = input_versions(store, inputs)
             yield run
             outs = table_versions(store, run._outputs)
             record.outputs = outs

@@ -27,6 +27,7 @@ class RunSummary:
     status: dict[str, Any]
     materializations: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    steps_s: dict[str, float] = field(default_factory=dict)  # asset step -> seconds
 
 
 @contextlib.contextmanager
@@ -64,6 +65,22 @@ def _root_cause(error: Any) -> str:
     msg = str(getattr(error, "message", error)).strip().splitlines()
     text = msg[-1] if msg else ""
     return f"{cls}: {text}" if cls and not text.startswith(cls) else text
+
+
+def _step_seconds(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]:
+    """Wall seconds per step (asset) of a run, from the instance's event log."""
+    started: dict[str, float] = {}
+    out: dict[str, float] = {}
+    for entry in instance.all_logs(run_id):
+        ev = entry.dagster_event
+        if ev is None or not ev.step_key:
+            continue
+        key = ev.step_key.replace("__", "/")
+        if ev.event_type_value == "STEP_START":
+            started[key] = entry.timestamp
+        elif ev.event_type_value in ("STEP_SUCCESS", "STEP_FAILURE") and key in started:
+            out[key] = round(entry.timestamp - started[key], 4)
+    return out
 
 
 def dagster_instance(settings: Settings) -> dg.DagsterInstance:
@@ -135,6 +152,7 @@ def run_pipeline(
             mats[mat.asset_key.to_user_string()] = {
                 k: getattr(v, "value", v) for k, v in mat.metadata.items()
             }
+        steps = _step_seconds(instance, result.run_id)
         failures = [
             f"{ev.step_key}: {_root_cause(ev.event_specific_data.error)}"  # type: ignore[union-attr]
             for ev in result.all_events
@@ -163,4 +181,4 @@ def run_pipeline(
                 },
             )
             status = store.status()
-    return RunSummary(result.run_id, result.success, wall, status, mats, failures)
+    return RunSummary(result.run_id, result.success, wall, status, mats, failures, steps)
