@@ -1,0 +1,207 @@
+"""The golden fixture landing (tests/fixtures/fhir): bundle + bulk NDJSON with planted defects."""
+
+from __future__ import annotations
+
+import gzip
+import math
+
+import pytest
+
+from twin_pipeline.harmonize import fhir as ehr
+
+from .conftest import FIXTURES, Ehr, private_env
+
+OBS = "ehr/bulk/Observation.ndjson"
+BUNDLE = "ehr/bundles/tx-0001.json"
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> Ehr:
+    env = private_env(tmp_path_factory.mktemp("fixtures"))
+    env.copy_fixtures()
+    env.run()
+    return env
+
+
+@pytest.mark.parametrize(
+    ("position", "rule"),
+    [
+        ("line:6", "bad_unit"),
+        ("line:7", "bad_unit"),
+        ("line:8", "impossible_value"),
+        ("line:9", "impossible_value"),
+        ("line:10", "unknown_code"),
+        ("line:11", "broken_json"),
+        ("line:12", "missing_required"),
+        ("line:13", "bad_timestamp"),
+        ("line:14", "validation_failed"),
+        ("line:15", "unknown_resource_type"),
+        ("line:18", "impossible_value"),
+    ],
+)
+def test_bad_records_are_quarantined_with_rule_and_position(
+    loaded: Ehr, position: str, rule: str
+) -> None:
+    assert loaded.quarantine()[(OBS, position)] == rule
+
+
+def test_quarantine_reasons_name_file_position_and_field(loaded: Ehr) -> None:
+    reasons = dict(
+        loaded.rows(
+            "SELECT position, reason FROM governance.quarantine WHERE source_file = ?", [OBS]
+        )
+    )
+    assert reasons["line:12"].startswith(f"{OBS} [line:12]: Observation.code")
+    assert "Observation.flavour" in reasons["line:14"]
+    assert "Observation.effectiveDateTime" in reasons["line:13"]
+    assert "kg" in reasons["line:6"] and "/min" in reasons["line:6"]
+    assert "outside the plausible range" in reasons["line:8"]
+    # the payload is kept as received, for review
+    payload = loaded.rows(
+        "SELECT payload FROM governance.quarantine WHERE source_file = ? AND position = 'line:11'",
+        [OBS],
+    )[0][0]
+    assert payload.startswith('{"resourceType": "Observation"')
+
+
+def test_only_planted_records_are_quarantined(loaded: Ehr) -> None:
+    assert len(loaded.quarantine()) == 11
+
+
+@pytest.mark.parametrize(
+    ("observation_id", "component", "value", "unit", "original_value", "original_unit"),
+    [
+        ("obs-t-f", None, 37.0, "Cel", 98.6, "[degF]"),
+        ("obs-glu", None, 99.0858, "mg/dL", 5.5, "mmol/L"),
+        ("obs-wg", None, 70.5, "kg", 70500, "g"),
+        ("obs-hr-alias", None, 80.0, "/min", 80, "beats/minute"),
+        ("6f1b8a52-0000-4000-8000-000000000004", None, 69.9896, "kg", 154.3, "[lb_av]"),
+        ("6f1b8a52-0000-4000-8000-000000000003", "8480-6", 128.0, "mm[Hg]", 128, "mm[Hg]"),
+        ("6f1b8a52-0000-4000-8000-000000000003", "8462-4", 82.5071, "mm[Hg]", 11, "kPa"),
+    ],
+)
+def test_observation_units_are_canonical_with_original_beside(
+    loaded: Ehr,
+    observation_id: str,
+    component: str | None,
+    value: float,
+    unit: str,
+    original_value: float,
+    original_unit: str,
+) -> None:
+    rows = loaded.dicts(
+        "SELECT * FROM harmonized.observation WHERE observation_id = ? "
+        "AND component_code IS NOT DISTINCT FROM ?",
+        [observation_id, component],
+    )
+    assert len(rows) == 1
+    row = rows[0]
+    assert math.isclose(row["value"], value, rel_tol=1e-4)
+    assert row["unit"] == unit
+    assert row["original_value"] == original_value
+    assert row["original_unit"] == original_unit
+    assert row["code_system"] == "http://loinc.org"
+
+
+def test_blood_pressure_panel_splits_into_component_rows(loaded: Ehr) -> None:
+    rows = loaded.rows(
+        "SELECT code, component_code, patient_id, encounter_id FROM harmonized.observation "
+        "WHERE observation_id = '6f1b8a52-0000-4000-8000-000000000003' ORDER BY component_index"
+    )
+    assert rows == [
+        (
+            "85354-9",
+            "8480-6",
+            "6f1b8a52-0000-4000-8000-000000000001",
+            "6f1b8a52-0000-4000-8000-000000000002",
+        ),
+        (
+            "85354-9",
+            "8462-4",
+            "6f1b8a52-0000-4000-8000-000000000001",
+            "6f1b8a52-0000-4000-8000-000000000002",
+        ),
+    ]
+
+
+def test_urn_uuid_references_resolve_inside_the_bundle(loaded: Ehr) -> None:
+    (enc,) = loaded.dicts("SELECT * FROM harmonized.encounter")
+    assert enc["encounter_id"] == "6f1b8a52-0000-4000-8000-000000000002"
+    assert enc["patient_id"] == "6f1b8a52-0000-4000-8000-000000000001"
+    assert enc["class_code"] == "IMP"
+    assert str(enc["period_start"]) == "2024-03-01 13:00:00+00:00"
+    dangling = loaded.dicts("SELECT * FROM harmonized.dangling_reference")
+    # Location/loc-icu-01 was never landed: flagged, id still filled from the reference
+    assert [(d["from_column"], d["reference"], d["resolved"]) for d in dangling] == [
+        ("location_id", "Location/loc-icu-01", False)
+    ]
+    assert enc["location_id"] == "loc-icu-01"
+
+
+def test_patient_mapping_from_transaction_bundle(loaded: Ehr) -> None:
+    pats = {p["patient_id"]: p for p in loaded.dicts("SELECT * FROM harmonized.patient")}
+    p = pats["6f1b8a52-0000-4000-8000-000000000001"]
+    assert p["mrn"] == "MRN-0001"
+    assert p["ssn"] == "999-11-2222"
+    assert (p["family_name"], p["given_name"]) == ("Rivera", "Ana Lucia")
+    assert str(p["birth_date"]) == "1961-07-04"
+    assert p["address_line"] == "12 Elm St, Apt 3"
+    assert (p["phone"], p["email"]) == ("508-555-0101", "ana@example.org")
+    assert p["research_consent"] is True
+    assert p["version_id"] == "1"
+    assert str(pats["p1"]["birth_date"]) == "1950-01-01"  # partial date kept as first day
+
+
+def test_delete_entry_marks_the_resource_not_drops_it(loaded: Ehr) -> None:
+    rows = loaded.rows(
+        "SELECT deleted, value FROM harmonized.observation WHERE observation_id = 'obs-old'"
+    )
+    assert rows == [(True, 71.0)]
+    others = loaded.rows("SELECT count(*) FROM harmonized.observation WHERE deleted")
+    assert others == [(1,)]
+
+
+def test_exact_duplicate_is_one_row_and_counted(loaded: Ehr) -> None:
+    assert loaded.rows(
+        "SELECT count(*) FROM harmonized.observation WHERE observation_id = 'obs-t-f'"
+    ) == [(1,)]
+    status = dict(
+        loaded.rows(
+            "SELECT position, status FROM harmonized.fhir_record_status WHERE source_file = ?",
+            [OBS],
+        )
+    )
+    assert status["line:2"] == "current"
+    assert status["line:16"] == "duplicate"
+
+
+def test_conservation_balances_per_file(loaded: Ehr) -> None:
+    with loaded.store() as store:
+        report = {r["file"]: r for r in ehr.conservation(store)}
+    obs = report[OBS]
+    assert obs["in"] == 17  # 18 lines, one blank
+    assert (obs["harmonized"], obs["quarantined"], obs["duplicate"]) == (5, 11, 1)
+    bundle = report[BUNDLE]
+    assert (bundle["in"], bundle["harmonized"], bundle["deletes"]) == (5, 4, 1)
+    assert all(r["balanced"] for r in report.values()), report
+
+
+def test_rerun_on_same_files_changes_nothing(ehr_env: Ehr) -> None:
+    ehr_env.copy_fixtures()
+    ehr_env.run()
+    before = ehr_env.hashes()
+    q_before = ehr_env.quarantine()
+    ehr_env.run()
+    assert ehr_env.hashes() == before
+    assert ehr_env.quarantine() == q_before
+
+
+def test_gzip_ndjson_loads_like_plain(ehr_env: Ehr) -> None:
+    data = (FIXTURES / OBS).read_bytes()
+    ehr_env.write("ehr/bulk/Observation.ndjson.gz", gzip.compress(data))
+    ehr_env.run()
+    q = ehr_env.quarantine()
+    assert q[("ehr/bulk/Observation.ndjson.gz", "line:11")] == "broken_json"
+    assert ehr_env.rows("SELECT count(DISTINCT observation_id) FROM harmonized.observation") == [
+        (5,)
+    ]

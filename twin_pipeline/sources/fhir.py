@@ -1,0 +1,479 @@
+"""FHIR R4 reader (kind ``fhir``): Bundles, Bulk Data NDJSON (plain or gzip) and single resources.
+
+Every resource is validated once, when its file is first loaded, with the ``fhir.resources``
+R4B models (FHIR 4.3, wire-compatible with R4; see ``assets/ehr_fhir.yaml``) plus the required
+bindings the models record but do not enforce. Valid resources become rows of
+``raw.fhir_resource``; the rest go to quarantine with a rule, a reason naming the field, and
+their position (``line:N``, ``entry:N``, ``file``). Bundle entries with ``request.method =
+DELETE`` become rows without payload so the deletion is kept.
+
+Validation is the expensive part (~8,000 resources/s per core with pydantic): resources whose
+exact content was validated before are not validated again, and large batches are spread over
+a process pool (``TWIN_FHIR_WORKERS``, default: all cores).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from twin_pipeline.sources import LoadStats, SourceFile, SourceReader, register
+from twin_pipeline.store import QuarantineRow, Store, lineage_key
+
+RAW_TABLE = "raw.fhir_resource"
+DDL = f"""
+CREATE TABLE IF NOT EXISTS {RAW_TABLE} (
+    lineage_key VARCHAR,
+    source_file VARCHAR,
+    position VARCHAR,        -- line:N | entry:N | line:N/entry:M | file
+    ordinal BIGINT,          -- record order inside the file
+    record_hash VARCHAR,     -- sha256 of the resource JSON as received
+    resource_type VARCHAR,
+    resource_id VARCHAR,
+    version_id VARCHAR,
+    last_updated TIMESTAMPTZ,
+    bundle_type VARCHAR,
+    bundle_id VARCHAR,
+    full_url VARCHAR,
+    request_method VARCHAR,  -- Bundle entry request.method (DELETE rows have no payload)
+    request_url VARCHAR,
+    payload JSON
+)
+"""
+PARALLEL_MIN = 3000  # records in a batch before the process pool is used
+CHUNK = 500
+MAX_PAYLOAD_IN_QUARANTINE = 200_000
+_NAME_RE = re.compile(r"^([A-Z][A-Za-z]+)(?:[._-][^/]*)?\.(?:ndjson|json)(?:\.gz)?$")
+_URL_TAIL = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+_DATE_ERRORS = ("Date value", "DateTime value", "Instant value", "Time value", "date", "datetime")
+
+
+@functools.cache
+def is_resource_type(name: str) -> bool:
+    """True if the R4B models define a resource (not a data type) of this name."""
+    if not re.fullmatch(r"[A-Z][A-Za-z]+", name) or name in ("Resource", "DomainResource"):
+        return False
+    try:
+        cls = _model(name)
+    except (ValueError, ImportError, AttributeError, KeyError):
+        return False
+    from fhir.resources.R4B.resource import Resource
+
+    return isinstance(cls, type) and issubclass(cls, Resource)
+
+
+@functools.cache
+def _model(resource_type: str) -> Any:
+    from fhir.resources.R4B import get_fhir_model_class
+
+    return get_fhir_model_class(resource_type)
+
+
+@functools.cache
+def _bindings() -> dict[str, dict[str, frozenset[str]]]:
+    from twin_pipeline.harmonize.fhir_spec import load_spec
+
+    out: dict[str, dict[str, frozenset[str]]] = {}
+    for key, values in load_spec().required_bindings.items():
+        rtype, element = key.split(".")
+        out.setdefault(rtype, {})[element] = frozenset(values)
+    return out
+
+
+def validate_resource(resource: dict[str, Any]) -> tuple[str, str] | None:
+    """``None`` if the resource is valid R4, else ``(rule, reason)`` naming the field."""
+    import pydantic
+
+    rtype = resource.get("resourceType")
+    try:
+        cls = _model(str(rtype))
+    except (ValueError, ImportError, AttributeError):
+        return "unknown_resource_type", f"resourceType {rtype!r} is not a FHIR R4 resource"
+    try:
+        cls.model_validate(resource)
+    except pydantic.ValidationError as exc:
+        errors = exc.errors()
+        missing = [e for e in errors if e["type"] == "missing"]
+        first = missing[0] if missing else errors[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        msg = str(first["msg"])
+        if missing:
+            rule = "missing_required"
+        elif any(s in msg for s in _DATE_ERRORS[:4]):
+            rule = "bad_timestamp"
+        else:
+            rule = "validation_failed"
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        return rule, f"{rtype}.{loc}: {msg}{more}"
+    except (ValueError, TypeError) as exc:  # model-level validators outside pydantic's errors
+        return "validation_failed", f"{rtype}: {exc}"
+    for element, allowed in _bindings().get(str(rtype), {}).items():
+        value = resource.get(element)
+        if value is not None and value not in allowed:
+            return (
+                "validation_failed",
+                f"{rtype}.{element}: {value!r} is not in the required value set "
+                f"({', '.join(sorted(allowed))})",
+            )
+    return None
+
+
+def _validate_texts(texts: Sequence[str]) -> list[tuple[str, str] | None]:
+    """Pool worker: validate JSON texts of resources."""
+    return [validate_resource(json.loads(t)) for t in texts]
+
+
+def _warm(_: int = 0) -> int:
+    _bindings()
+    for name in ("Patient", "Encounter", "Observation", "Condition", "Procedure"):
+        _model(name)
+    return os.getpid()
+
+
+_POOL: ProcessPoolExecutor | None = None
+
+
+def _pool(workers: int) -> Executor:
+    """A pool of forked workers, kept for the life of the process.
+
+    Fork (not spawn/forkserver) because those re-import the ``__main__`` module, which under
+    Dagster, pytest or a script is not ours to re-run. Workers only run pydantic; they never
+    touch the DuckDB connection they inherit.
+    """
+    global _POOL
+    if _POOL is None:
+        import multiprocessing as mp
+
+        _warm()  # children inherit the imported models
+        ctx = mp.get_context("fork")
+        _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        list(_POOL.map(_warm, range(workers)))
+    return _POOL
+
+
+def shutdown_pool() -> None:
+    global _POOL
+    if _POOL is not None:
+        _POOL.shutdown(cancel_futures=True)
+        _POOL = None
+
+
+def _workers() -> int:
+    try:
+        return max(1, int(os.environ.get("TWIN_FHIR_WORKERS", "0")) or (os.cpu_count() or 1))
+    except ValueError:
+        return os.cpu_count() or 1
+
+
+def validate_many(texts: Sequence[str]) -> list[tuple[str, str] | None]:
+    """Validate many resources, over the process pool when the batch is large."""
+    workers = _workers()
+    if len(texts) < PARALLEL_MIN or workers < 2:
+        return _validate_texts(texts)
+    chunks = [texts[i : i + CHUNK] for i in range(0, len(texts), CHUNK)]
+    out: list[tuple[str, str] | None] = []
+    for part in _pool(workers).map(_validate_texts, chunks):
+        out.extend(part)
+    return out
+
+
+# -- reading files -----------------------------------------------------------------------
+
+
+@dataclass
+class _Rec:
+    position: str
+    ordinal: int
+    text: str  # the record as received (JSON text), for hashes and quarantine
+    resource: dict[str, Any] | None
+    bundle_type: str | None = None
+    bundle_id: str | None = None
+    full_url: str | None = None
+    method: str | None = None
+    url: str | None = None
+    problem: tuple[str, str] | None = None  # (rule, reason) found while reading
+
+
+@dataclass
+class _FileBatch:
+    file: SourceFile
+    records: list[_Rec] = field(default_factory=list)
+
+
+def _read_text(f: SourceFile) -> str:
+    data = f.path.read_bytes()
+    if f.rel.endswith(".gz"):
+        data = gzip.decompress(data)
+    return data.decode("utf-8-sig")
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _entries(bundle: dict[str, Any], prefix: str, start: int) -> Iterator[_Rec]:
+    btype = bundle.get("type")
+    bid = bundle.get("id")
+    entries = bundle.get("entry") or []
+    if not isinstance(entries, list):
+        entries = []
+    for i, entry in enumerate(entries):
+        pos = f"{prefix}entry:{i}"
+        if not isinstance(entry, dict):
+            yield _Rec(pos, start + i, _dumps(entry), None, btype, bid,
+                       problem=("validation_failed", "Bundle.entry is not an object"))  # fmt: skip
+            continue
+        req_raw = entry.get("request")
+        req: dict[str, Any] = req_raw if isinstance(req_raw, dict) else {}
+        method = str(req.get("method")).upper() if req.get("method") else None
+        res = entry.get("resource")
+        rec = _Rec(pos, start + i, _dumps(res) if res is not None else _dumps(entry),
+                   res if isinstance(res, dict) else None, btype, bid, entry.get("fullUrl"),
+                   method, req.get("url"))  # fmt: skip
+        if res is None and method != "DELETE":
+            rec.problem = ("missing_required", "Bundle.entry has no resource")
+        elif res is not None and not isinstance(res, dict):
+            rec.problem = ("validation_failed", "Bundle.entry.resource is not an object")
+        yield rec
+
+
+def _records(f: SourceFile, text: str) -> Iterator[_Rec]:
+    name = f.rel.rsplit("/", 1)[-1]
+    ndjson = name.endswith((".ndjson", ".ndjson.gz"))
+    if not ndjson:
+        try:
+            obj = json.loads(text)
+        except ValueError as exc:
+            yield _Rec("file", 0, text, None, problem=("broken_json", f"invalid JSON: {exc}"))
+            return
+        if isinstance(obj, dict) and obj.get("resourceType") == "Bundle":
+            yield from _entries(obj, "", 0)
+        else:
+            yield _Rec("file", 0, text, obj if isinstance(obj, dict) else None)
+        return
+    ordinal = 0
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            yield _Rec(f"line:{n}", ordinal, line, None,
+                       problem=("broken_json", f"invalid JSON: {exc}"))  # fmt: skip
+            ordinal += 1
+            continue
+        if isinstance(obj, dict) and obj.get("resourceType") == "Bundle":
+            for rec in _entries(obj, f"line:{n}/", ordinal):
+                yield rec
+                ordinal += 1
+            continue
+        yield _Rec(f"line:{n}", ordinal, line, obj if isinstance(obj, dict) else None)
+        ordinal += 1
+
+
+def _id_from_url(url: str | None) -> tuple[str | None, str | None]:
+    if not url:
+        return None, None
+    if url.startswith("urn:uuid:"):
+        return None, url[len("urn:uuid:") :]
+    m = _URL_TAIL.search(url.split("?")[0])
+    return (m.group(1), m.group(2)) if m else (None, None)
+
+
+@register
+class FhirReader(SourceReader):
+    """HL7 FHIR R4 JSON, NDJSON and NDJSON.gz files (under ``ehr/``/``fhir/`` or ``<Type>*.ndjson``)."""
+
+    kind = "fhir"
+    raw_tables = (RAW_TABLE,)
+
+    def matches(self, rel: str) -> bool:
+        low = rel.lower()
+        if not low.endswith((".json", ".ndjson", ".ndjson.gz", ".json.gz")):
+            return False
+        parts = low.split("/")
+        if "telemetry" in parts[:-1]:
+            return False
+        if {"ehr", "fhir"} & set(parts[:-1]):
+            return True
+        m = _NAME_RE.match(rel.rsplit("/", 1)[-1])
+        return bool(m and is_resource_type(m.group(1)))
+
+    def ensure_tables(self, store: Store) -> None:
+        store.con.execute(DDL)
+
+    def load(self, files: Sequence[SourceFile], store: Store) -> LoadStats:
+        stats = LoadStats(self.kind)
+        batches: list[_FileBatch] = []
+        for f in files:
+            fs = stats.file(f.rel)
+            try:
+                text = _read_text(f)
+            except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
+                batch = _FileBatch(f, [_Rec("file", 0, "", None,
+                                           problem=("broken_json", f"unreadable file: {exc}"))])  # fmt: skip
+            else:
+                batch = _FileBatch(f, list(_records(f, text)))
+            fs.records_in = len(batch.records)
+            batches.append(batch)
+        self._check(batches, store)
+        rows: dict[str, list[Any]] = {c: [] for c in _COLUMNS}
+        quarantine: list[QuarantineRow] = []
+        for batch in batches:
+            f = batch.file
+            fs = stats.file(f.rel)
+            for rec in batch.records:
+                rhash = hashlib.sha256(rec.text.encode()).hexdigest()
+                lkey = lineage_key(f.sha256, rec.position, rhash)
+                if rec.problem is not None:
+                    rule, reason = rec.problem
+                    quarantine.append(
+                        QuarantineRow(
+                            stage="read",
+                            table_name=RAW_TABLE,
+                            source_kind=self.kind,
+                            source_file=f.rel,
+                            position=rec.position,
+                            rule=rule,
+                            reason=f"{f.rel} [{rec.position}]: {reason}",
+                            payload=rec.text[:MAX_PAYLOAD_IN_QUARANTINE],
+                            lineage_key=lkey,
+                        )
+                    )
+                    fs.quarantined += 1
+                    continue
+                res = rec.resource or {}
+                meta_raw = res.get("meta")
+                meta: dict[str, Any] = meta_raw if isinstance(meta_raw, dict) else {}
+                rtype, rid = res.get("resourceType"), res.get("id")
+                if rec.method == "DELETE":
+                    rtype, rid = _id_from_url(rec.url)
+                    if rtype is None:
+                        rtype, rid = _id_from_url(rec.full_url)
+                for col, val in (
+                    ("lineage_key", lkey),
+                    ("source_file", f.rel),
+                    ("position", rec.position),
+                    ("ordinal", rec.ordinal),
+                    ("record_hash", rhash),
+                    ("resource_type", rtype),
+                    ("resource_id", rid),
+                    ("version_id", meta.get("versionId")),
+                    ("last_updated", meta.get("lastUpdated")),
+                    ("bundle_type", rec.bundle_type),
+                    ("bundle_id", rec.bundle_id),
+                    ("full_url", rec.full_url),
+                    ("request_method", rec.method),
+                    ("request_url", rec.url),
+                    ("payload", None if rec.method == "DELETE" else rec.text),
+                ):
+                    rows[col].append(val)
+                fs.loaded += 1
+        if rows["lineage_key"]:
+            import pyarrow as pa
+
+            tbl = pa.table({c: pa.array(v, type=_COLUMNS[c]) for c, v in rows.items()})
+            store.con.register("_fhir_batch", tbl)
+            try:
+                store.con.execute(
+                    f"INSERT INTO {RAW_TABLE} SELECT lineage_key, source_file, position, ordinal, "
+                    "record_hash, resource_type, resource_id, version_id, "
+                    "TRY_CAST(last_updated AS TIMESTAMPTZ), bundle_type, bundle_id, full_url, "
+                    "request_method, request_url, payload::JSON FROM _fhir_batch"
+                )
+            finally:
+                store.con.unregister("_fhir_batch")
+        store.quarantine(quarantine)
+        return stats
+
+    def _check(self, batches: list[_FileBatch], store: Store) -> None:
+        """Set ``problem`` on every record that is not a valid FHIR R4 resource."""
+        todo: list[_Rec] = []
+        for batch in batches:
+            for rec in batch.records:
+                if rec.problem is not None or rec.method == "DELETE":
+                    if rec.method == "DELETE" and _id_from_url(rec.url)[0] is None:
+                        rec.problem = (
+                            "missing_required",
+                            f"DELETE entry without a Type/id request.url ({rec.url!r})",
+                        )
+                    continue
+                res = rec.resource
+                if res is None:
+                    rec.problem = ("unknown_resource_type", "not a JSON object")
+                    continue
+                rtype = res.get("resourceType")
+                if not isinstance(rtype, str) or not is_resource_type(rtype):
+                    rec.problem = (
+                        "unknown_resource_type",
+                        f"resourceType {rtype!r} is not a FHIR R4 resource"
+                        if rtype is not None
+                        else "no resourceType: not a FHIR resource",
+                    )
+                    continue
+                if not res.get("id"):
+                    uid = _id_from_url(rec.full_url)[1]
+                    if uid:
+                        res["id"] = uid  # POST entries are identified by their fullUrl
+                        rec.text = _dumps(res)
+                    else:
+                        rec.problem = ("missing_required", f"{rtype}.id: resource has no id")
+                        continue
+                todo.append(rec)
+        if not todo:
+            return
+        hashes = [hashlib.sha256(r.text.encode()).hexdigest() for r in todo]
+        seen: set[str] = set()
+        if store.table_exists(RAW_TABLE):
+            # Content validated on an earlier load needs no second validation.
+            got = store.con.execute(
+                f"SELECT DISTINCT record_hash FROM {RAW_TABLE} WHERE list_contains(?, record_hash)",
+                [sorted(set(hashes))],
+            ).fetchall()
+            seen = {r[0] for r in got}
+        first: dict[str, int] = {}
+        texts: list[str] = []
+        for rec, h in zip(todo, hashes, strict=True):
+            if h in seen or h in first:
+                continue
+            first[h] = len(texts)
+            texts.append(rec.text)
+        verdicts = validate_many(texts)
+        for rec, h in zip(todo, hashes, strict=True):
+            if h in seen:
+                continue
+            rec.problem = verdicts[first[h]]
+
+
+def _arrow_types() -> dict[str, Any]:
+    import pyarrow as pa
+
+    s, i = pa.string(), pa.int64()
+    return {
+        "lineage_key": s,
+        "source_file": s,
+        "position": s,
+        "ordinal": i,
+        "record_hash": s,
+        "resource_type": s,
+        "resource_id": s,
+        "version_id": s,
+        "last_updated": s,
+        "bundle_type": s,
+        "bundle_id": s,
+        "full_url": s,
+        "request_method": s,
+        "request_url": s,
+        "payload": s,
+    }
+
+
+_COLUMNS = _arrow_types()
