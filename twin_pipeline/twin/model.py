@@ -27,6 +27,7 @@ DTMI_RE = re.compile(
     r"^dtmi:[A-Za-z](?:[A-Za-z0-9_]*[A-Za-z0-9])?(?::[A-Za-z](?:[A-Za-z0-9_]*[A-Za-z0-9])?)*;[1-9][0-9]{0,8}$"
 )
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+SCHEMA_REF_RE = re.compile(r"\{schema\}\.([a-z][a-z0-9_]*)")
 TABLE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 DEFAULT_MODEL_PATH = ASSETS_DIR / "twin_model.yaml"
 
@@ -275,11 +276,18 @@ class TwinModel(_Strict):
     def source_tables(self) -> list[str]:
         """Every table the model reads, qualified with the source schema."""
         tables: set[str] = set()
+        exprs: list[str] = []
         for i in self.interfaces:
             tables.add(i.source.table)
+            exprs += [i.source.key, i.source.where or ""]
+            exprs += [p.expr or "" for p in i.properties]
             for r in i.relationships:
+                exprs += [r.expr or "", r.valid_from or "", r.valid_to or ""]
                 if r.via:
                     tables.add(r.via.table)
+                    exprs.append(r.via.where or "")
+        for e in exprs:
+            tables.update(SCHEMA_REF_RE.findall(e))
         return sorted(f"{self.source_schema}.{t}" for t in tables)
 
     def relationship_names(self) -> list[str]:
