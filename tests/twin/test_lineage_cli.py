@@ -7,6 +7,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from twin_pipeline.activity import activities
 from twin_pipeline.defs.runner import run_pipeline
@@ -47,7 +48,7 @@ def test_simulate_is_a_governed_materialization_with_lineage(twin_home: Settings
     assert doc["baseline_error_pct"] < 10
     assert "not clinical recommendations" in doc["notice"]
     assert doc["replications"] == 3
-    assert doc["chart"] and open(doc["chart"], "rb").read(4) == b"\x89PNG"
+    assert doc["chart"] and Path(doc["chart"]).read_bytes()[:4] == b"\x89PNG"
 
     scenario = SCENARIOS_DIR / "add_ct_scanner.yaml"
     sha = hashlib.sha256(scenario.read_bytes()).hexdigest()
