@@ -1,0 +1,63 @@
+"""De-identification assets: one ``deid/<table>`` per table of ``policies/deid.yaml``.
+
+The asset list is built from the policy file (declarative): adding a table there adds an asset.
+Each asset reads ``harmonized.<table>``, applies the policy (structured rules in SQL, free text
+through the Presidio engine, DICOM Annex E actions) and writes ``deid.<table>`` with
+``lineage_key`` and ``key_version``, inside ``governed_run`` so the activity record carries the
+policy file hash and the key version (never the key). A harmonized column without a rule fails
+the asset with an error naming ``table.column``; a harmonized table that does not exist yet is
+skipped with metadata ``skipped: missing input``.
+"""
+
+import dagster as dg
+
+from twin_pipeline.defs.common import governed_run
+from twin_pipeline.defs.resources import TwinResource
+from twin_pipeline.deid.policy import load_policy
+from twin_pipeline.deid.structured import deidentify_table
+from twin_pipeline.errors import PolicyViolation
+
+
+def _deid_asset(table: str, released: bool, note: str) -> dg.AssetsDefinition:
+    what = (
+        f"`harmonized.{table}` de-identified under policies/deid.yaml: person ids pseudonymized "
+        "(keyed HMAC), dates shifted per patient, quasi-identifiers generalized, free text "
+        "redacted with consistent surrogates; with lineage_key and key_version."
+        if released
+        else f"`harmonized.{table}` is withheld from researchers by policy ({note})."
+    )
+
+    @dg.asset(
+        key=dg.AssetKey(["deid", table]),
+        deps=[dg.AssetKey(["harmonized", table])],
+        group_name="deid",
+        kinds={"duckdb", "python"},
+        owners=["team:privacy"],
+        description=what,
+    )
+    def _asset(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.MaterializeResult:
+        policy = load_policy()
+        with governed_run(context, twin, inputs=[f"harmonized.{table}"]) as run:
+            try:
+                result = deidentify_table(run.store, policy, table)
+            except PolicyViolation as exc:
+                raise dg.Failure(description=str(exc)) from exc
+            if result.status == "written":
+                run.outputs(f"deid.{table}")
+            md = result.metadata()
+            if result.status == "skipped":
+                md["skipped"] = result.reason or "missing input"
+            run.meta(**md)
+        return run.result()
+
+    return _asset
+
+
+def build_assets() -> list[dg.AssetsDefinition]:
+    policy = load_policy()
+    return [
+        _deid_asset(name, rule.release, rule.reason or "") for name, rule in policy.tables.items()
+    ]
+
+
+defs = dg.Definitions(assets=build_assets())

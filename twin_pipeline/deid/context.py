@@ -1,0 +1,204 @@
+"""Deny-lists for the text engine: each patient's own identifiers and the staff directory.
+
+Two sources: the harmonized store (the pipeline) and a folder of FHIR JSON/NDJSON (``twin deid
+eval`` next to a generated hospital, before anything was loaded).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twin_pipeline.deid.recognizers import DenyTerms
+
+_CREDENTIAL_TAIL = re.compile(r",?\s+(?:[A-Z][A-Za-z.\-]{1,6})$")
+
+
+@dataclass
+class DenyIndex:
+    patients: dict[str, DenyTerms] = field(default_factory=dict)
+    staff: set[str] = field(default_factory=set)
+
+    def for_patient(self, patient_id: str | None) -> DenyTerms:
+        return self.patients.get(patient_id or "", DenyTerms())
+
+
+def patient_terms(
+    *,
+    names: list[str],
+    mrn: str | None = None,
+    ssn: str | None = None,
+    phones: list[str] | None = None,
+    emails: list[str] | None = None,
+    address_lines: list[str] | None = None,
+    city: str | None = None,
+    postal_code: str | None = None,
+) -> DenyTerms:
+    numbers: list[tuple[str, str]] = []
+    if mrn:
+        numbers.append(("MRN", mrn))
+    if ssn:
+        numbers.append(("SSN", ssn))
+    numbers += [("PHONE", p) for p in phones or [] if p]
+    literals: list[tuple[str, str]] = []
+    literals += [("EMAIL", e) for e in emails or [] if e]
+    literals += [("ADDRESS", a) for a in address_lines or [] if a]
+    if city:
+        literals.append(("LOCATION", city))
+    if postal_code:
+        literals.append(("ZIP", postal_code))
+    return DenyTerms(
+        names=tuple(n for n in names if n), numbers=tuple(numbers), literals=tuple(literals)
+    )
+
+
+def staff_name(display: str) -> str:
+    """'Luis Stewart, MD' -> 'Luis Stewart'."""
+    return _CREDENTIAL_TAIL.sub("", display.strip())
+
+
+# -- from FHIR files ---------------------------------------------------------------------------
+def _resources(folder: Path) -> Iterator[dict[str, Any]]:
+    for path in sorted(folder.rglob("*.ndjson")):
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    continue
+    for path in sorted(folder.rglob("*.json")):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
+            for e in doc.get("entry", []) or []:
+                res = e.get("resource") if isinstance(e, dict) else None
+                if isinstance(res, dict):
+                    yield res
+        elif isinstance(doc, dict):
+            yield doc
+
+
+def _patient_from_fhir(res: dict[str, Any]) -> DenyTerms:
+    names: list[str] = []
+    for n in res.get("name", []) or []:
+        names += [g for g in n.get("given", []) or [] if isinstance(g, str)]
+        if isinstance(n.get("family"), str):
+            names.append(n["family"])
+    mrn = ssn = None
+    for ident in res.get("identifier", []) or []:
+        system = str(ident.get("system", ""))
+        codes = {c.get("code") for c in (ident.get("type", {}) or {}).get("coding", []) or []}
+        if "us-ssn" in system or "SS" in codes:
+            ssn = ident.get("value")
+        elif "MR" in codes and mrn is None:
+            mrn = ident.get("value")
+    phones = [
+        t.get("value", "") for t in res.get("telecom", []) or [] if t.get("system") == "phone"
+    ]
+    emails = [
+        t.get("value", "") for t in res.get("telecom", []) or [] if t.get("system") == "email"
+    ]
+    lines: list[str] = []
+    city = postal = None
+    for a in res.get("address", []) or []:
+        lines += [x for x in a.get("line", []) or [] if isinstance(x, str)]
+        city = city or a.get("city")
+        postal = postal or a.get("postalCode")
+    return patient_terms(
+        names=names,
+        mrn=mrn,
+        ssn=ssn,
+        phones=phones,
+        emails=emails,
+        address_lines=lines,
+        city=city,
+        postal_code=postal,
+    )
+
+
+def deny_index_from_fhir(folder: Path) -> DenyIndex:
+    """Patients (by FHIR id) and clinician names found in a folder of FHIR resources."""
+    idx = DenyIndex()
+    for res in _resources(folder):
+        rt = res.get("resourceType")
+        if rt == "Patient" and res.get("id"):
+            idx.patients[str(res["id"])] = _patient_from_fhir(res)
+        elif rt == "Practitioner":
+            for n in res.get("name", []) or []:
+                idx.staff.add(" ".join([*(n.get("given", []) or []), n.get("family", "")]).strip())
+        elif rt == "DocumentReference":
+            for a in res.get("author", []) or []:
+                if a.get("display"):
+                    idx.staff.add(staff_name(a["display"]))
+        elif rt in ("MedicationRequest", "ServiceRequest"):
+            disp = (res.get("requester") or {}).get("display")
+            if disp:
+                idx.staff.add(staff_name(disp))
+    return idx
+
+
+# -- from the store ------------------------------------------------------------------------------
+def deny_index_from_store(con: Any) -> DenyIndex:
+    """Deny-lists from ``harmonized.patient`` (and staff names from tables that carry them)."""
+    idx = DenyIndex()
+
+    def cols(table: str) -> set[str]:
+        rows = con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE schema_name = 'harmonized' "
+            "AND table_name = ?",
+            [table],
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    pc = cols("patient")
+    if {"patient_id", "family_name", "given_name"} <= pc:
+        wanted = [
+            "patient_id",
+            "family_name",
+            "given_name",
+            "mrn",
+            "ssn",
+            "phone",
+            "email",
+            "address_line",
+            "city",
+            "postal_code",
+        ]
+        sel = ", ".join(f"CAST({c} AS VARCHAR)" if c in pc else "NULL" for c in wanted)
+        for row in con.execute(f"SELECT {sel} FROM harmonized.patient").fetchall():
+            pid, fam, given, mrn, ssn, phone, email, line, city, postal = row
+            idx.patients[str(pid)] = patient_terms(
+                names=[x for x in [*(given or "").split(), fam or ""] if x],
+                mrn=mrn,
+                ssn=ssn,
+                phones=[phone] if phone else [],
+                emails=[email] if email else [],
+                address_lines=[line] if line else [],
+                city=city,
+                postal_code=postal,
+            )
+    for table, col in (
+        ("document_reference", "author_display"),
+        ("medication_request", "requester_display"),
+        ("practitioner", "name"),
+        ("practitioner", "display"),
+    ):
+        if col in cols(table):
+            for (v,) in con.execute(
+                f"SELECT DISTINCT {col} FROM harmonized.{table} WHERE {col} IS NOT NULL"
+            ).fetchall():
+                idx.staff.add(staff_name(str(v)))
+    pr = cols("practitioner")
+    if {"family_name", "given_name"} <= pr:
+        for g, f in con.execute(
+            "SELECT given_name, family_name FROM harmonized.practitioner"
+        ).fetchall():
+            idx.staff.add(f"{g or ''} {f or ''}".strip())
+    idx.staff.discard("")
+    return idx

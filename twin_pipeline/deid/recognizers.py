@@ -1,0 +1,649 @@
+"""Clinical PHI recognizers for Presidio: patterns with context, and per-patient deny-lists.
+
+Each recognizer is a Presidio ``EntityRecognizer``. Pattern recognizers use one compiled regex per
+rule whose named group ``phi`` is the reported span (the rest is context such as ``MRN:``), so a
+label like ``Acc#`` is never redacted but the number after it always is. Entity names are the
+labels of the evaluation corpora: PERSON, LOCATION, ADDRESS, ZIP, DATE, AGE, PHONE, EMAIL, URL,
+IP_ADDRESS, SSN, MRN, ACCESSION, DEVICE_SERIAL, ID.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from presidio_analyzer import EntityRecognizer, RecognizerResult
+
+ENTITIES = (
+    "PERSON",
+    "LOCATION",
+    "ADDRESS",
+    "ZIP",
+    "DATE",
+    "AGE",
+    "PHONE",
+    "EMAIL",
+    "URL",
+    "IP_ADDRESS",
+    "SSN",
+    "MRN",
+    "ACCESSION",
+    "DEVICE_SERIAL",
+    "ID",
+)
+
+STATES = [
+    "AL",
+    "AK",
+    "AZ",
+    "AR",
+    "CA",
+    "CO",
+    "CT",
+    "DE",
+    "DC",
+    "FL",
+    "GA",
+    "HI",
+    "ID",
+    "IL",
+    "IN",
+    "IA",
+    "KS",
+    "KY",
+    "LA",
+    "ME",
+    "MD",
+    "MA",
+    "MI",
+    "MN",
+    "MS",
+    "MO",
+    "MT",
+    "NE",
+    "NV",
+    "NH",
+    "NJ",
+    "NM",
+    "NY",
+    "NC",
+    "ND",
+    "OH",
+    "OK",
+    "OR",
+    "PA",
+    "RI",
+    "SC",
+    "SD",
+    "TN",
+    "TX",
+    "UT",
+    "VT",
+    "VA",
+    "WA",
+    "WV",
+    "WI",
+    "WY",
+    "PR",
+    "GU",
+    "VI",
+]
+STATE_NAMES = (
+    "Alabama|Alaska|Arizona|Arkansas|California|Colorado|Connecticut|Delaware|Florida|Georgia|"
+    "Hawaii|Idaho|Illinois|Indiana|Iowa|Kansas|Kentucky|Louisiana|Maine|Maryland|Massachusetts|"
+    "Michigan|Minnesota|Mississippi|Missouri|Montana|Nebraska|Nevada|New Hampshire|New Jersey|"
+    "New Mexico|New York|North Carolina|North Dakota|Ohio|Oklahoma|Oregon|Pennsylvania|"
+    "Rhode Island|South Carolina|South Dakota|Tennessee|Texas|Utah|Vermont|Virginia|Washington|"
+    "West Virginia|Wisconsin|Wyoming|Puerto Rico"
+)
+_STATE_RE = "(?:" + "|".join(STATES) + "|" + STATE_NAMES + ")"
+
+MONTHS_FULL = (
+    "January|February|March|April|May|June|July|August|September|October|November|December"
+)
+MONTHS_ABBR = "Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec"
+_MON = rf"(?:{MONTHS_FULL}|(?:{MONTHS_ABBR})\.?)"
+_DAY = r"(?:0?[1-9]|[12]\d|3[01])"
+_MO = r"(?:0?[1-9]|1[0-2])"
+_YEAR4 = r"(?:1[89]\d\d|20\d\d|21\d\d)"
+
+# A name token: capitalised or all-caps word, apostrophes/hyphens inside (O'Brien, Smith-Jones).
+# Words that look like names in headers but never are (field labels, credentials).
+_NOT_NAME = (
+    r"(?!(?:MRN|DOB|SSN|MD|DO|RN|NP|PA|PhD|DNP|APRN|FNP|HPI|ID|Acc|Unit|Date|Bed|Room|Age|Sex|"
+    r"Phone|Tel|Fax|Email|Address|Admitted|Discharged|Service|Location|Attending|Signed)(?![A-Za-z]))"
+)
+_NAME = (
+    rf"{_NOT_NAME}(?:[A-Z](?:[a-z]+|[a-z]{{1,2}}[A-Z][a-z]+)(?:['’\-][A-Za-z]+)*|[A-Z]{{2,}}(?:['’\-][A-Z]+)*"
+    r"|[A-Z][a-z]+\d{1,3})(?![A-Za-z])"
+)
+_INITIAL = r"[A-Z]\.?(?![A-Za-z])"
+_FULLNAME = rf"{_NAME}(?: (?:{_INITIAL} )?{_NAME}){{0,2}}"
+_LASTFIRST = rf"{_NAME}, ?{_NAME}(?: {_INITIAL})?"
+_CREDENTIAL = (
+    r"(?:M\.?D\.?|D\.?O\.?|R\.?N\.?|N\.?P\.?|PA-C|P\.?A\.?|Ph\.?D\.?|DNP|CNM|CRNA|FNP|APRN|MBBS|"
+    r"DPM|DDS|PharmD|LPN|CNA|RD|PT|OT|MSW|LCSW)"
+)
+_STREET_SUFFIX = (
+    r"(?:Street|St|Avenue|Ave|Road|Rd|Lane|Ln|Drive|Dr|Court|Ct|Way|Boulevard|Blvd|Terrace|Ter|"
+    r"Place|Pl|Circle|Cir|Parkway|Pkwy|Highway|Hwy|Square|Sq|Trail|Trl|Row|Path|Pike|Alley|Loop|"
+    r"Crescent|Plaza|Heights)"
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    entity: str
+    pattern: str
+    score: float
+    flags: int = 0
+    name: str = ""
+
+
+# Rules: (entity, regex with a `phi` group or whole match, score). Order does not matter;
+# overlaps are resolved by score then length after all recognizers ran.
+RULES: tuple[Rule, ...] = (
+    # --- people -------------------------------------------------------------------------------
+    Rule(
+        "PERSON",
+        rf"\b(?:Dr|Doctor|Mr|Mrs|Ms|Mx|Miss|Prof|Professor)\.?[ \t]+(?P<phi>{_FULLNAME})",
+        0.9,
+        name="title_name",
+    ),
+    Rule(
+        "PERSON",
+        r"(?:\b(?:Patient(?:[ \t]+[Nn]ame)?|Pt|Name|Attending(?:[ \t]+[Pp]hysician)?|"
+        r"(?:Electronically[ \t]+)?[Ss]igned(?:[ \t]+by)?|Dictated[ \t]+by|Transcribed[ \t]+by|"
+        r"Resident|Fellow|PCP|Referring(?:[ \t]+[Pp]hysician)?|Ordering(?:[ \t]+[Pp]hysician)?|"
+        r"Surgeon|Author|Consultant|Radiologist|Nurse|Cc|CC|Emergency[ \t]+[Cc]ontact|"
+        r"Next[ \t]+of[ \t]+kin|Guarantor|Physician|Provider)[ \t]*:[ \t]*)"
+        rf"(?:(?:Dr|Mr|Mrs|Ms|Mx)\.?[ \t]+)?(?P<phi>{_LASTFIRST}|{_FULLNAME})",
+        0.85,
+        name="labelled_name",
+    ),
+    Rule(
+        "PERSON",
+        rf"(?P<phi>{_NAME}(?:[ \t]+{_INITIAL})?[ \t]+{_NAME}),?[ \t]+{_CREDENTIAL}(?![A-Za-z])",
+        0.85,
+        name="name_credential",
+    ),
+    Rule(
+        "PERSON",
+        r"\b(?:with|by|to|from|and|his|her|their)[ \t]+(?:(?:wife|husband|son|daughter|mother|"
+        r"father|sister|brother|niece|nephew|aunt|uncle|grandmother|grandfather|partner|friend|"
+        r"spouse|caregiver|guardian)[ \t]+)"
+        rf"(?P<phi>{_NAME}(?:[ \t]+{_NAME})?)",
+        0.8,
+        name="relative_name",
+    ),
+    # Synthea-style names carry digits: "Sumiko254 Larue605"
+    Rule(
+        "PERSON",
+        r"\b(?P<phi>[A-Z][a-z'\-]+\d{1,3}(?:[ \t]+[A-Z][a-z'\-]+\d{1,3}){1,2})\b",
+        0.9,
+        name="synthea_name",
+    ),
+    # --- contact -------------------------------------------------------------------------------
+    Rule(
+        "PHONE",
+        r"(?<![\d\-])(?P<phi>(?:\+?1[ \-.])?(?:\(\d{3}\)[ \t]?|\d{3}[\-.])\d{3}[\-.]\d{4})"
+        r"(?:[ \t]*(?:x|ext\.?)[ \t]*\d{1,5})?(?![\d\-])",
+        0.85,
+        name="us_phone",
+    ),
+    Rule(
+        "PHONE",
+        r"\b(?:tel|phone|ph|cell|mobile|fax|pager|beeper)\.?[ \t]*(?:#|no\.?|number)?[ \t]*:?[ \t]*"
+        r"(?P<phi>\d{3}[ \t]\d{3}[ \t]\d{4}|\d{10}|\d{3}[\-.]\d{4})\b",
+        0.8,
+        re.IGNORECASE,
+        name="phone_ctx",
+    ),
+    Rule(
+        "EMAIL",
+        r"(?<![\w.+\-])(?P<phi>[A-Za-z0-9._%+\-']+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,})\b",
+        0.95,
+        name="email",
+    ),
+    Rule(
+        "URL",
+        r"(?P<phi>\b(?:https?://|ftp://|www\.)[^\s<>\"'()]+[^\s<>\"'().,;:!?])",
+        0.9,
+        re.IGNORECASE,
+        name="url",
+    ),
+    Rule(
+        "IP_ADDRESS",
+        r"(?<![\d.])(?P<phi>(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d))(?![\d.]*\d)",
+        0.85,
+        name="ipv4",
+    ),
+    Rule(
+        "IP_ADDRESS",
+        r"(?<![\w:])(?P<phi>(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}|(?:[0-9A-Fa-f]{1,4}:){1,6}:[0-9A-Fa-f]{1,4})(?![\w:])",
+        0.8,
+        name="ipv6",
+    ),
+    # --- government / record numbers -------------------------------------------------------------
+    Rule(
+        "SSN",
+        r"(?<![\d\-])(?P<phi>(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4})(?![\d\-])",
+        0.9,
+        name="ssn",
+    ),
+    Rule(
+        "SSN",
+        r"\b(?:SSN|Social[ \t]+Security(?:[ \t]+(?:No\.?|Number|#))?|SS#)[ \t]*[:#]?[ \t]*"
+        r"(?P<phi>\d{3}[ \-]?\d{2}[ \-]?\d{4})\b",
+        0.95,
+        re.IGNORECASE,
+        name="ssn_ctx",
+    ),
+    Rule(
+        "MRN",
+        r"\b(?:MRN|MR#|MR[ \t]+No\.?|Med(?:ical)?[ \t]*Rec(?:ord)?\.?(?:[ \t]*(?:No\.?|Number|#))?|"
+        r"Patient[ \t]+ID|Hospital[ \t]+(?:No\.?|Number)|Unit[ \t]+(?:No\.?|Number))[ \t]*[:#]?[ \t]*"
+        r"(?P<phi>[A-Z]{0,3}-?\d{4,12}(?:-\d{1,4})?)\b",
+        0.95,
+        re.IGNORECASE,
+        name="mrn_ctx",
+    ),
+    Rule(
+        "ACCESSION",
+        r"\b(?:Acc(?:ession)?\.?(?:[ \t]*(?:No\.?|Num(?:ber)?\.?|#))?|Order[ \t]*#)[ \t]*[:#]?[ \t]*"
+        r"(?P<phi>[A-Z]{0,4}-?\d{4,14})\b",
+        0.95,
+        re.IGNORECASE,
+        name="accession_ctx",
+    ),
+    Rule(
+        "DEVICE_SERIAL",
+        r"(?:\b(?:S/N|SN|Serial(?:[ \t]*(?:No\.?|Number|#))?|Device[ \t]+ID|UDI)[ \t]*[:#]?[ \t]*)"
+        r"(?P<phi>(?=[A-Z0-9\-]*\d)[A-Z0-9][A-Z0-9\-]{3,30})\b",
+        0.9,
+        name="serial_ctx",
+    ),
+    Rule(
+        "ID",
+        r"\b(?:Account|Acct|Policy|Member[ \t]+ID|Insurance[ \t]+ID|Subscriber[ \t]+ID|License|Lic|"
+        r"DEA|NPI|Plan[ \t]+ID|Certificate|Badge|Plate)[ \t]*(?:#|No\.?|Number)?[ \t]*[:#][ \t]*"
+        r"(?P<phi>(?=[A-Z0-9\-]*\d)[A-Z0-9][A-Z0-9\-]{3,24})\b",
+        0.85,
+        re.IGNORECASE,
+        name="id_ctx",
+    ),
+    # --- geography ---------------------------------------------------------------------------------
+    Rule(
+        "ADDRESS",
+        rf"\b(?P<phi>\d{{1,6}}[A-Z]?[ \t]+(?:[NSEW]\.?[ \t]+)?(?:[A-Z][A-Za-z'\-]*\.?[ \t]+){{1,4}}"
+        rf"{_STREET_SUFFIX}\b(?:,?[ \t]+(?:Apt|Apartment|Unit|Suite|Ste|Fl|Floor|Rm|#)\.?[ \t]*#?[A-Za-z0-9\-]+)?)",
+        0.9,
+        name="street",
+    ),
+    Rule(
+        "ADDRESS",
+        r"\b(?P<phi>P\.?[ \t]?O\.?[ \t]+Box[ \t]+\d+)",
+        0.9,
+        re.IGNORECASE,
+        name="po_box",
+    ),
+    Rule(
+        "LOCATION",
+        rf"(?:\b{_STREET_SUFFIX}\.?(?:[ \t]+(?:Apt|Apartment|Unit|Suite|Ste|#)\.?[ \t]*#?[A-Za-z0-9\-]+)?,[ \t]*)"
+        rf"(?P<phi>[A-Z][A-Za-z.'\-]+(?:[ \t]+[A-Z][A-Za-z.'\-]+){{0,2}})(?=,?[ \t]+{_STATE_RE}\b)",
+        0.9,
+        name="city_after_street",
+    ),
+    Rule(
+        "LOCATION",
+        rf"\b(?P<phi>[A-Z][a-z.'\-]+(?:[ \t]+[A-Z][a-z.'\-]+){{0,2}}),[ \t]*(?:{'|'.join(STATES)})[ \t]+\d{{5}}\b",
+        0.85,
+        name="city_state_zip",
+    ),
+    Rule(
+        "ZIP",
+        rf"\b(?:{'|'.join(STATES)}|{STATE_NAMES}),?[ \t]+(?P<phi>\d{{5}}(?:-\d{{4}})?)\b",
+        0.9,
+        name="zip_after_state",
+    ),
+    Rule(
+        "ZIP",
+        r"\b(?:ZIP|Zip[ \t]*[Cc]ode|Postal[ \t]*[Cc]ode)[ \t]*:?[ \t]*(?P<phi>\d{5}(?:-\d{4})?)\b",
+        0.9,
+        name="zip_ctx",
+    ),
+    # --- dates ---------------------------------------------------------------------------------------
+    Rule(
+        "DATE",
+        rf"\b(?P<phi>{_YEAR4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01]))(?!\d)",
+        0.9,
+        name="iso_date",
+    ),
+    Rule(
+        "DATE",
+        rf"(?<![\d/])(?P<phi>{_MO}/{_DAY}/(?:{_YEAR4}|\d{{2}}))(?![\d/])",
+        0.9,
+        name="us_date",
+    ),
+    Rule(
+        "DATE", rf"(?<![\d\-])(?P<phi>{_MO}-{_DAY}-{_YEAR4})(?![\d\-])", 0.85, name="us_dash_date"
+    ),
+    Rule("DATE", rf"(?<![\d.])(?P<phi>{_DAY}\.{_MO}\.{_YEAR4})(?![\d.])", 0.7, name="dot_date"),
+    Rule("DATE", rf"\b(?P<phi>{_DAY}[ \-]{_MON}[ \-,]*{_YEAR4})\b", 0.9, name="d_mon_y"),
+    Rule(
+        "DATE",
+        rf"\b(?P<phi>{_MON}[ \t]+{_DAY}(?:st|nd|rd|th)?,?[ \t]+{_YEAR4})\b",
+        0.9,
+        name="mon_d_y",
+    ),
+    Rule("DATE", rf"\b(?P<phi>{_MON}[ \t]+{_YEAR4})\b", 0.8, name="mon_y"),
+    Rule(
+        "DATE",
+        rf"\b(?P<phi>(?:{MONTHS_FULL}|(?:{MONTHS_ABBR})\.)[ \t]+{_DAY}(?:st|nd|rd|th)?)\b(?![ \t]*(?:mg|mL|ml|units?|%))",
+        0.7,
+        name="mon_d",
+    ),
+    Rule(
+        "DATE",
+        r"\b(?:in|since|on|during|until|before|after|early|late|mid|last|next|of|this|from)[ \t\-]+"
+        r"(?P<phi>January|February|April|June|July|August|September|October|November|December)\b",
+        0.6,
+        name="month_ctx",
+    ),
+    Rule("DATE", rf"(?<![\d/])(?P<phi>{_MO}/{_YEAR4})(?![\d/])", 0.7, name="mo_year"),
+    Rule(
+        "DATE",
+        r"(?<![\d.\-])(?P<phi>(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]))(?![\d.\-])",
+        0.5,
+        name="dicom_date",
+    ),
+    # --- ages over 89 ------------------------------------------------------------------------------------
+    Rule(
+        "AGE",
+        r"\b(?P<phi>(?:9\d|1[0-2]\d)(?:[ \-](?:year|yr)s?(?:[ \-]old)?|[ \t]*(?:y/?o|y\.o\.|yo)\b|"
+        r"[ \t]+years?[ \t]+of[ \t]+age))",
+        0.9,
+        re.IGNORECASE,
+        name="age_over_89",
+    ),
+    Rule(
+        "AGE",
+        r"\b(?:age|aged|Age)[ \t]*:?[ \t]*(?P<phi>9\d|1[0-2]\d)\b",
+        0.85,
+        name="age_ctx",
+    ),
+)
+
+
+class ClinicalPatternRecognizer(EntityRecognizer):  # type: ignore[misc]
+    """All pattern rules of one entity type; reports the ``phi`` group of each match."""
+
+    def __init__(self, entity: str, rules: Sequence[Rule]):
+        self._compiled = [(re.compile(r.pattern, r.flags), r.score, r.name) for r in rules]
+        self._rec_name = f"clinical_{entity.lower()}"
+        super().__init__(
+            supported_entities=[entity],
+            name=f"clinical_{entity.lower()}",
+            supported_language="en",
+        )
+
+    def load(self) -> None:
+        return None
+
+    def analyze(
+        self, text: str, entities: list[str], nlp_artifacts: Any = None
+    ) -> list[RecognizerResult]:
+        entity = self.supported_entities[0]
+        out: list[RecognizerResult] = []
+        for rx, score, name in self._compiled:
+            for m in rx.finditer(text):
+                if "phi" in rx.groupindex and m.group("phi") is not None:
+                    s, e = m.span("phi")
+                else:
+                    s, e = m.span()
+                if e > s:
+                    out.append(_result(entity, s, e, score, name, self._rec_name))
+        return out
+
+
+def _result(entity: str, s: int, e: int, score: float, rule: str, rec: str) -> RecognizerResult:
+    return RecognizerResult(
+        entity_type=entity,
+        start=s,
+        end=e,
+        score=score,
+        recognition_metadata={
+            RecognizerResult.RECOGNIZER_NAME_KEY: rec,
+            RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: f"{rec}:{rule}",
+        },
+    )
+
+
+def pattern_recognizers() -> list[ClinicalPatternRecognizer]:
+    by_entity: dict[str, list[Rule]] = {}
+    for r in RULES:
+        by_entity.setdefault(r.entity, []).append(r)
+    return [ClinicalPatternRecognizer(e, rs) for e, rs in by_entity.items()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Deny-lists: the structured record's own identifiers for the patient, and the staff directory.
+# ----------------------------------------------------------------------------------------------
+_TOKEN = re.compile(r"[A-Za-z][A-Za-z'’\-]*[A-Za-z]|[A-Za-z]")
+_JOIN = re.compile(r"^(?:[ \t]*,?[ \t]*|[ \t]+[A-Z]\.?[ \t]+)$")
+
+
+def name_tokens(names: Iterable[str]) -> set[str]:
+    """Name parts of length >= 2 (initials are too ambiguous to deny-list)."""
+    out: set[str] = set()
+    for n in names:
+        for t in _TOKEN.findall(n or ""):
+            if len(t) >= 2:
+                out.add(t)
+    return out
+
+
+def _digits_pattern(value: str) -> str | None:
+    digits = re.sub(r"\D", "", value)
+    if len(digits) < 7:
+        return None
+    return r"(?<!\d)" + r"[ \t().\-]{0,2}".join(digits) + r"(?!\d)"
+
+
+@dataclass(frozen=True)
+class DenyTerms:
+    """Identifier values known from the structured record (one patient, or the staff list)."""
+
+    names: tuple[str, ...] = ()
+    numbers: tuple[tuple[str, str], ...] = ()  # (entity, value) matched on digits
+    literals: tuple[tuple[str, str], ...] = ()  # (entity, value) matched case-insensitively
+
+    def is_empty(self) -> bool:
+        return not (self.names or self.numbers or self.literals)
+
+
+class DenyListRecognizer(EntityRecognizer):  # type: ignore[misc]
+    """Finds a patient's (or the staff's) own names and identifiers wherever they appear.
+
+    Name parts match in Title or UPPER case as whole words (so the surname "Rose" does not hit
+    the verb "rose"); adjacent parts joined by a space, comma or initial merge into one span.
+    """
+
+    def __init__(self, terms: DenyTerms, name: str = "deny_list"):
+        self.terms = terms
+        self._rec_name = name
+        tokens = name_tokens(terms.names)
+        variants: set[str] = set()
+        for t in tokens:
+            variants.update({t, t.upper(), t[:1].upper() + t[1:].lower(), t.title()})
+        self._name_rx = (
+            re.compile(
+                r"(?<![A-Za-z])(?:"
+                + "|".join(re.escape(v) for v in sorted(variants, key=len, reverse=True))
+                + r")(?![A-Za-z])"
+            )
+            if variants
+            else None
+        )
+        self._other: list[tuple[str, re.Pattern[str]]] = []
+        for entity, value in terms.numbers:
+            pat = _digits_pattern(value)
+            if pat:
+                self._other.append((entity, re.compile(pat)))
+        for entity, value in terms.literals:
+            v = (value or "").strip()
+            if len(v) >= 3:
+                self._other.append(
+                    (entity, re.compile(r"(?<!\w)" + re.escape(v) + r"(?!\w)", re.IGNORECASE))
+                )
+        entities = sorted({"PERSON"} | {e for e, _ in self._other})
+        super().__init__(supported_entities=entities, name=name, supported_language="en")
+
+    def load(self) -> None:
+        return None
+
+    def analyze(
+        self, text: str, entities: list[str], nlp_artifacts: Any = None
+    ) -> list[RecognizerResult]:
+        out: list[RecognizerResult] = []
+        if self._name_rx is not None:
+            spans = [m.span() for m in self._name_rx.finditer(text)]
+            merged: list[list[int]] = []
+            for s, e in spans:
+                if merged and _JOIN.match(text[merged[-1][1] : s]):
+                    merged[-1][1] = e
+                else:
+                    merged.append([s, e])
+            for s, e in merged:
+                out.append(_result("PERSON", s, e, 0.95, "name", self._rec_name))
+        for entity, rx in self._other:
+            for m in rx.finditer(text):
+                out.append(_result(entity, m.start(), m.end(), 0.95, "value", self._rec_name))
+        return out
+
+
+# Words that spaCy's small model tends to tag as PERSON/LOCATION in clinical text but that are
+# not identifiers. Generic clinical vocabulary, not tuned to any corpus.
+NER_STOPWORDS = frozenset(
+    [
+        "hpi",
+        "pmh",
+        "psh",
+        "ros",
+        "exam",
+        "plan",
+        "assessment",
+        "impression",
+        "history",
+        "labs",
+        "vitals",
+        "imaging",
+        "social",
+        "family",
+        "medications",
+        "allergies",
+        "patient",
+        "pt",
+        "unit",
+        "bed",
+        "room",
+        "ward",
+        "icu",
+        "ed",
+        "er",
+        "or",
+        "pacu",
+        "nicu",
+        "picu",
+        "ccu",
+        "bp",
+        "hr",
+        "rr",
+        "spo2",
+        "temp",
+        "wt",
+        "ht",
+        "bmi",
+        "na",
+        "k",
+        "cl",
+        "hco3",
+        "bun",
+        "cr",
+        "wbc",
+        "hgb",
+        "hct",
+        "plt",
+        "inr",
+        "ptt",
+        "ast",
+        "alt",
+        "alp",
+        "po",
+        "iv",
+        "im",
+        "sc",
+        "sq",
+        "bid",
+        "tid",
+        "qid",
+        "qhs",
+        "prn",
+        "q4h",
+        "q6h",
+        "q8h",
+        "q12h",
+        "q24h",
+        "daily",
+        "nc",
+        "ra",
+        "mri",
+        "ct",
+        "cta",
+        "cxr",
+        "ekg",
+        "ecg",
+        "echo",
+        "tte",
+        "tee",
+        "us",
+        "xr",
+        "dx",
+        "cr",
+        "mr",
+        "pet",
+        "tylenol",
+        "lasix",
+        "coumadin",
+        "heparin",
+        "insulin",
+        "metformin",
+        "lisinopril",
+        "metoprolol",
+        "aspirin",
+        "albuterol",
+        "furosemide",
+        "ceftriaxone",
+        "acetaminophen",
+        "potassium",
+        "magnesium",
+        "glargine",
+        "fleischner",
+        "glasgow",
+        "apgar",
+        "braden",
+        "morse",
+        "wells",
+        "dr",
+        "mr",
+        "mrs",
+        "ms",
+        "md",
+        "do",
+        "rn",
+        "np",
+        "pa",
+    ]
+)

