@@ -228,11 +228,13 @@ def harmonize_readings(
             LEFT JOIN _tele_conv c ON c.metric = a.metric AND c.ucum = coalesce(u.ucum, r.unit)
             """
         )
-        # Exact duplicates within the batch: keep the smallest lineage key (order-independent).
+        # Exact duplicates within the batch: the copy from the earliest registered file wins
+        # (then the smallest lineage key), the same choice a full rebuild makes.
         con.execute(
             """
             CREATE OR REPLACE TEMP TABLE _th_keep AS
-            SELECT min(lineage_key) AS lineage_key FROM _th_batch WHERE rule IS NULL
+            SELECT arg_min(lineage_key, (first_seen, source_file, lineage_key)) AS lineage_key
+            FROM _th_batch WHERE rule IS NULL
             GROUP BY device_id, metric, ts_utc, value
             """
         )
@@ -254,6 +256,13 @@ def harmonize_readings(
             LEFT JOIN _th_keep k ON k.lineage_key = b.lineage_key
             LEFT JOIN _th_seen s ON s.device_id = b.device_id AND s.metric = b.metric
              AND s.ts_utc = b.ts_utc AND s.value = b.value
+            """
+        )
+        con.execute(
+            """
+            INSERT INTO governance.telemetry_device_file
+            SELECT device_id, source_file, any_value(first_seen), max(ts_utc)
+            FROM _th_batch WHERE rule IS NULL GROUP BY device_id, source_file
             """
         )
         window = spec.late_arrival_window_seconds
@@ -310,13 +319,6 @@ def harmonize_readings(
             FROM _th_batch WHERE rule IS NOT NULL
             """,
             [store.run_id],
-        )
-        con.execute(
-            """
-            INSERT INTO governance.telemetry_device_file
-            SELECT device_id, source_file, any_value(first_seen), max(ts_utc)
-            FROM _th_batch WHERE rule IS NULL GROUP BY device_id, source_file
-            """
         )
         con.execute(
             f"""

@@ -1,0 +1,203 @@
+"""Telemetry NDJSON/CSV, HL7 v2 and WFDB readers: records, bad lines, conservation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.telemetry.helpers import ingest, query
+from twin_pipeline.errors import ConfigError
+from twin_pipeline.harmonize.telemetry_config import load_telemetry_spec
+from twin_pipeline.paths import Settings
+
+
+def _line(**kw: object) -> str:
+    base: dict[str, object] = {
+        "device_id": "dev-1",
+        "patient_id": "pat-1",
+        "metric": "MDC_ECG_HEART_RATE",
+        "value": 72,
+        "unit": "/min",
+        "ts": "2024-03-05T10:00:00-05:00",
+    }
+    base.update(kw)
+    return json.dumps({k: v for k, v in base.items() if v is not None})
+
+
+BAD_CASES = [
+    # (line, rule)
+    ('{"device_id": "dev-1", "metric": ', "broken_record"),
+    (_line(ts=None), "missing_required"),
+    (_line(value="abc"), "bad_value"),
+    (_line(ts="2024-13-45T25:61:00-05:00"), "bad_timestamp"),
+    (_line(ts="03/05/2024 10:15 AM"), "bad_timestamp"),
+    (_line(metric="MDC_VENDOR_XYZ_INDEX"), "unknown_metric"),
+]
+
+
+def test_ndjson_bad_lines_quarantined_with_line_numbers(
+    twin_home: Settings, tmp_path: Path
+) -> None:
+    landing = tmp_path / "landing"
+    (landing / "telemetry").mkdir(parents=True)
+    lines = [_line(ts=f"2024-03-05T10:0{i}:00-05:00") for i in range(3)]
+    lines += [c[0] for c in BAD_CASES]
+    lines.insert(2, "")  # a blank line is not a record but still counts as a line
+    text = "\ufeff" + "\n".join(lines) + "\n"
+    (landing / "telemetry" / "mon.ndjson").write_text(text, encoding="utf-8")
+    res = ingest(twin_home, landing)["telemetry"]
+    fs = res.stats.per_file["telemetry/mon.ndjson"]
+    assert (fs.records_in, fs.loaded, fs.quarantined) == (9, 3, 6)
+    got = query(
+        twin_home,
+        "SELECT position, rule FROM governance.quarantine WHERE stage = 'read' ORDER BY position",
+    )
+    expected = sorted((f"line:{i + 5}", rule) for i, (_, rule) in enumerate(BAD_CASES))
+    assert sorted(got) == expected
+    raw = query(twin_home, "SELECT position FROM raw.telemetry_reading ORDER BY position")
+    assert [r[0] for r in raw] == ["line:1", "line:2", "line:4"]  # BOM line parsed
+
+
+def test_crlf_file_keeps_true_line_numbers(twin_home: Settings, tmp_path: Path) -> None:
+    landing = tmp_path / "landing"
+    (landing / "telemetry").mkdir(parents=True)
+    body = "\r\n".join([_line(), "{broken", _line(value=80)]) + "\r\n"
+    (landing / "telemetry" / "crlf.jsonl").write_bytes(body.encode())
+    ingest(twin_home, landing)
+    assert query(twin_home, "SELECT position FROM governance.quarantine") == [("line:2",)]
+    assert query(twin_home, "SELECT count(*) FROM raw.telemetry_reading") == [(2,)]
+
+
+@pytest.mark.parametrize("quoted", [False, True])
+def test_csv_reader(twin_home: Settings, tmp_path: Path, quoted: bool) -> None:
+    landing = tmp_path / "landing"
+    (landing / "telemetry").mkdir(parents=True)
+    q = '"' if quoted else ""
+    rows = [
+        "ts,device_id,patient_id,metric,value,unit",  # header order differs from NDJSON
+        f"2024-03-05T10:00:00Z,{q}dev-2{q},pat-2,HR,61,bpm",
+        "2024-03-05T10:01:00Z,dev-2,pat-2,HR,notanumber,bpm",
+        "2024-03-05T10:02:00Z,dev-2,pat-2,HR",
+        "2024-03-05T10:03:00Z,dev-2,pat-2,SpO2,97,%",
+    ]
+    (landing / "telemetry" / "beds.csv").write_text("\n".join(rows) + "\n")
+    res = ingest(twin_home, landing)["telemetry"]
+    fs = res.stats.per_file["telemetry/beds.csv"]
+    assert (fs.records_in, fs.loaded, fs.quarantined) == (4, 2, 2)
+    assert sorted(query(twin_home, "SELECT position, rule FROM governance.quarantine")) == [
+        ("line:3", "bad_value"),
+        ("line:4", "broken_record"),
+    ]
+    got = query(twin_home, "SELECT device_id, metric, value, unit FROM raw.telemetry_reading")
+    assert sorted(got) == [("dev-2", "HR", 61.0, "bpm"), ("dev-2", "SpO2", 97.0, "%")]
+
+
+def test_lineage_key_matches_store_convention(twin_home: Settings, tmp_path: Path) -> None:
+    from twin_pipeline.sources import sha256_file
+    from twin_pipeline.store import lineage_key
+
+    landing = tmp_path / "landing"
+    (landing / "telemetry").mkdir(parents=True)
+    path = landing / "telemetry" / "one.ndjson"
+    path.write_text(_line() + "\n")
+    ingest(twin_home, landing)
+    ((lk, pos, rh),) = query(
+        twin_home, "SELECT lineage_key, position, record_hash FROM raw.telemetry_reading"
+    )
+    assert lk == lineage_key(sha256_file(path), pos, rh)
+
+
+def test_hl7_real_samples_every_message_registered(
+    shared_data: Path, twin_home: Settings, tmp_path: Path
+) -> None:
+    landing = tmp_path / "landing"
+    shutil.copytree(shared_data / "hl7v2", landing / "hl7v2")
+    res = ingest(twin_home, landing)["hl7v2"]
+    assert res.files_new == 70
+    for rel, fs in res.stats.per_file.items():
+        assert fs.balanced(), rel
+        assert fs.records_in >= 1, rel
+    types = dict(query(twin_home, "SELECT message_type, count(*) FROM raw.hl7_message GROUP BY 1"))
+    assert types["ADT"] > 20 and types["ORU"] == 2 and types["SIU"] >= 5
+    # The two real ORU^R01 files are lab results: numerics counted, none is a device metric.
+    ((n_num, n_read),) = query(
+        twin_home,
+        "SELECT sum(n_obx_numeric), sum(n_readings) FROM raw.hl7_message WHERE message_type = 'ORU'",
+    )
+    assert n_num >= 2 and n_read == 0
+    # Files with a byte-order mark and \n separators still parse into several segments.
+    ((segs,),) = query(
+        twin_home,
+        "SELECT min(n_segments) FROM raw.hl7_message WHERE source_file = 'hl7v2/LAB-ORU-2.hl7'",
+    )
+    assert segs > 5
+
+
+MONITOR_ORU = (
+    "\ufeffMSH|^~\\&|MONITOR|ICU-EAST|TWIN|LRMC|20240305101500-0500||ORU^R01|MSG0001|P|2.6\n"
+    "PID|1||MRN000123^^^LRMC^MR||DOE^JANE\n"
+    "OBR|1|||MONITOR^Vitals|||20240305101500-0500\n"
+    "OBX|1|NM|150456^MDC_PULS_OXIM_SAT_O2^MDC||97|%^%^UCUM|||||F|||20240305101500-0500||||BED12-MX800\n"
+    "OBX|2|NM|8867-4^Heart rate^LN||88|/min^/min^UCUM|||||F|||20240305101500-0500||||BED12-MX800\n"
+    "OBX|3|NM|1554-5^GLUCOSE^LN||182|mg/dL|||||F\n"
+    "OBX|4|ST|8867-4^Heart rate^LN||n/a|||||F\n"
+)
+
+
+def test_hl7_monitor_oru_becomes_readings(twin_home: Settings, tmp_path: Path) -> None:
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "feed.hl7").write_text(MONITOR_ORU + "MSH|garbage\n", encoding="utf-8")
+    res = ingest(twin_home, landing)["hl7v2"]
+    fs = res.stats.per_file["feed.hl7"]
+    assert fs.records_in == 2 and fs.balanced()
+    rows = query(
+        twin_home,
+        "SELECT device_id, patient_mrn, metric, value, unit, ts FROM raw.telemetry_reading "
+        "ORDER BY metric",
+    )
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
+        ("BED12-MX800", "MRN000123", "150456", 97.0),
+        ("BED12-MX800", "MRN000123", "8867-4", 88.0),
+    ]
+    assert rows[0][5].isoformat().startswith("2024-03-05T15:15:00")  # -05:00 → UTC
+
+
+def test_wfdb_real_records(shared_data: Path, twin_home: Settings, tmp_path: Path) -> None:
+    import numpy as np
+    import wfdb
+
+    landing = tmp_path / "landing"
+    shutil.copytree(shared_data / "wfdb", landing / "wfdb")
+    res = ingest(twin_home, landing)["wfdb"]
+    per = res.stats.per_file
+    for part in ("wfdb/100.dat", "wfdb/100.atr", "wfdb/multi-segment/s00001/3975656n.dat"):
+        assert per[part].records_in == 0  # claimed, counted with its record
+    rec = wfdb.rdrecord(str(shared_data / "wfdb/multi-segment/s00001/s00001-2896-10-10-00-31n"))
+    non_nan = int((~np.isnan(rec.p_signal)).sum())
+    hea = "wfdb/multi-segment/s00001/s00001-2896-10-10-00-31n.hea"
+    ((n,),) = query(
+        twin_home, "SELECT count(*) FROM raw.telemetry_reading WHERE source_file = ?", [hea]
+    )
+    assert n == non_nan == per[hea].loaded
+    ((waves, anns),) = query(
+        twin_home,
+        "SELECT (SELECT count(*) FROM raw.wfdb_waveform_minute), "
+        "(SELECT count(*) FROM raw.wfdb_annotation)",
+    )
+    assert waves == 2 * 31  # 650,000 samples at 360 Hz: 31 minutes, 2 leads
+    assert anns == len(wfdb.rdann(str(shared_data / "wfdb/100"), "atr").sample)
+    assert per["wfdb/100.hea"].records_in == waves + anns
+
+
+def test_invalid_telemetry_spec_is_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "t.yaml"
+    bad.write_text("version: 1\ndefault_timezone: Mars/Olympus\n")
+    with pytest.raises(ConfigError):
+        load_telemetry_spec(bad)
+    spec = load_telemetry_spec()
+    assert spec.alias_map()["HR"] == "MDC_ECG_HEART_RATE"
+    assert spec.alias_map()["8867-4"] == "MDC_ECG_HEART_RATE"
