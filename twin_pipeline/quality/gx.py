@@ -1,0 +1,210 @@
+"""The one module that talks to Great Expectations (1.x). GX APIs change between versions.
+
+GX is imported lazily (it takes seconds) and once per process; one ephemeral context holds a
+pandas datasource. Suites are validated on pandas DataFrames fetched from DuckDB (GX's SQL
+datasource does not work over duckdb-engine), indexed by the DuckDB ``rowid`` so that
+``result_format=COMPLETE`` gives the failing rows' ids. Results are stripped of row values
+before they are kept for Data Docs, so the docs hold counts, never patient data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from twin_pipeline.errors import ConfigError
+
+_LOCK = threading.RLock()
+_STATE: dict[str, Any] = {}
+SITE = "twin"
+_VALUE_KEYS = (
+    "unexpected_list",
+    "partial_unexpected_list",
+    "partial_unexpected_counts",
+    "unexpected_index_list",
+    "partial_unexpected_index_list",
+    "unexpected_index_query",
+    "unexpected_rows",
+    "details",
+)
+
+
+@dataclass
+class GXOutcome:
+    """What GX said about one expectation."""
+
+    name: str
+    success: bool
+    evaluated: int
+    unexpected: int
+    index: list[int] = field(default_factory=list)
+    observed: str | None = None
+    error: str | None = None
+
+
+def _gx() -> Any:
+    with _LOCK:
+        mod = _STATE.get("gx")
+        if mod is None:
+            for name in ("great_expectations", "great_expectations._docs_decorators"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+            import great_expectations as gx
+
+            mod = _STATE["gx"] = gx
+        return mod
+
+
+def context() -> Any:
+    """The process-wide ephemeral GX context with its pandas datasource."""
+    gx = _gx()
+    with _LOCK:
+        ctx = _STATE.get("context")
+        if ctx is None:
+            from great_expectations.data_context.types.base import ProgressBarsConfig
+
+            ctx = gx.get_context(mode="ephemeral")
+            ctx.variables.progress_bars = ProgressBarsConfig(
+                globally=False, metric_calculations=False
+            )
+            ctx.data_sources.add_pandas("twin")
+            _STATE["context"] = ctx
+        return ctx
+
+
+def expectation_class(type_name: str) -> Any:
+    """``expect_column_values_to_be_between`` -> ``gx.expectations.ExpectColumnValuesToBeBetween``."""
+    gx = _gx()
+    cls_name = "".join(part.capitalize() for part in type_name.split("_"))
+    cls = getattr(gx.expectations, cls_name, None)
+    if cls is None:
+        raise ConfigError(f"Great Expectations has no expectation {type_name!r}")
+    return cls
+
+
+def build_expectation(type_name: str, kwargs: dict[str, Any], meta: dict[str, Any]) -> Any:
+    """One GX expectation object; GX validates the kwargs (errors become ConfigError)."""
+    cls = expectation_class(type_name)
+    try:
+        return cls(**kwargs, meta=meta, notes=meta.get("why"))
+    except Exception as exc:  # GX raises pydantic and its own errors
+        raise ConfigError(f"{meta.get('name')}: GX rejects {type_name} {kwargs}: {exc}") from exc
+
+
+def build_suite(name: str, expectations: list[Any]) -> Any:
+    gx = _gx()
+    suite = gx.ExpectationSuite(name=name)
+    for e in expectations:
+        suite.add_expectation(e)
+    return suite
+
+
+def validate(
+    suite_name: str, expectations: list[Any], df: Any, *, run_name: str
+) -> list[GXOutcome]:
+    """Validate ``df`` (indexed by row id) against the expectations; return per-name outcomes."""
+    gx = _gx()
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    ctx = context()
+    with _LOCK:
+        ds = ctx.data_sources.get("twin")
+        asset_name = suite_name
+        try:
+            asset = ds.get_asset(asset_name)
+        except LookupError:
+            asset = ds.add_dataframe_asset(asset_name)
+        try:
+            batch_def = asset.get_batch_definition("whole")
+        except (KeyError, LookupError, ValueError):
+            batch_def = asset.add_batch_definition_whole_dataframe("whole")
+        # Replace the stored suite and validation definition with this run's (params resolved).
+        with contextlib.suppress(Exception):  # not there yet
+            ctx.validation_definitions.delete(suite_name)
+        with contextlib.suppress(Exception):  # not there yet
+            ctx.suites.delete(suite_name)
+        suite = ctx.suites.add(build_suite(suite_name, expectations))
+        vd = ctx.validation_definitions.add(
+            gx.ValidationDefinition(name=suite_name, data=batch_def, suite=suite)
+        )
+        run_id = RunIdentifier(run_name=run_name, run_time=datetime.now(UTC))
+        result = vd.run(
+            batch_parameters={"dataframe": df},
+            result_format={"result_format": "COMPLETE", "partial_unexpected_count": 0},
+            run_id=run_id,
+        )
+        outcomes = [_outcome(r, len(df)) for r in result.results]
+        _sanitize_and_keep(ctx, suite_name, result)
+    return outcomes
+
+
+def _outcome(r: Any, n_rows: int) -> GXOutcome:
+    meta = r.expectation_config.meta or {}
+    res = r.result or {}
+    exc = r.exception_info or {}
+    error = None
+    if isinstance(exc, dict):
+        if exc.get("raised_exception"):
+            error = str(exc.get("exception_message"))
+        else:
+            for v in exc.values():
+                if isinstance(v, dict) and v.get("raised_exception"):
+                    error = str(v.get("exception_message"))
+                    break
+    index = [int(i) for i in (res.get("unexpected_index_list") or []) if not isinstance(i, dict)]
+    observed = res.get("observed_value")
+    return GXOutcome(
+        name=str(meta.get("name")),
+        success=bool(r.success) and error is None,
+        evaluated=int(res.get("element_count", n_rows) or 0),
+        unexpected=int(res.get("unexpected_count", len(index)) or 0),
+        index=index,
+        observed=None if observed is None else str(observed),
+        error=error,
+    )
+
+
+def _sanitize_and_keep(ctx: Any, suite_name: str, result: Any) -> None:
+    """Drop row values from the stored result (Data Docs must not show patient data)."""
+    for r in result.results:
+        if r.result:
+            for key in _VALUE_KEYS:
+                r.result.pop(key, None)
+        if isinstance(r.exception_info, dict):
+            for v in r.exception_info.values():
+                if isinstance(v, dict):
+                    v.pop("exception_traceback", None)
+            r.exception_info.pop("exception_traceback", None)
+    store = ctx.validation_results_store
+    run_name = result.meta["run_id"].run_name
+    for key in store.list_keys():
+        if key.expectation_suite_identifier.name == suite_name and key.run_id.run_name == run_name:
+            store.set(key, result)
+
+
+def build_data_docs(target: Path) -> Path:
+    """Render the Data Docs site for this process's validations into ``target``; the index."""
+    ctx = context()
+    target.mkdir(parents=True, exist_ok=True)
+    with _LOCK:
+        if _STATE.get("docs_dir") != str(target):
+            with contextlib.suppress(Exception):  # no site yet
+                ctx.delete_data_docs_site(SITE)
+            ctx.add_data_docs_site(
+                site_name=SITE,
+                site_config={
+                    "class_name": "SiteBuilder",
+                    "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                    "store_backend": {
+                        "class_name": "TupleFilesystemStoreBackend",
+                        "base_directory": str(target),
+                    },
+                },
+            )
+            _STATE["docs_dir"] = str(target)
+        ctx.build_data_docs(site_names=[SITE])
+    return target / "index.html"

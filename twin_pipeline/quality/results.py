@@ -1,0 +1,148 @@
+"""``governance.validation_result``: one row per expectation per suite run, and the report."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from twin_pipeline.store import Store
+
+TABLE = "governance.validation_result"
+DDL = f"""
+CREATE TABLE IF NOT EXISTS {TABLE} (
+    run_id VARCHAR,
+    suite VARCHAR,
+    table_name VARCHAR,
+    expectation VARCHAR,
+    expectation_type VARCHAR,
+    severity VARCHAR,            -- error | warning
+    row_level BOOLEAN,
+    passed BOOLEAN,              -- as evaluated, before quarantine
+    evaluated_rows BIGINT,
+    failed_rows BIGINT,          -- failing rows (table-level checks: failing items)
+    quarantined_rows BIGINT,     -- rows moved to governance.quarantine (stage quality)
+    action VARCHAR,              -- none | quarantined | recorded | blocked
+    observed VARCHAR,
+    created_at TIMESTAMPTZ
+)
+"""
+
+
+@dataclass
+class ExpectationResult:
+    suite: str
+    table_name: str
+    expectation: str
+    expectation_type: str
+    severity: str
+    row_level: bool
+    passed: bool
+    evaluated_rows: int
+    failed_rows: int
+    quarantined_rows: int
+    action: str
+    observed: str | None
+
+    @property
+    def blocking(self) -> bool:
+        """A failure that quarantine did not resolve and that must stop downstream assets."""
+        return self.action == "blocked"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ensure(store: Store) -> None:
+    store.con.execute(DDL)
+
+
+def write(store: Store, run_id: str, results: Sequence[ExpectationResult]) -> None:
+    """Record a suite run (replacing an earlier record of the same run and suite)."""
+    ensure(store)
+    if not results:
+        return
+    now = datetime.now(UTC)
+    with store.transaction():
+        store.con.execute(
+            f"DELETE FROM {TABLE} WHERE run_id = ? AND suite = ?", [run_id, results[0].suite]
+        )
+        store.con.executemany(
+            f"INSERT INTO {TABLE} VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [
+                (
+                    run_id,
+                    r.suite,
+                    r.table_name,
+                    r.expectation,
+                    r.expectation_type,
+                    r.severity,
+                    r.row_level,
+                    r.passed,
+                    r.evaluated_rows,
+                    r.failed_rows,
+                    r.quarantined_rows,
+                    r.action,
+                    r.observed,
+                    now,
+                )
+                for r in results
+            ],
+        )
+
+
+def latest(store: Store) -> list[dict[str, Any]]:
+    """The latest run of every suite, one dict per expectation (suite, expectation order)."""
+    if not store.table_exists(TABLE):
+        return []
+    rows = store.con.execute(
+        f"""
+        WITH last AS (
+            SELECT suite, arg_max(run_id, created_at) AS run_id FROM {TABLE} GROUP BY suite
+        )
+        SELECT v.run_id, v.suite, v.table_name, v.expectation, v.expectation_type, v.severity,
+               v.row_level, v.passed, v.evaluated_rows, v.failed_rows, v.quarantined_rows,
+               v.action, v.observed, v.created_at
+        FROM {TABLE} v JOIN last USING (suite, run_id)
+        ORDER BY v.suite, v.rowid
+        """
+    ).fetchall()
+    cols = [
+        "run_id",
+        "suite",
+        "table_name",
+        "expectation",
+        "expectation_type",
+        "severity",
+        "row_level",
+        "passed",
+        "evaluated_rows",
+        "failed_rows",
+        "quarantined_rows",
+        "action",
+        "observed",
+        "created_at",
+    ]
+    return [dict(zip(cols, r, strict=True)) for r in rows]
+
+
+def report_json(store: Store) -> dict[str, Any]:
+    """``twin quality report --json``: ``{"checks": [{suite, expectation, severity, passed,
+    failed_rows}, ...]}`` plus the run ids and quarantine totals for context."""
+    rows = latest(store)
+    return {
+        "checks": [
+            {
+                "suite": r["suite"],
+                "expectation": r["expectation"],
+                "severity": r["severity"],
+                "passed": bool(r["passed"]),
+                "failed_rows": int(r["failed_rows"]),
+                "quarantined_rows": int(r["quarantined_rows"]),
+                "action": r["action"],
+                "run_id": r["run_id"],
+            }
+            for r in rows
+        ]
+    }

@@ -1,0 +1,398 @@
+"""Run a suite over a store table: validate, quarantine failing rows, record results.
+
+Steps for one suite (inside one store transaction):
+
+1. Quality quarantine entries of this table that a rebuild re-created are dropped (they are
+   evaluated again); entries for rows still removed stay, so reruns keep conservation.
+2. GX expectations run on a DataFrame of the needed columns indexed by DuckDB ``rowid``;
+   cross-table checks (``twin.*``) run in SQL.
+3. Rows failing a ``row_level`` expectation go to ``governance.quarantine`` (stage
+   ``quality``, rule = expectation name, with source file and position from the raw record of
+   their lineage key) and are removed from the table.
+4. Every expectation's outcome is written to ``governance.validation_result``. A failing
+   ``error`` expectation that is not row-level is *blocking*; a failing ``warning`` is
+   recorded and the pipeline continues.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from twin_pipeline.quality import gx as gxa
+from twin_pipeline.quality import results as res
+from twin_pipeline.quality import sqlchecks
+from twin_pipeline.quality.gx import GXOutcome
+from twin_pipeline.quality.results import ExpectationResult
+from twin_pipeline.quality.suite import ExpectationSpec, Suite, resolve_tokens
+from twin_pipeline.store import QuarantineRow, Store
+
+STAGE = "quality"
+_COLUMN_KWARGS = ("column", "column_A", "column_B")
+_LIST_KWARGS = ("column_list",)
+_NAIVE_TIME_TYPES = ("DATE", "TIMESTAMP", "TIMESTAMP_NS", "TIMESTAMP_MS", "TIMESTAMP_S")
+
+
+@dataclass
+class SuiteRun:
+    """The outcome of one suite over one table."""
+
+    suite: str
+    table: str
+    run_id: str
+    rows_before: int
+    rows_after: int
+    results: list[ExpectationResult] = field(default_factory=list)
+    quarantined_rows: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def blocking(self) -> list[ExpectationResult]:
+        return [r for r in self.results if r.blocking]
+
+    @property
+    def warnings(self) -> list[ExpectationResult]:
+        return [r for r in self.results if not r.passed and r.severity == "warning"]
+
+    @property
+    def passed(self) -> bool:
+        """No error-severity expectation still fails after quarantine."""
+        return not self.blocking
+
+    @property
+    def clean(self) -> bool:
+        """Every expectation passed as evaluated (nothing quarantined, no warnings)."""
+        return all(r.passed for r in self.results)
+
+
+def run_suite(
+    store: Store,
+    suite: Suite,
+    *,
+    as_of: datetime | None = None,
+    now: datetime | None = None,
+    quarantine: bool = True,
+    record: bool = True,
+) -> SuiteRun:
+    """Validate ``suite.table``; quarantine row-level failures; record results. Atomic."""
+    now = now or datetime.now(UTC)
+    as_of = as_of or now
+    table = suite.table
+    timings: dict[str, float] = {}
+    with store.transaction():
+        if not store.table_exists(table):
+            return _missing_table(store, suite, record=record)
+        if quarantine:
+            _release_requarantinable(store, table)
+        n_rows = store.row_count(table)
+        outcomes: dict[str, GXOutcome] = {}
+        t0 = time.perf_counter()
+        gx_specs = [e for e in suite.expectations if e.is_gx]
+        if gx_specs:
+            outcomes.update(_run_gx(store, suite, gx_specs, now=now, as_of=as_of))
+        timings["gx_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for spec in suite.expectations:
+            if spec.type == "twin.foreign_key":
+                outcomes[spec.name] = sqlchecks.foreign_key(store, table, spec, n_rows)
+            elif spec.type == "twin.column_types":
+                outcomes[spec.name] = sqlchecks.column_types(store, table, spec, n_rows)
+        timings["sql_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        failing: dict[str, list[int]] = {}
+        row_specs = [
+            s
+            for s in suite.expectations
+            if s.row_level
+            and (out := outcomes.get(s.name)) is not None
+            and not out.success
+            and not out.error
+        ]
+        for spec in row_specs:
+            if spec.keep != "first":
+                failing[spec.name] = outcomes[spec.name].index
+        # Duplicates: keep the first copy among rows that pass everything else.
+        excluded = {i for ids in failing.values() for i in ids}
+        for spec in row_specs:
+            if spec.keep == "first":
+                candidates = [i for i in outcomes[spec.name].index if i not in excluded]
+                failing[spec.name] = _all_but_first(store, table, candidates, spec)
+        quarantined: dict[str, int] = {}
+        if quarantine and failing:
+            quarantined = _quarantine(store, suite, failing)
+        timings["quarantine_s"] = time.perf_counter() - t0
+
+        # Conservation last: it must see this run's quarantine and removals.
+        t0 = time.perf_counter()
+        rows_after = store.row_count(table)
+        for spec in suite.expectations:
+            if spec.type == "twin.row_conservation":
+                outcomes[spec.name] = sqlchecks.row_conservation(store, table, spec, rows_after)
+        timings["conservation_s"] = time.perf_counter() - t0
+
+        results_list = [
+            _result(suite, spec, outcomes[spec.name], quarantined.get(spec.name, 0), quarantine)
+            for spec in suite.expectations
+        ]
+        if record:
+            res.write(store, store.run_id, results_list)
+    return SuiteRun(
+        suite=suite.suite,
+        table=table,
+        run_id=store.run_id,
+        rows_before=n_rows,
+        rows_after=rows_after,
+        results=results_list,
+        quarantined_rows=n_rows - rows_after,
+        timings=timings,
+    )
+
+
+def run_suites(
+    store: Store,
+    suites: Iterable[Suite],
+    *,
+    as_of: datetime | None = None,
+    quarantine: bool = True,
+    docs_dir: Path | None = None,
+) -> list[SuiteRun]:
+    """Run several suites (skipping tables not in the store); optionally render Data Docs."""
+    runs = [
+        run_suite(store, s, as_of=as_of, quarantine=quarantine)
+        for s in suites
+        if store.table_exists(s.table)
+    ]
+    if docs_dir is not None and runs:
+        gxa.build_data_docs(docs_dir)
+    return runs
+
+
+# -- GX -------------------------------------------------------------------------------------
+def _columns_of(spec: ExpectationSpec, table_cols: list[str]) -> set[str]:
+    cols: set[str] = set()
+    for k in _COLUMN_KWARGS:
+        v = spec.kwargs.get(k)
+        if isinstance(v, str):
+            cols.add(v)
+    for k in _LIST_KWARGS:
+        v = spec.kwargs.get(k)
+        if isinstance(v, list):
+            cols.update(str(x) for x in v)
+    cond = spec.kwargs.get("row_condition")
+    if isinstance(cond, str):
+        words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", cond))
+        cols.update(w for w in words if w in table_cols)
+    return cols
+
+
+def _run_gx(
+    store: Store,
+    suite: Suite,
+    specs: list[ExpectationSpec],
+    *,
+    now: datetime,
+    as_of: datetime,
+) -> dict[str, GXOutcome]:
+    types = dict(store.columns(suite.table))
+    table_cols = list(types)
+    needs_all = any(s.type.startswith("expect_table_column") for s in specs)
+    wanted: set[str] = set(table_cols) if needs_all else set()
+    for s in specs:
+        wanted |= _columns_of(s, table_cols)
+    present = [c for c in table_cols if c in wanted]
+    select = ", ".join(_select_expr(c, types[c]) for c in present)
+    sql = f"SELECT rowid AS __rowid{', ' + select if select else ''} FROM {suite.table}"
+    df = store.con.execute(sql).df().set_index("__rowid")
+    df.index.name = None
+    objs = [
+        gxa.build_expectation(
+            s.type,
+            resolve_tokens(s.kwargs, now=now, as_of=as_of),
+            {"name": s.name, "severity": s.severity, "row_level": s.row_level, "why": s.why},
+        )
+        for s in specs
+    ]
+    outs = gxa.validate(suite.suite, objs, df, run_name=store.run_id)
+    return {o.name: o for o in outs}
+
+
+def _select_expr(col: str, dtype: str) -> str:
+    q = '"' + col.replace('"', '""') + '"'
+    # Naive dates/times are compared with timezone-aware bounds: read them as UTC instants.
+    if dtype.upper() == "DATE" or dtype.upper() in _NAIVE_TIME_TYPES:
+        return f"timezone('UTC', CAST({q} AS TIMESTAMP)) AS {q}"
+    return q
+
+
+# -- quarantine ---------------------------------------------------------------------------
+def _release_requarantinable(store: Store, table: str) -> None:
+    """Drop this table's quality quarantine entries whose rows a rebuild brought back (they
+    are evaluated again now) or whose raw record is gone; keep the rest (rows still removed)."""
+    if "lineage_key" not in {c for c, _ in store.columns(table)}:
+        store.clear_quarantine(STAGE, table)
+        return
+    raw = _raw_lookup_sql(store)
+    gone = f"OR lineage_key NOT IN (SELECT lineage_key FROM ({raw}))" if raw else ""
+    store.con.execute(
+        f"DELETE FROM governance.quarantine WHERE stage = ? AND table_name = ? AND "
+        f"(lineage_key IS NULL OR lineage_key IN (SELECT lineage_key FROM {table}) {gone})",
+        [STAGE, table],
+    )
+
+
+def _raw_lookup_sql(store: Store) -> str:
+    """UNION of (lineage_key, source_file, position) over every raw table that has them."""
+    parts = []
+    for t in store.tables(("raw",)):
+        cols = {c for c, _ in store.columns(t)}
+        if {"lineage_key", "source_file", "position"} <= cols:
+            parts.append(f"SELECT lineage_key, source_file, position FROM {t}")
+    return " UNION ALL ".join(parts)
+
+
+def _all_but_first(store: Store, table: str, rowids: list[int], spec: ExpectationSpec) -> list[int]:
+    """Of duplicate rows, all but the first per key (ordered by lineage key, then row id)."""
+    if not rowids:
+        return []
+    keys = spec.kwargs.get("column_list") or [spec.kwargs.get("column")]
+    part = ", ".join('"' + str(k) + '"' for k in keys)
+    has_lk = "lineage_key" in {c for c, _ in store.columns(table)}
+    order = "lineage_key, rowid" if has_lk else "rowid"
+    rows = store.con.execute(
+        f"SELECT rid FROM (SELECT rowid AS rid, row_number() OVER "
+        f"(PARTITION BY {part} ORDER BY {order}) AS n FROM {table} "
+        f"WHERE list_contains(?, rowid)) WHERE n > 1 ORDER BY rid",
+        [rowids],
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def _quarantine(store: Store, suite: Suite, failing: dict[str, list[int]]) -> dict[str, int]:
+    """Move failing rows to quarantine under each expectation's name; delete them."""
+    table = suite.table
+    all_ids = sorted({i for ids in failing.values() for i in ids})
+    if not all_ids:
+        return {}
+    cols = {c for c, _ in store.columns(table)}
+    lk = "t.lineage_key" if "lineage_key" in cols else "NULL"
+    raw = _raw_lookup_sql(store)
+    join = ""
+    src = "NULL, NULL, NULL"
+    if raw and "lineage_key" in cols:
+        join = (
+            f"LEFT JOIN (SELECT lineage_key, any_value(source_file) AS source_file, "
+            f"any_value(position) AS position FROM ({raw}) GROUP BY lineage_key) r "
+            f"ON r.lineage_key = t.lineage_key "
+            f"LEFT JOIN governance.source_file f ON f.path = r.source_file"
+        )
+        src = "r.source_file, r.position, f.kind"
+    rows = store.con.execute(
+        f"SELECT t.rowid, {lk}, {src}, to_json(t)::VARCHAR FROM {table} t {join} "
+        f"WHERE list_contains(?, t.rowid)",
+        [all_ids],
+    ).fetchall()
+    by_id = {int(r[0]): r for r in rows}
+    grouped: dict[tuple[str, str, str], list[Any]] = defaultdict(list)
+    meta: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+    counts: dict[str, int] = {}
+    for name, ids in failing.items():
+        spec = suite.expectation(name)
+        counts[name] = len(ids)
+        for rid in ids:
+            _, lineage, source_file, position, kind, payload = by_id[rid]
+            sf = source_file or f"table:{table}"
+            pos = position or f"rowid:{rid}"
+            key = (sf, pos, name)
+            grouped[key].append(json.loads(payload))
+            meta[key] = (lineage, kind, spec, _row_label(suite, json.loads(payload)))
+    qrows = []
+    for (sf, pos, name), payloads in grouped.items():
+        lineage, kind, spec, label = meta[(sf, pos, name)]
+        qrows.append(
+            QuarantineRow(
+                stage=STAGE,
+                table_name=table,
+                source_kind=kind or "unknown",
+                source_file=sf,
+                position=pos,
+                rule=name,
+                reason=f"{sf} [{pos}]: {table} {label} failed expectation {name} "
+                f"({spec.type}): {spec.why}",
+                payload=json.dumps(payloads[0] if len(payloads) == 1 else payloads, default=str),
+                lineage_key=lineage,
+            )
+        )
+    store.quarantine(qrows)
+    store.con.execute(f"DELETE FROM {table} WHERE list_contains(?, rowid)", [all_ids])
+    return counts
+
+
+def _row_label(suite: Suite, row: dict[str, Any]) -> str:
+    if not suite.row_id:
+        return "row"
+    return " ".join(f"{c}={row.get(c)}" for c in suite.row_id)
+
+
+# -- results ------------------------------------------------------------------------------
+def _result(
+    suite: Suite, spec: ExpectationSpec, out: GXOutcome, quarantined: int, quarantine: bool
+) -> ExpectationResult:
+    passed = out.success
+    if passed:
+        action = "none"
+    elif spec.row_level and quarantine and not out.error:
+        action = "quarantined"
+    elif spec.severity == "error":
+        action = "blocked"
+    else:
+        action = "recorded"
+    observed = out.observed
+    if out.error:
+        observed = f"could not evaluate: {out.error}"
+    elif observed is None:
+        observed = f"{out.unexpected} of {out.evaluated} rows unexpected"
+    return ExpectationResult(
+        suite=suite.suite,
+        table_name=suite.table,
+        expectation=spec.name,
+        expectation_type=spec.type,
+        severity=spec.severity,
+        row_level=spec.row_level,
+        passed=passed,
+        evaluated_rows=out.evaluated,
+        failed_rows=out.unexpected,
+        quarantined_rows=quarantined,
+        action=action,
+        observed=observed,
+    )
+
+
+def _missing_table(store: Store, suite: Suite, *, record: bool) -> SuiteRun:
+    results_list = [
+        ExpectationResult(
+            suite=suite.suite,
+            table_name=suite.table,
+            expectation=spec.name,
+            expectation_type=spec.type,
+            severity=spec.severity,
+            row_level=spec.row_level,
+            passed=False,
+            evaluated_rows=0,
+            failed_rows=0,
+            quarantined_rows=0,
+            action="blocked" if spec.severity == "error" else "recorded",
+            observed=f"table {suite.table} does not exist",
+        )
+        for spec in suite.expectations
+    ]
+    if record:
+        res.write(store, store.run_id, results_list)
+    return SuiteRun(suite.suite, suite.table, store.run_id, 0, 0, results_list)

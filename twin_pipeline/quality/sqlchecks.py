@@ -1,0 +1,150 @@
+"""Checks that span tables or the store's catalog, evaluated in DuckDB SQL.
+
+A single DataFrame cannot say whether every observation's patient exists, whether the table
+has the contract's column types, or whether every raw record of a source file is accounted
+for; these run as SQL against the store and report in the same shape as GX outcomes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twin_pipeline.quality.gx import GXOutcome
+from twin_pipeline.quality.suite import ExpectationSpec
+from twin_pipeline.store import Store
+
+TYPE_ALIASES = {
+    "TIMESTAMPTZ": "TIMESTAMP WITH TIME ZONE",
+    "TEXT": "VARCHAR",
+    "STRING": "VARCHAR",
+    "INT": "INTEGER",
+    "FLOAT8": "DOUBLE",
+    "BOOL": "BOOLEAN",
+}
+QUARANTINE_STAGES = ("harmonize", "quality")
+
+
+def _norm_type(t: str) -> str:
+    t = t.strip().upper()
+    return TYPE_ALIASES.get(t, t)
+
+
+def _q(col: str) -> str:
+    return '"' + col.replace('"', '""') + '"'
+
+
+def column_types(store: Store, table: str, spec: ExpectationSpec, n_rows: int) -> GXOutcome:
+    """Every listed column exists with one of the allowed DuckDB types."""
+    actual = {c: _norm_type(t) for c, t in store.columns(table)}
+    problems: list[str] = []
+    for col, want in dict(spec.kwargs["columns"]).items():
+        allowed = {_norm_type(w) for w in (want if isinstance(want, list) else [want])}
+        if col not in actual:
+            problems.append(f"{col}: missing")
+        elif actual[col] not in allowed:
+            problems.append(f"{col}: {actual[col]} (expected {' or '.join(sorted(allowed))})")
+    return GXOutcome(
+        name=spec.name,
+        success=not problems,
+        evaluated=n_rows,
+        unexpected=len(problems),
+        observed="; ".join(problems) or "all columns present with expected types",
+    )
+
+
+def foreign_key(store: Store, table: str, spec: ExpectationSpec, n_rows: int) -> GXOutcome:
+    """Rows whose non-null ``column`` has no match in ``ref_table.ref_column``."""
+    col, ref_table, ref_col = (str(spec.kwargs[k]) for k in ("column", "ref_table", "ref_column"))
+    if not store.table_exists(ref_table):
+        return GXOutcome(
+            spec.name, False, n_rows, 0, error=f"referenced table {ref_table} does not exist"
+        )
+    if col not in {c for c, _ in store.columns(table)}:
+        return GXOutcome(spec.name, False, n_rows, 0, error=f"column {col} does not exist")
+    rows = store.con.execute(
+        f"SELECT t.rowid FROM {table} t WHERE t.{_q(col)} IS NOT NULL AND NOT EXISTS "
+        f"(SELECT 1 FROM {ref_table} r WHERE r.{_q(ref_col)} = t.{_q(col)}) ORDER BY 1"
+    ).fetchall()
+    evaluated = store.con.execute(
+        f"SELECT count(*) FROM {table} WHERE {_q(col)} IS NOT NULL"
+    ).fetchone()
+    index = [int(r[0]) for r in rows]
+    return GXOutcome(
+        name=spec.name,
+        success=not index,
+        evaluated=int(evaluated[0]) if evaluated else 0,
+        unexpected=len(index),
+        index=index,
+        observed=f"{len(index)} rows reference a missing {ref_table}.{ref_col}",
+    )
+
+
+def row_conservation(store: Store, table: str, spec: ExpectationSpec, n_rows: int) -> GXOutcome:
+    """Per source file: raw records = records in the table + quarantined (+ superseded).
+
+    A raw record (of ``raw_table`` matching ``raw_filter``) is accounted for when its
+    lineage key is in the table, in ``history_table`` (superseded versions), or in quarantine
+    for this table (stage harmonize or quality; matched by lineage key or file and position).
+    Rows of the table whose lineage key has no raw record are counted as phantoms.
+    """
+    raw_tables = spec.kwargs["raw_table"]
+    raw_tables = [str(t) for t in (raw_tables if isinstance(raw_tables, list) else [raw_tables])]
+    raw_filter = spec.kwargs.get("raw_filter")
+    history = spec.kwargs.get("history_table")
+    missing_tables = [t for t in raw_tables if not store.table_exists(t)]
+    if missing_tables:
+        return GXOutcome(
+            spec.name, False, n_rows, 0, error=f"raw table {missing_tables[0]} does not exist"
+        )
+    where = f"WHERE {raw_filter}" if raw_filter else ""
+    raw_union = " UNION ALL ".join(
+        f"SELECT lineage_key, source_file, position FROM {t} {where}" for t in raw_tables
+    )
+    raw_keys = " UNION ALL ".join(f"SELECT lineage_key FROM {t}" for t in raw_tables)
+    hist_sql = ""
+    if history and store.table_exists(str(history)):
+        hist_sql = f"UNION SELECT lineage_key FROM {history}"
+    stages = ", ".join(f"'{s}'" for s in QUARANTINE_STAGES)
+    sql = f"""
+    WITH raw AS (
+        SELECT DISTINCT * FROM ({raw_union})
+    ),
+    kept AS (SELECT lineage_key FROM {table} {hist_sql}),
+    q AS (
+        SELECT lineage_key, source_file, position FROM governance.quarantine
+        WHERE table_name = ? AND stage IN ({stages})
+    ),
+    accounted AS (
+        SELECT raw.*,
+               (raw.lineage_key IN (SELECT lineage_key FROM kept)
+                OR raw.lineage_key IN (SELECT lineage_key FROM q WHERE lineage_key IS NOT NULL)
+                OR EXISTS (SELECT 1 FROM q WHERE q.source_file = raw.source_file
+                           AND q.position = raw.position)) AS ok
+        FROM raw
+    )
+    SELECT source_file, count(*) AS n_raw, count(*) FILTER (WHERE NOT ok) AS missing
+    FROM accounted GROUP BY source_file HAVING count(*) FILTER (WHERE NOT ok) > 0
+    ORDER BY source_file
+    """
+    unbalanced: list[Any] = store.con.execute(sql, [table]).fetchall()
+    phantoms = 0
+    if spec.kwargs.get("phantoms", True):
+        phantom_row = store.con.execute(
+            f"SELECT count(*) FROM {table} t WHERE t.lineage_key IS NULL OR NOT EXISTS "
+            f"(SELECT 1 FROM ({raw_keys}) r WHERE r.lineage_key = t.lineage_key)"
+        ).fetchone()
+        phantoms = int(phantom_row[0]) if phantom_row else 0
+    total_raw = store.con.execute(
+        f"SELECT count(DISTINCT lineage_key) FROM ({raw_union})"
+    ).fetchone()
+    missing = sum(int(r[2]) for r in unbalanced)
+    parts = [f"{r[0]}: {r[2]} of {r[1]} records unaccounted" for r in unbalanced[:10]]
+    if phantoms:
+        parts.append(f"{phantoms} rows without a raw source record")
+    return GXOutcome(
+        name=spec.name,
+        success=not unbalanced and not phantoms,
+        evaluated=int(total_raw[0]) if total_raw else 0,
+        unexpected=missing + phantoms,
+        observed="; ".join(parts) or "every raw record is in the table or quarantine",
+    )
