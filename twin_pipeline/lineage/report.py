@@ -138,7 +138,7 @@ COLORS = {
     "validation": ("#f3e0f7", "#7b2f95"),
     "snapshot": ("#fbdada", "#a32323"),
 }
-NODE_W, NODE_H, GAP_X, GAP_Y, PAD = 230, 46, 70, 16, 20
+NODE_W, NODE_H, GAP_X, GAP_Y, PAD = 210, 44, 48, 12, 16
 
 
 def render_svg(g: Graph) -> str:
@@ -177,8 +177,8 @@ def render_svg(g: Graph) -> str:
     for n in sorted(g.nodes.values(), key=lambda n: (n.layer, n.order)):
         x, y = pos(n)
         fill, stroke = COLORS.get(n.kind, ("#eee", "#555"))
-        label = n.label if len(n.label) <= 32 else n.label[:31] + "…"
-        detail = n.detail if len(n.detail) <= 40 else n.detail[:39] + "…"
+        label = n.label if len(n.label) <= 29 else n.label[:28] + "…"
+        detail = n.detail if len(n.detail) <= 36 else n.detail[:35] + "…"
         out.append(
             f'<g class="node node-{n.kind}" data-kind="{n.kind}" data-id="{html.escape(n.id)}">'
             f"<title>{html.escape(n.label)}: {html.escape(n.detail)}</title>"
@@ -272,6 +272,35 @@ def _access_section(store: Store) -> str:
     return "\n".join(parts)
 
 
+def _sources_section(store: Store) -> str:
+    rows = store.con.execute(
+        "SELECT path, kind, sha256, size_bytes, records_in, records_loaded, records_quarantined, "
+        "first_seen FROM governance.source_file ORDER BY path"
+    ).fetchall()
+    total = len(rows)
+    shown = [[*r[:2], r[2], f"{int(r[3] or 0):,}", *r[4:7], str(r[7])[:19]] for r in rows[:500]]
+    return (
+        f"<details><summary>{total:,} registered source files"
+        + (" (first 500 shown)" if total > 500 else "")
+        + "</summary>"
+        + _table(
+            [
+                "path",
+                "kind",
+                "sha256",
+                "bytes",
+                "records in",
+                "loaded",
+                "quarantined",
+                "first seen",
+            ],
+            shown,
+            "sources",
+        )
+        + "</details>"
+    )
+
+
 def _runs_section(store: Store) -> str:
     runs = {
         r[0]: r
@@ -279,16 +308,20 @@ def _runs_section(store: Store) -> str:
             "SELECT run_id, started_at, finished_at, user_name, role, status FROM governance.run"
         ).fetchall()
     }
+    first_act: dict[str, dict[str, Any]] = {}
+    for rec in activities(store):
+        first_act.setdefault(str(rec["run_id"]), rec)
     rows = []
     for b in storage.bundles(store):
         r = runs.get(b.run_id)
+        a = first_act.get(b.run_id, {})
         rows.append(
             [
                 b.run_id,
-                r[3] if r else "",
-                r[4] if r else "",
-                r[5] if r else "",
-                str(r[1])[:19] if r else "",
+                r[3] if r else a.get("user", ""),
+                r[4] if r else a.get("role", ""),
+                r[5] if r else ("materialized" if a else "nothing materialized"),
+                str(r[1])[:19] if r else str(a.get("started_at", ""))[:19],
                 f"{b.sha256[:16]}…",
                 f"v{b.key_version} ({b.key_fingerprint})",
                 b.ledger_seq,
@@ -354,6 +387,8 @@ def build_report(store: Store) -> str:
 <h2>Lineage graph</h2>
 <p class="legend">{legend}</p>
 <div class="graph">{render_svg(g)}</div>
+<h2>Source files</h2>
+{_sources_section(store)}
 <h2>Runs and signed PROV bundles</h2>
 {_runs_section(store)}
 <h2>Validation outcomes</h2>
