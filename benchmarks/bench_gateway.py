@@ -82,21 +82,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         con = gw.store.con
         role_name, role = gw.policies.role_of("researcher")
         print(
-            f"{'query':10s} {'direct ms':>10s} {'gateway ms':>11s} {'overhead ms':>12s} {'ratio':>6s}"
+            f"{'query':10s} {'direct':>8s} {'policy':>8s} {'gateway':>8s} "
+            f"{'overhead':>9s} {'fixed':>7s} {'ratio':>6s}   (medians, ms)"
         )
-        overheads = []
+        overheads, fixed = [], []
         for name, sql in QUERIES.items():
+            rewritten = rewrite(
+                sql,
+                role_name=role_name,
+                may_read=role.may_read,
+                relations=gw._relations,
+                relation_query=lambda rel: gw._compile(role_name, role, rel).sql,
+            ).sql
             direct = _median_ms(lambda sql=sql: con.execute(sql).fetchall(), repeats)
+            policy = _median_ms(lambda q=rewritten: con.execute(q).fetchall(), repeats)
             via = _median_ms(lambda sql=sql: gw.query("researcher", sql), repeats)
-            overhead = via - direct
-            overheads.append(overhead)
+            overheads.append(via - direct)
+            fixed.append(via - policy)
             out["queries"][name] = {
                 "direct_ms": round(direct, 3),
+                "policy_sql_ms": round(policy, 3),
                 "gateway_ms": round(via, 3),
-                "overhead_ms": round(overhead, 3),
+                "overhead_ms": round(via - direct, 3),
+                "fixed_overhead_ms": round(via - policy, 3),
                 "ratio": round(via / direct, 2) if direct else None,
             }
-            print(f"{name:10s} {direct:10.2f} {via:11.2f} {overhead:12.2f} {via / direct:6.2f}x")
+            print(
+                f"{name:10s} {direct:8.2f} {policy:8.2f} {via:8.2f} {via - direct:9.2f} "
+                f"{via - policy:7.2f} {via / direct:5.1f}x"
+            )
 
         sql = QUERIES["join_agg"]
 
@@ -130,7 +144,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
         }
     med = statistics.median(overheads)
+    med_fixed = statistics.median(fixed)
+    no_audit = med - parts["audit_append_ms"]
     out["median_overhead_ms"] = round(med, 3)
+    out["median_fixed_overhead_ms"] = round(med_fixed, 3)
+    out["median_overhead_without_audit_commit_ms"] = round(no_audit, 3)
     out["parts"] = {k: round(v, 3) for k, v in parts.items()}
     out["goal_ms"] = 5.0
     out["meets_goal"] = med <= 5.0
@@ -139,7 +157,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         + ", ".join(f"{k.removesuffix('_ms')} {v:.2f} ms" for k, v in parts.items())
     )
     print(
-        f"median gateway overhead: {med:.2f} ms per query (goal <= 5 ms: {'met' if med <= 5 else 'NOT met'})"
+        "direct = the user's SQL on the same connection, no policy; policy = the rewritten SQL "
+        "(consent filter, masks) run directly; fixed = gateway - policy"
+    )
+    print(
+        f"median gateway overhead vs direct DuckDB: {med:.2f} ms per query "
+        f"(goal <= 5 ms: {'met' if med <= 5 else 'NOT met'}); fixed part {med_fixed:.2f} ms; "
+        f"without the durable audit commit {no_audit:.2f} ms"
     )
     return out
 

@@ -151,6 +151,10 @@ UNIVERSAL: list[tuple[str, str, str]] = [
         "SELECT 1 WHERE EXISTS (SELECT 1 FROM read_csv('/etc/passwd'))",
         "read_csv",
     ),
+    # the gateway's own namespace (CTE renames, policy aliases, subquery placeholders)
+    ("reserved_alias", "SELECT * FROM (SELECT 1) AS __src", "reserved"),
+    ("reserved_cte", "WITH __cte1_x AS (SELECT 1) SELECT * FROM __cte1_x", "reserved"),
+    ("reserved_placeholder", 'SELECT * FROM "__twin_rel_00000000_1"', "reserved"),
     ("time_travel", "SELECT * FROM twin.deid.patient AT (VERSION => 1)", "time travel"),
 ]
 

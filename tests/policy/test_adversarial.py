@@ -105,6 +105,11 @@ def test_duckdb_parse_of_the_rewrite_is_checked(gateway: Gateway) -> None:
     )
     with pytest.raises(QueryDenied, match=r"twin\.harmonized\.patient"):
         gateway._duckdb_agrees("SELECT * FROM deid.patient", sneaky, role_name, role)
+    unwrapped = Rewritten(
+        sql="SELECT * FROM twin.deid.patient", relations=["deid.patient"], cte_names=[]
+    )
+    with pytest.raises(QueryDenied, match=r"twin\.deid\.patient"):  # readable, but unfiltered
+        gateway._duckdb_agrees("SELECT * FROM deid.patient", unwrapped, role_name, role)
     table_fn = Rewritten(sql="SELECT * FROM glob('/x')", relations=[], cte_names=[])
     with pytest.raises(QueryDenied, match=r"glob\(\)"):
         gateway._duckdb_agrees("SELECT 1", table_fn, role_name, role)

@@ -382,8 +382,10 @@ class Gateway:
                 cat = str(node.get("catalog_name", "")).lower()
                 sch = str(node.get("schema_name", "")).lower()
                 tab = str(node.get("table_name", "")).lower()
+                # store tables may only be read by policy SQL (aliases in the reserved namespace)
+                alias = str(node.get("alias", ""))
                 ok = (
-                    (cat == CATALOG and f"{sch}.{tab}" in allowed)
+                    (cat == CATALOG and f"{sch}.{tab}" in allowed and alias.startswith("__"))
                     or (not cat and not sch and tab in ctes)
                     or (role.catalog_views and sch in CATALOG_SCHEMAS and f"{sch}.{tab}" in allowed)
                 )

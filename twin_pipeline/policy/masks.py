@@ -66,6 +66,12 @@ def qualify_filter(where: str) -> tuple[exp.Expr, set[str]]:
         if not isinstance(t.this, exp.Identifier) or not t.db:
             raise ValueError(f"row filter tables must be schema-qualified: {t.sql(DIALECT)}")
         t.set("catalog", exp.to_identifier(CATALOG))
+        # Store tables read by policy SQL carry aliases in the reserved "__" namespace, which
+        # user queries cannot use; the gateway's DuckDB cross-check relies on it.
+        if not t.alias:
+            t.set("alias", exp.TableAlias(this=exp.to_identifier("__pol")))
+        elif not t.alias.startswith("__"):
+            raise ValueError(f"aliases in row filters must start with '__' (found {t.alias!r})")
         tables.add(f"{t.db.lower()}.{t.name.lower()}")
     return node, tables
 

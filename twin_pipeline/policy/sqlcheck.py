@@ -39,6 +39,7 @@ logging.getLogger("sqlglot").setLevel(logging.ERROR)
 DIALECT = "duckdb"
 CATALOG = "twin"
 MAX_SQL_CHARS = 100_000
+RESERVED_PREFIX = "__"  # identifiers the gateway generates (CTE names, policy aliases)
 CATALOG_SCHEMAS = frozenset({"information_schema", "pg_catalog"})
 ALLOWED_TABLE_FUNCTIONS = (exp.GenerateSeries, exp.Unnest, exp.ExplodingGenerateSeries)
 
@@ -230,6 +231,12 @@ def _check_nodes(root: exp.Expr) -> None:
         if isinstance(node, _FORBIDDEN):
             what = next(w for k, w in FORBIDDEN_NODES.items() if isinstance(node, k))
             raise QueryDenied(f"{what} is not allowed in a query", construct=what)
+        if isinstance(node, exp.Identifier) and str(node.this).startswith(RESERVED_PREFIX):
+            raise QueryDenied(
+                f"identifier {node.this} is reserved (names starting with {RESERVED_PREFIX} "
+                "belong to the gateway)",
+                construct=str(node.this),
+            )
         if isinstance(node, exp.Func):
             name = function_name(node)
             if function_denied(name):

@@ -1,0 +1,86 @@
+"""The gateway on a generated hospital: real harmonized tables from the FHIR reader and mapper.
+
+The sample hospital's planted identifiers (``manifest.json``) must not come out of the auditor's
+view of the harmonized tables, and the researcher's consent filter must follow the patients'
+research-consent extension. The de-identified tables are derived here from the harmonized ones
+with a keyed pseudonym (the de-identification assets replace this when they land; the filter
+only needs ``deid.*.patient_id`` and ``deid.patient.research_consent``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from twin_pipeline.generate import generate_hospital
+from twin_pipeline.harmonize import fhir as ehr
+from twin_pipeline.ingest import files_of_kind, ingest_files
+from twin_pipeline.paths import Settings
+from twin_pipeline.policy import Gateway
+from twin_pipeline.sources import load_readers
+from twin_pipeline.store import Store
+
+
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, dict[str, list[str]]]:
+    from twin_pipeline.keys import KeyRing
+
+    root = tmp_path_factory.mktemp("hospital")
+    landing = root / "landing"
+    generate_hospital(landing, patients=12, seed=11)
+    settings = Settings.from_env(root / "home").ensure()
+    KeyRing(settings.keys_dir).init()
+    with Store.open(settings) as store:
+        ingest_files(store, load_readers()["fhir"], files_of_kind(landing, "fhir"))
+        ehr.build_all(store)
+        with store.transaction() as con:
+            pid = "'p-' || substr(sha256('test-salt|' || patient_id), 1, 16)"
+            con.execute(
+                f"CREATE TABLE deid.patient AS SELECT {pid} AS patient_id, gender, "
+                "CAST(date_trunc('year', birth_date) AS DATE) AS birth_date, research_consent, "
+                "lineage_key, 1 AS key_version FROM harmonized.patient"
+            )
+            con.execute(
+                f"CREATE TABLE deid.observation AS SELECT {pid} AS patient_id, code, value, "
+                "unit, lineage_key, 1 AS key_version FROM harmonized.observation"
+            )
+    manifest = json.loads((Path(landing) / "manifest.json").read_text())
+    return settings, manifest["identifiers"]
+
+
+def test_auditor_sees_no_planted_identifier(
+    hospital: tuple[Settings, dict[str, list[str]]],
+) -> None:
+    settings, ids = hospital
+    with Gateway(settings) as gw:
+        engineer = gw.query("engineer", "SELECT * FROM harmonized.patient").to_csv()
+        auditor = gw.query("auditor", "SELECT * FROM harmonized.patient").to_csv()
+    planted = [v for kind in ("ssns", "mrns", "emails", "addresses") for v in ids[kind]]
+    assert sum(v in engineer for v in planted) >= len(ids["ssns"])  # engineer: unmasked
+    leaked = [v for v in planted if v in auditor]
+    assert leaked == []
+    assert "***" in auditor and "[REDACTED]" in auditor
+
+
+def test_researcher_sees_consenting_patients_only(
+    hospital: tuple[Settings, dict[str, list[str]]],
+) -> None:
+    settings, _ = hospital
+    with Gateway(settings) as gw:
+        consent = gw.query(
+            "engineer",
+            "SELECT count(*) FILTER (research_consent IS TRUE), count(*) FROM harmonized.patient",
+        ).rows[0]
+        obs_expected = gw.query(
+            "engineer",
+            "SELECT count(*) FROM harmonized.observation o JOIN harmonized.patient p "
+            "ON o.patient_id = p.patient_id WHERE p.research_consent IS TRUE",
+        ).rows[0][0]
+        seen = gw.query("researcher", "SELECT count(*) FROM deid.patient").rows[0][0]
+        obs = gw.query("researcher", "SELECT count(*) FROM deid.observation").rows[0][0]
+    consenting, total = consent
+    assert 0 < consenting < total  # the generator plants both kinds
+    assert seen == consenting
+    assert obs == obs_expected
