@@ -43,9 +43,12 @@ def _put(store: Store, table: str, df: pd.DataFrame) -> None:
 
 
 def create_hospital(
-    store: Store, patients: int = 50, *, seed: int = 1, days: int = 56
+    store: Store, patients: int = 50, *, seed: int = 1, days: int = 56, imaging_scale: float = 1.0
 ) -> SyntheticHospital:
-    """Write a hospital of ``patients`` patients over ``days`` days into ``harmonized``."""
+    """Write a hospital of ``patients`` patients over ``days`` days into ``harmonized``.
+
+    ``imaging_scale`` multiplies the imaging demand (and the scanners, so load stays similar).
+    """
     rng = np.random.default_rng(seed)
     store.con.execute("CREATE SCHEMA IF NOT EXISTS harmonized")
 
@@ -116,9 +119,13 @@ def create_hospital(
     _put(store, "encounter", enc)
 
     # Devices: scanners, plus one monitor per ICU bed attached to inpatients there.
+    copies = max(1, round(imaging_scale))
+    scanners = [
+        (k if c == 0 else f"{k}x{c}", m, vendor) for c in range(copies) for k, m, vendor in SCANNERS
+    ]
     dev_rows = [
         (f"dev-{k}", None, "loc-radiology-1", m, vendor, f"{m}-model", f"SN-{k.upper()}")
-        for k, m, vendor in SCANNERS
+        for k, m, vendor in scanners
     ]
     icu_beds = beds["icu"]
     dev_rows += [
@@ -204,14 +211,14 @@ def create_hospital(
     st_rows: list[tuple[object, ...]] = []
     se_rows: list[tuple[object, ...]] = []
     scanners_of = {
-        m: [f"SN-{k.upper()}" for k, mm, _ in SCANNERS if mm == m] for m in STUDIES_PER_DAY
+        m: [f"SN-{k.upper()}" for k, mm, _ in scanners if mm == m] for m in STUDIES_PER_DAY
     }
     for d in range(days):
         day = T0 + timedelta(days=d)
         factor = 1.0 if day.weekday() < 5 else 1 / 3
         for modality, per_day in STUDIES_PER_DAY.items():
             hours = OPEN_HOURS[1] - OPEN_HOURS[0]
-            n = rng.poisson(per_day * factor)
+            n = rng.poisson(per_day * factor * imaging_scale)
             for off in np.sort(rng.uniform(0, hours * 60, n)):
                 k = len(st_rows)
                 started = day + timedelta(hours=OPEN_HOURS[0], minutes=float(off))
