@@ -163,7 +163,13 @@ def read_part10(path: Path) -> tuple[Dataset, str | None]:
         raise BadDicom("not_dicom", "no DICM preamble and no data elements")
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if str(ts) != "1.2.840.10008.1.2.1.99":  # deflated: offsets are in the inflated stream
-        _check_truncated(path, ds)
+        try:
+            _check_truncated(path, ds)
+        except BadDicom as exc:
+            if has_preamble:
+                raise
+            # Without the DICM preamble, elements running past the end mean it is not DICOM.
+            raise BadDicom("not_dicom", f"no DICM preamble and no valid data set ({exc})") from exc
     _check_native_pixels(ds, ts)
     if not has_preamble and ts is None and "SOPClassUID" not in ds:
         raise BadDicom("not_dicom", "no DICM preamble and no DICOM identifying elements")
