@@ -231,10 +231,10 @@ def test_device_registry_merges_sources(twin_home: Settings, tmp_path: Path) -> 
         T.harmonize_readings(store)
         D.build_registry(store)
         D.build_association(store)
-    reg = dict(
-        (r[0], list(r[1]))
+    reg = {
+        r[0]: list(r[1])
         for r in query(twin_home, "SELECT device_id, sources FROM harmonized.device_registry")
-    )
+    }
     assert reg == {"dev-ct": ["fhir", "dicom"], "mon-1": ["fhir", "telemetry"]}
     assoc = query(
         twin_home,
