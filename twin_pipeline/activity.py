@@ -121,8 +121,19 @@ def input_versions(store: Store, tables: Sequence[str]) -> list[TableVersion]:
 
 
 def record_activity(store: Store, record: ActivityRecord) -> int:
-    """Append the activity to the ledger (kind ``activity``). Returns the ledger sequence."""
-    return ledger.append(store, "activity", record.to_dict(), run_id=record.run_id)
+    """Append the activity to the ledger (kind ``activity``) and its PROV fragment, atomically
+    (in the caller's transaction if there is one). Policy and key versions in force are filled
+    in when the caller left them empty. Returns the ledger sequence."""
+    from twin_pipeline.lineage.runs import record_prov
+
+    if not record.policy_versions:
+        record.policy_versions = policy_versions()
+    if not record.key_versions:
+        record.key_versions = key_versions(store.settings.keys_dir)
+    with store.transaction():
+        seq = ledger.append(store, "activity", record.to_dict(), run_id=record.run_id)
+        record_prov(store, record)
+    return seq
 
 
 def activities(store: Store, run_id: str | None = None) -> list[dict[str, Any]]:

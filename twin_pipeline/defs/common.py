@@ -25,13 +25,10 @@ from twin_pipeline.activity import (
     TableVersion,
     code_version,
     input_versions,
-    key_versions,
-    policy_versions,
     record_activity,
     table_versions,
 )
 from twin_pipeline.defs.resources import TwinResource
-from twin_pipeline.lineage.runs import record_prov
 from twin_pipeline.store import Store
 
 
@@ -88,12 +85,7 @@ def governed_run(
             outs = table_versions(store, run._outputs)
             record.outputs = outs
             record.ended_at = datetime.now(UTC).isoformat()
-            if not record.policy_versions:
-                record.policy_versions = policy_versions()
-            if not record.key_versions:
-                record.key_versions = key_versions(store.settings.keys_dir)
-            record_activity(store, record)
-            record_prov(store, record)  # PROV fragment, same transaction as the data
+            record_activity(store, record)  # + its PROV fragment, same transaction as the data
         run._result = dg.MaterializeResult(metadata=_metadata(outs, run._meta))
     finally:
         store.close()
