@@ -49,7 +49,10 @@ class Graph:
 
 def _source_group(path: str, kind: str) -> str:
     parts = path.split("/")
-    folder = "/".join(parts[:2]) if len(parts) > 2 else (parts[0] if len(parts) > 1 else ".")
+    if path.startswith("/"):  # a file outside the landing folder (e.g. a scenario spec)
+        folder = parts[-2] if len(parts) > 2 else "/"
+    else:
+        folder = parts[0] if len(parts) > 1 else "."
     return f"{kind}: {folder}"
 
 
@@ -62,8 +65,16 @@ def _table_node_kind(table: str) -> str:
     }.get(t, "table")
 
 
+# Written by nearly every stage; shown as a table in the report instead of as a graph hub.
+HIDDEN_TABLES = frozenset({"governance.quarantine"})
+
+
 def lineage_graph(store: Store) -> Graph:
-    """The current twin: the latest activity of each asset, its files, inputs and outputs."""
+    """The current twin: the latest activity of each asset, its files, inputs and outputs.
+
+    An activity that rewrites a table it also reads (an expectation check removing failed rows)
+    is drawn after that table, with its other outputs (validation results) after it.
+    """
     latest: dict[str, dict[str, Any]] = {}
     files: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for rec in activities(store):
@@ -73,23 +84,28 @@ def lineage_graph(store: Store) -> Graph:
             files[rec["asset_key"]][group].append(f)
     g = Graph()
     for asset, rec in latest.items():
-        a = g.add(
-            Node(
-                f"asset:{asset}",
-                "asset",
-                asset,
-                f"run {str(rec['run_id'])[:8]} by {rec.get('user')} ({rec.get('role')}), "
-                f"ended {rec.get('ended_at', '')[:19]}",
-            )
+        ins = {str(tv["table"]) for tv in rec.get("input_versions") or []}
+        updated = sorted(
+            str(tv["table"]) for tv in rec.get("outputs") or [] if str(tv["table"]) in ins
         )
+        detail = (
+            f"updates {', '.join(updated)}"
+            if updated
+            else f"run {str(rec['run_id'])[:8]} by {rec.get('user')} ({rec.get('role')})"
+        )
+        a = g.add(Node(f"asset:{asset}", "asset", asset, detail))
         for group, fl in sorted(files[asset].items()):
             size = sum(int(f.get("size") or 0) for f in fl)
             s = g.add(Node(f"source:{group}", "source", group, f"{len(fl)} files, {size:,} bytes"))
             g.edge(s, a)
         for tv in rec.get("input_versions") or []:
+            if tv["table"] in HIDDEN_TABLES:
+                continue
             t = g.add(Node(f"table:{tv['table']}", _table_node_kind(tv["table"]), tv["table"]))
             g.edge(t, a)
         for tv in rec.get("outputs") or []:
+            if tv["table"] in HIDDEN_TABLES or tv["table"] in ins:
+                continue
             node = Node(
                 f"table:{tv['table']}",
                 _table_node_kind(tv["table"]),
@@ -106,7 +122,7 @@ def lineage_graph(store: Store) -> Graph:
 
 
 def _layout(g: Graph) -> None:
-    """Longest-path layering (sources left), then order within a layer by name."""
+    """Longest-path layering (sources left), then barycentre ordering within each layer."""
     preds: dict[str, list[str]] = defaultdict(list)
     for a, b in g.edges:
         preds[b].append(a)
@@ -115,9 +131,12 @@ def _layout(g: Graph) -> None:
     def depth(n: str, stack: frozenset[str] = frozenset()) -> int:
         if n in memo:
             return memo[n]
-        if n in stack:  # a cycle (an asset re-reading its own output): cut it
+        if n in stack:  # a cycle: cut it
             return 0
-        d = 0 if not preds[n] else 1 + max(depth(p, stack | {n}) for p in preds[n])
+        if not preds[n]:
+            d = 0 if g.nodes[n].kind == "source" else 1  # sources alone in the first column
+        else:
+            d = 1 + max(depth(p, stack | {n}) for p in preds[n])
         memo[n] = d
         return d
 
@@ -126,8 +145,14 @@ def _layout(g: Graph) -> None:
     by_layer: dict[int, list[Node]] = defaultdict(list)
     for node in g.nodes.values():
         by_layer[node.layer].append(node)
-    for nodes in by_layer.values():
-        for i, node in enumerate(sorted(nodes, key=lambda n: (n.kind, n.label))):
+    for layer in sorted(by_layer):
+        nodes = by_layer[layer]
+
+        def key(n: Node) -> tuple[float, str, str]:
+            ps = [g.nodes[p].order for p in preds[n.id] if g.nodes[p].layer < n.layer]
+            return (sum(ps) / len(ps) if ps else -1.0, n.kind, n.label)
+
+        for i, node in enumerate(sorted(nodes, key=key)):
             node.order = i
 
 
@@ -138,7 +163,7 @@ COLORS = {
     "validation": ("#f3e0f7", "#7b2f95"),
     "snapshot": ("#fbdada", "#a32323"),
 }
-NODE_W, NODE_H, GAP_X, GAP_Y, PAD = 210, 44, 48, 12, 16
+NODE_W, NODE_H, GAP_X, GAP_Y, PAD = 250, 44, 56, 12, 16
 
 
 def render_svg(g: Graph) -> str:
@@ -177,8 +202,8 @@ def render_svg(g: Graph) -> str:
     for n in sorted(g.nodes.values(), key=lambda n: (n.layer, n.order)):
         x, y = pos(n)
         fill, stroke = COLORS.get(n.kind, ("#eee", "#555"))
-        label = n.label if len(n.label) <= 29 else n.label[:28] + "…"
-        detail = n.detail if len(n.detail) <= 36 else n.detail[:35] + "…"
+        label = n.label if len(n.label) <= 34 else n.label[:33] + "…"
+        detail = n.detail if len(n.detail) <= 42 else n.detail[:41] + "…"
         out.append(
             f'<g class="node node-{n.kind}" data-kind="{n.kind}" data-id="{html.escape(n.id)}">'
             f"<title>{html.escape(n.label)}: {html.escape(n.detail)}</title>"
@@ -386,6 +411,8 @@ def build_report(store: Store) -> str:
 {status}
 <h2>Lineage graph</h2>
 <p class="legend">{legend}</p>
+<p class="note">Each asset as last materialized; governance.quarantine, written by most stages, is
+summarised under validation outcomes instead of drawn.</p>
 <div class="graph">{render_svg(g)}</div>
 <h2>Source files</h2>
 {_sources_section(store)}
