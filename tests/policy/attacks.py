@@ -151,6 +151,8 @@ UNIVERSAL: list[tuple[str, str, str]] = [
         "SELECT 1 WHERE EXISTS (SELECT 1 FROM read_csv('/etc/passwd'))",
         "read_csv",
     ),
+    ("deep_nesting", "SELECT " + "(" * 3000 + "1" + ")" * 3000, "nested too deeply"),
+    ("huge_expression", "SELECT " + "+".join(["1"] * 20000), "nested too deeply"),
     # the gateway's own namespace (CTE renames, policy aliases, subquery placeholders)
     ("reserved_alias", "SELECT * FROM (SELECT 1) AS __src", "reserved"),
     ("reserved_cte", "WITH __cte1_x AS (SELECT 1) SELECT * FROM __cte1_x", "reserved"),

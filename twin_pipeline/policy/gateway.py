@@ -250,16 +250,25 @@ class Gateway:
         relations: list[str] = []
         try:
             role_name, role = self.policies.role_of(user)
-            rw = rewrite(
-                sql,
-                role_name=role_name,
-                may_read=role.may_read,
-                relations=self._relations,
-                relation_query=lambda rel: self._compile(role_name, role, rel).sql,
-                catalog_views=role.catalog_views,
-            )
-            relations = rw.relations
-            self._duckdb_agrees(sql, rw, role_name, role)
+            try:
+                rw = rewrite(
+                    sql,
+                    role_name=role_name,
+                    may_read=role.may_read,
+                    relations=self._relations,
+                    relation_query=lambda rel: self._compile(role_name, role, rel).sql,
+                    catalog_views=role.catalog_views,
+                )
+                relations = rw.relations
+                self._duckdb_agrees(sql, rw, role_name, role)
+            except RecursionError:
+                raise QueryDenied("the query is nested too deeply", construct="nesting") from None
+            except (AccessDenied, TwinPipelineError):
+                raise
+            except Exception as exc:  # a checker failure must fail closed, and be audited
+                raise QueryDenied(
+                    f"the query could not be checked ({type(exc).__name__})", construct="check"
+                ) from exc
         except AccessDenied as exc:
             construct = getattr(exc, "construct", None)
             relations = getattr(exc, "relations", None) or relations

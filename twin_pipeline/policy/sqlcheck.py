@@ -25,6 +25,7 @@ import itertools
 import logging
 import re
 import secrets
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ logging.getLogger("sqlglot").setLevel(logging.ERROR)
 DIALECT = "duckdb"
 CATALOG = "twin"
 MAX_SQL_CHARS = 100_000
+MIN_RECURSION_LIMIT = 8_000
 RESERVED_PREFIX = "__"  # identifiers the gateway generates (CTE names, policy aliases)
 CATALOG_SCHEMAS = frozenset({"information_schema", "pg_catalog"})
 ALLOWED_TABLE_FUNCTIONS = (exp.GenerateSeries, exp.Unnest, exp.ExplodingGenerateSeries)
@@ -390,6 +392,11 @@ def rewrite(
     ``relations`` holds every ``schema.table`` of the store (lower case); ``relation_query``
     returns the policy subquery (SQL text of a SELECT) for one of them.
     """
+    # sqlglot's recursive-descent parser spends ~20 Python frames per nesting level; give
+    # ordinary nested queries room (Python 3.11+ frames do not grow the C stack). Deeper input
+    # still ends in RecursionError, which the gateway turns into a denial.
+    if sys.getrecursionlimit() < MIN_RECURSION_LIMIT:
+        sys.setrecursionlimit(MIN_RECURSION_LIMIT)
     root = _parse_one(sql)
     _check_root(root, sql)
     _check_nodes(root)
