@@ -83,3 +83,11 @@ def test_describe_lists_masks_and_filters(
     cols = {c["name"]: c["mask"] for c in doc["relations"]["deid.device"]["columns"]}
     assert cols["serial_number"] == "hash" and cols["manufacturer"] is None
     assert doc["relations"]["deid.location"]["row_filters"] == []
+
+
+def test_no_store_yet_is_a_clear_error(
+    twin_home: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["query", "--as", "engineer", "SELECT 1"]) == 2
+    assert "no store yet" in capsys.readouterr().err
+    assert not twin_home.store_path.exists()

@@ -35,7 +35,7 @@ from typing import Any
 import duckdb
 
 from twin_pipeline import ledger
-from twin_pipeline.errors import AccessDenied, TwinPipelineError
+from twin_pipeline.errors import AccessDenied, StoreError, TwinPipelineError
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.paths import Settings
 from twin_pipeline.policy.masks import relation_query
@@ -161,6 +161,10 @@ class Gateway:
     def open(self) -> Gateway:
         if self._store is not None:
             return self
+        if not self.settings.store_path.exists():
+            raise StoreError(
+                "no store yet: run `twin run` first", path=str(self.settings.store_path)
+            )
         store = Store.open(self.settings)
         try:
             ledger.ensure(store)
