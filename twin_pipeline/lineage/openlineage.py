@@ -37,6 +37,7 @@ from openlineage.client.transport.file import FileConfig, FileTransport
 from twin_pipeline import __version__
 from twin_pipeline.activity import activities
 from twin_pipeline.lineage import policy_columns
+from twin_pipeline.paths import Settings
 from twin_pipeline.store import Store
 
 NAMESPACE = "twin-pipeline"
@@ -45,12 +46,13 @@ PRODUCER = f"https://github.com/twin-pipeline/twin-pipeline/tree/{__version__}"
 DATASET_NAMESPACE = "duckdb://twin"
 
 
-def events_dir(store: Store) -> Path:
-    return store.settings.home / "openlineage"
+def events_path_for(settings: Settings, run_id: str) -> Path:
+    """``TWIN_HOME/openlineage/<run_id>.ndjson``: one JSON event per line."""
+    return settings.home / "openlineage" / f"{run_id}.ndjson"
 
 
 def events_path(store: Store, run_id: str) -> Path:
-    return events_dir(store) / f"{run_id}.ndjson"
+    return events_path_for(store.settings, run_id)
 
 
 def _run_uuid(activity_id: str) -> str:
@@ -96,13 +98,16 @@ def column_lineage(
             for c, _ in store.columns(t):
                 in_cols.setdefault(c, []).append(t)
     out_cols = [c for c, _ in store.columns(output)]
-    masked = policy_columns.masked_columns(output, out_cols) if output.startswith("deid.") else {}
+    if output.startswith("deid."):
+        mapping = policy_columns.column_map(output, out_cols)
+    else:
+        mapping = {c: (c, None) for c in out_cols}
     fields: dict[str, column_lineage_dataset.Fields] = {}
     for col in out_cols:
-        sources = in_cols.get(col)
+        src_col, how = mapping.get(col, (col, None))
+        sources = in_cols.get(src_col)
         if not sources:
             continue
-        how = masked.get(col)
         transformation = column_lineage_dataset.Transformation(
             type="DIRECT",
             subtype="TRANSFORMATION" if how else "IDENTITY",
@@ -112,7 +117,10 @@ def column_lineage(
         fields[col] = column_lineage_dataset.Fields(
             inputFields=[
                 column_lineage_dataset.InputField(
-                    namespace=DATASET_NAMESPACE, name=t, field=col, transformations=[transformation]
+                    namespace=DATASET_NAMESPACE,
+                    name=t,
+                    field=src_col,
+                    transformations=[transformation],
                 )
                 for t in sources
             ],
