@@ -116,9 +116,13 @@ def build_versions(store: Store) -> dict[str, int]:
         SELECT *,
                row_number() OVER (PARTITION BY resource_type, resource_id ORDER BY {order}) AS rk,
                row_number() OVER (PARTITION BY resource_type, resource_id, record_hash
-                                  ORDER BY {order}) AS hash_rk
+                                  ORDER BY {order}) AS hash_rk,
+               count(*) FILTER (WHERE hash_first) OVER (PARTITION BY resource_type,
+                                                         resource_id) AS versions_seen
         FROM (SELECT *, max(arrival) OVER (PARTITION BY resource_type, resource_id,
-                                           record_hash) AS hash_last_arrival
+                                           record_hash) AS hash_last_arrival,
+                     row_number() OVER (PARTITION BY resource_type, resource_id, record_hash
+                                        ORDER BY arrival) = 1 AS hash_first
               FROM _fhir_raw WHERE NOT is_delete)
     """)
     # A DELETE applies when it is newer than the current version: a later lastUpdated, or,
@@ -139,9 +143,7 @@ def build_versions(store: Store) -> dict[str, int]:
         SELECT c.resource_type, c.resource_id, c.version_id, c.last_updated,
                coalesce(d.deleted, false) AS deleted, c.record_hash, c.source_file,
                c.position, c.lineage_key, c.full_url,
-               (SELECT count(DISTINCT x.record_hash) FROM _fhir_ranked x
-                 WHERE x.resource_type = c.resource_type
-                   AND x.resource_id = c.resource_id) AS versions_seen,
+               c.versions_seen,
                r.payload
         FROM _fhir_ranked c
         JOIN {RAW} r ON r.lineage_key = c.lineage_key AND r.source_file = c.source_file
@@ -182,12 +184,13 @@ def build_versions(store: Store) -> dict[str, int]:
             SELECT full_url, resource_type, resource_id FROM _fhir_raw
             WHERE full_url IS NOT NULL AND NOT is_delete
             UNION ALL
-            SELECT resource_type || '?identifier=' || (i ->> '$.system') || '|'
-                   || (i ->> '$.value'), resource_type, resource_id
+            SELECT resource_type || '?identifier=' || coalesce(i.system, '') || '|' || i.value,
+                   resource_type, resource_id
             FROM (SELECT resource_type, resource_id,
-                         unnest(CAST(json_extract(payload, '$.identifier') AS JSON[])) AS i
-                  FROM {CURRENT} WHERE json_type(payload, '$.identifier') = 'ARRAY')
-            WHERE (i ->> '$.value') IS NOT NULL
+                         unnest(from_json(json_extract(payload, '$.identifier'),
+                                          '[{{"system":"VARCHAR","value":"VARCHAR"}}]')) AS i
+                  FROM {CURRENT})
+            WHERE i.value IS NOT NULL
         )
         SELECT ref, min(resource_type) AS resource_type, min(resource_id) AS resource_id,
                count(DISTINCT resource_type || '/' || resource_id) AS candidates
@@ -203,46 +206,65 @@ def build_versions(store: Store) -> dict[str, int]:
 # -- 2. tables -----------------------------------------------------------------------------
 
 
-def _coding(path: str, part: str, system: str | None) -> str:
+class _Paths:
+    """Collects the scalar JSON paths of a query so the payload is parsed once per row:
+    ``json_extract_string(p, [path, ...]) AS v`` and each column reads ``v[i]``."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    def __call__(self, path: str) -> str:
+        if path not in self.paths:
+            self.paths.append(path)
+        return f"v[{self.paths.index(path) + 1}]"
+
+    def select(self) -> str:
+        if not self.paths:
+            return "NULL::VARCHAR[] AS v"
+        return "json_extract_string(payload, [" + ", ".join(_q(x) for x in self.paths) + "]) AS v"
+
+
+def _coding(path: str, part: str, system: str | None, s: _Paths) -> str:
     if system:
         return (
             f"list_filter(CAST(json_extract(p, '{path}.coding') AS JSON[]), "
             f"x -> (x ->> '$.system') = {_q(system)})[1] ->> '$.{part}'"
         )
-    return f"json_extract_string(p, '{path}.coding[0].{part}')"
+    return s(f"{path}.coding[0].{part}")
 
 
-def _ref_raw(col: Column) -> str:
+def _ref_raw(col: Column, s: _Paths) -> str:
     path = col.path
+    value = s(f"{path}.identifier.value")
     return (
-        f"coalesce(json_extract_string(p, '{path}.reference'), "
-        f"CASE WHEN json_extract_string(p, '{path}.identifier.value') IS NOT NULL THEN "
+        f"coalesce({s(f'{path}.reference')}, "
+        f"CASE WHEN {value} IS NOT NULL THEN "
         f"{_q(str(col.target))} || '?identifier=' || "
-        f"coalesce(json_extract_string(p, '{path}.identifier.system'), '') || '|' || "
-        f"json_extract_string(p, '{path}.identifier.value') END)"
+        f"coalesce({s(f'{path}.identifier.system')}, '') || '|' || {value} END)"
     )
 
 
-def column_sql(col: Column) -> str:
-    """The DuckDB expression of one column over ``p`` (payload) and ``r`` (current row)."""
-    path = col.path
+def column_sql(col: Column, s: _Paths) -> str:
+    """The DuckDB expression of one column over ``p`` (payload), ``v`` (scalar paths) and
+    ``r`` (current row). A ref column gives its lookup key (resolved in a second step)."""
+    path = str(col.path)
     k = col.kind
     if k == "id":
         return "r.resource_id"
     if k == "str":
-        return f"json_extract_string(p, '{path}')"
+        return s(path)
     if k == "bool":
-        return f"TRY_CAST(json_extract_string(p, '{path}') AS BOOLEAN)"
+        return f"TRY_CAST({s(path)} AS BOOLEAN)"
     if k == "int":
-        return f"TRY_CAST(json_extract_string(p, '{path}') AS BIGINT)"
+        return f"TRY_CAST({s(path)} AS BIGINT)"
     if k == "double":
-        return f"TRY_CAST(json_extract_string(p, '{path}') AS DOUBLE)"
+        return f"TRY_CAST({s(path)} AS DOUBLE)"
     if k == "ts":
-        return f"fhir_ts(json_extract_string(p, '{path}'))"
+        return f"fhir_ts({s(path)})"
     if k == "date":
-        return f"fhir_date(json_extract_string(p, '{path}'))"
+        return f"fhir_date({s(path)})"
     if k in ("code", "system", "display"):
-        return _coding(str(path), k, col.system)
+        return _coding(path, k, col.system, s)
     if k == "identifier":
         cond = (
             f"(x ->> '$.system') = {_q(col.system)}"
@@ -267,40 +289,49 @@ def column_sql(col: Column) -> str:
         return f"TRY_CAST({v} AS {col.type or 'VARCHAR'})"
     if k == "note_b64":
         return (
-            "coalesce(TRY(decode(from_base64(json_extract_string(p, "
-            "'$.content[0].attachment.data')))), json_extract_string(p, '$.text.div'))"
+            f"coalesce(TRY(decode(from_base64({s('$.content[0].attachment.data')}))), "
+            f"{s('$.text.div')})"
         )
     if k == "sql":
         return f"({col.expr})"
     if k == "ref":
-        return f"coalesce(ref_{col.name}.resource_id, fhir_ref_fallback_id(fhir_ref_key({_ref_raw(col)})))"
+        return f"fhir_ref_key({_ref_raw(col, s)})"
     raise AssertionError(k)  # pragma: no cover - the spec model restricts kinds
 
 
-def _ref_joins(spec: TableSpec) -> str:
-    joins = []
-    for col in spec.columns:
-        if col.kind == "ref":
-            joins.append(
-                f"LEFT JOIN {REF_INDEX} ref_{col.name} "
-                f"ON ref_{col.name}.ref = fhir_ref_key({_ref_raw(col)})"
-            )
-    return "\n".join(joins)
+_TRAILER_COLS = ("version_id", "last_updated", "deleted", "source_file", "source_position",
+                 "lineage_key")  # fmt: skip
 
 
-_TRAILER = (
-    "r.version_id, r.last_updated, r.deleted, r.source_file, r.position AS source_position, "
-    "r.lineage_key"
-)
+def extract_sql(spec: TableSpec, columns: list[Column] | None = None, extra: str = "") -> str:
+    """Stage 1: one pass over the resources of the table's type, payload parsed once."""
+    s = _Paths()
+    cols = columns if columns is not None else spec.columns
+    exprs = [f"{column_sql(c, s)} AS {c.name}" for c in cols]
+    return (
+        f"SELECT {', '.join(exprs)}{extra}, r.version_id, r.last_updated, r.deleted, "
+        "r.source_file, r.position AS source_position, r.lineage_key\n"
+        f"FROM (SELECT *, payload AS p, {s.select()} FROM {CURRENT} "
+        f"WHERE resource_type = {_q(spec.resource)}) r"
+    )
+
+
+def resolve_sql(source: str, columns: list[Column], keep: tuple[str, ...] = ()) -> str:
+    """Stage 2: ref keys resolved through the reference index (unresolved: id from the key)."""
+    sel, joins = [], []
+    for c in columns:
+        if c.kind == "ref":
+            a = f"ref_{c.name}"
+            sel.append(f"coalesce({a}.resource_id, fhir_ref_fallback_id(x.{c.name})) AS {c.name}")
+            joins.append(f"LEFT JOIN {REF_INDEX} {a} ON {a}.ref = x.{c.name}")
+        else:
+            sel.append(f"x.{c.name}")
+    sel += [f"x.{k}" for k in (*keep, *_TRAILER_COLS)]
+    return f"SELECT {', '.join(sel)} FROM {source} x " + " ".join(joins)
 
 
 def table_sql(spec: TableSpec) -> str:
-    cols = ",\n       ".join(f"{column_sql(c)} AS {c.name}" for c in spec.columns)
-    return (
-        f"SELECT {cols},\n       {_TRAILER}\n"
-        f"FROM (SELECT *, payload AS p FROM {CURRENT} "
-        f"WHERE resource_type = {_q(spec.resource)}) r\n{_ref_joins(spec)}"
-    )
+    return resolve_sql(f"({extract_sql(spec)})", spec.columns)
 
 
 def build_table(store: Store, name: str, spec: EhrSpec | None = None) -> TableStats:
@@ -312,9 +343,13 @@ def build_table(store: Store, name: str, spec: EhrSpec | None = None) -> TableSt
     store.clear_quarantine("harmonize", qualified)
     if name == "observation":
         return _build_observation(store, spec)
-    store.con.execute(
-        f"CREATE OR REPLACE TABLE {qualified} AS {table_sql(tspec)} ORDER BY {tspec.key}"
+    con = store.con
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _x AS {extract_sql(tspec)}")
+    con.execute(
+        f"CREATE OR REPLACE TABLE {qualified} AS {resolve_sql('_x', tspec.columns)} "
+        f"ORDER BY {tspec.key}"
     )
+    con.execute("DROP TABLE IF EXISTS _x")
     n = store.row_count(qualified)
     return TableStats(qualified, rows=n, resources=n)
 
@@ -341,34 +376,30 @@ def _build_observation(store: Store, spec: EhrSpec) -> TableStats:
     vocab = spec.observation.vocabulary
     known = sorted(vocab)
     panels = {c: e.components for c, e in vocab.items() if e.components}
-    base_cols = ",\n       ".join(
-        f"{column_sql(c)} AS {c.name}"
-        for c in tspec.columns
-        if c.name not in ("code_system", "code", "display")
-    )
+    base = [c for c in tspec.columns if c.name not in ("code_system", "code", "display")]
     known_list = "[" + ", ".join(_q(c) for c in known) + "]"
     panel_list = "[" + ", ".join(_q(c) for c in sorted(panels)) + "]"
+    extra = (
+        f", from_json(json_extract(p, '$.code.coding'), '{_CODINGS}') AS codings, "
+        f"from_json(json_extract(p, '$.valueQuantity'), '{_QTY}') AS vq, "
+        "json_extract(p, '$.component') AS components"
+    )
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _x AS {extract_sql(tspec, base, extra)}")
     # One row per resource with the chosen LOINC coding (first coding whose code we know).
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE _obs AS
-        SELECT {base_cols},
-               {_TRAILER},
+        SELECT * EXCLUDE (codings),
                list_filter(codings, c -> c.system = {_q(LOINC)}
                            AND list_contains({known_list}, c.code))[1] AS chosen,
                list_transform(codings, c -> coalesce(c.system, '?') || '|'
-                              || coalesce(c.code, '?')) AS all_codes,
-               from_json(json_extract(p, '$.valueQuantity'), '{_QTY}') AS vq,
-               json_extract(p, '$.component') AS components,
-               r.payload
-        FROM (SELECT *, payload AS p,
-                     from_json(json_extract(payload, '$.code.coding'), '{_CODINGS}') AS codings
-              FROM {CURRENT} WHERE resource_type = 'Observation') r
-        {_ref_joins(tspec)}
+                              || coalesce(c.code, '?')) AS all_codes
+        FROM ({resolve_sql("_x", base, keep=("codings", "vq", "components"))})
     """)
+    con.execute("DROP TABLE IF EXISTS _x")
     # Candidate rows: plain observations, and one per component of a known panel.
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE _obs_rows AS
-        SELECT o.* EXCLUDE (vq, components, chosen, all_codes, payload),
+        SELECT o.* EXCLUDE (vq, components, chosen, all_codes),
                o.chosen.system AS code_system, o.chosen.code AS code,
                o.chosen.display AS display, NULL::VARCHAR AS component_code,
                NULL::VARCHAR AS component_display,
@@ -380,7 +411,7 @@ def _build_observation(store: Store, spec: EhrSpec) -> TableStats:
         FROM _obs o
         WHERE o.chosen IS NULL OR NOT list_contains({panel_list}, o.chosen.code)
         UNION ALL
-        SELECT o.* EXCLUDE (vq, components, chosen, all_codes, payload),
+        SELECT o.* EXCLUDE (vq, components, chosen, all_codes),
                o.chosen.system, o.chosen.code, o.chosen.display,
                comp.cc.code, comp.cc.display,
                comp.c.valueQuantity.value, comp.c.valueQuantity.code, comp.c.valueQuantity.unit,
@@ -404,7 +435,7 @@ def _build_observation(store: Store, spec: EhrSpec) -> TableStats:
     # Panels whose components did not come through at all.
     con.execute(f"""
         INSERT INTO _obs_rows BY NAME
-        SELECT o.* EXCLUDE (vq, components, chosen, all_codes, payload),
+        SELECT o.* EXCLUDE (vq, components, chosen, all_codes),
                o.chosen.system AS code_system, o.chosen.code AS code,
                o.chosen.display AS display, 0 AS component_index,
                'unknown_code' AS rule, 'panel ' || o.chosen.code || ' has no components' AS reason
@@ -534,17 +565,24 @@ def build_dangling(store: Store, spec: EhrSpec | None = None) -> int:
     _macros(store)
     parts = []
     for name, t in spec.tables.items():
-        for col in t.columns:
-            if col.kind != "ref":
-                continue
-            parts.append(
-                f"SELECT {_q(name)} AS from_table, r.resource_type AS from_type, "
-                f"r.resource_id AS from_id, {_q(col.name)} AS from_column, "
-                f"{_ref_raw(col)} AS reference, {_q(str(col.target))} AS target_type, "
-                "r.source_file, r.lineage_key "
-                f"FROM (SELECT *, payload AS p FROM {CURRENT} "
-                f"WHERE resource_type = {_q(t.resource)}) r"
-            )
+        refs = [c for c in t.columns if c.kind == "ref"]
+        if not refs:
+            continue
+        paths = _Paths()
+        items = ", ".join(
+            f"{{'col': {_q(c.name)}, 'target': {_q(str(c.target))}, "
+            f"'reference': {_ref_raw(c, paths)}}}"
+            for c in refs
+        )
+        # one payload parse per resource, one row per reference column
+        parts.append(
+            f"SELECT {_q(name)} AS from_table, resource_type AS from_type, "
+            "resource_id AS from_id, x.col AS from_column, x.reference, x.target AS target_type, "
+            "source_file, lineage_key "
+            f"FROM (SELECT r.*, unnest([{items}]) AS x FROM "
+            f"(SELECT *, {paths.select()} FROM {CURRENT} "
+            f"WHERE resource_type = {_q(t.resource)}) r)"
+        )
     con.execute(f"""
         CREATE OR REPLACE TABLE {DANGLING} AS
         WITH refs AS ({" UNION ALL ".join(parts)}),
