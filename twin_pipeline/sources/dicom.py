@@ -11,8 +11,13 @@ array of DICOM JSON objects, ``entry:N``), study, series or instance level.
 
 from __future__ import annotations
 
+import base64
+import concurrent.futures
 import hashlib
 import json
+import multiprocessing
+import os
+import struct
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +26,8 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 
 from twin_pipeline.sources import LoadStats, SourceFile, SourceReader, register
 from twin_pipeline.store import QuarantineRow, Store, lineage_key
@@ -131,7 +138,9 @@ def _check_native_pixels(ds: Dataset, ts: Any) -> None:
         expected = (expected * bits + 7) // 8
         if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
             expected = expected // 3 * 2  # chroma subsampled: 2 samples per pixel on average
-        actual = len(ds.PixelData)
+        actual = _raw_length(ds, 0x7FE00010)
+        if actual is None:
+            return
     except Exception:
         return
     if actual < expected:
@@ -176,24 +185,140 @@ def read_part10(path: Path) -> tuple[Dataset, str | None]:
     return ds, str(ts) if ts else None
 
 
-def _json_dicts(ds: Dataset) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(public header, private tags) as DICOM JSON, without pixel or bulk data."""
+_BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+_INT_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV"})
+_FLOAT_VRS = frozenset({"FL", "FD"})
+
+
+def _raw_length(ds: Dataset, tag: int) -> int | None:
+    """Value length of ``tag`` without reading a deferred value from disk."""
+    raw = ds._dict.get(BaseTag(tag))
+    length = getattr(raw, "length", None)
+    if isinstance(length, int) and length != 0xFFFFFFFF:
+        return length
+    value = getattr(raw, "value", None)
+    return len(value) if isinstance(value, bytes | bytearray) else None
+
+
+def _element_json(elem: Any) -> dict[str, Any]:
+    """One element in the DICOM JSON model (PS3.18 F.2), values converted by VR."""
+    vr = str(elem.VR)
+    value = elem.value
+    if vr == "SQ":
+        items = [_dataset_json(item, nested=True)[0] for item in value or []]
+        return {"vr": vr, "Value": items} if items else {"vr": vr}
+    if vr in _BINARY_VRS:
+        if value is None or len(value) > BULK_LIMIT:
+            return {"vr": vr}
+        return {"vr": vr, "InlineBinary": base64.b64encode(bytes(value)).decode()}
+    if value is None or value == "" or value == b"":
+        return {"vr": vr}
+    vals = list(value) if isinstance(value, list | tuple | MultiValue) else [value]
+    if vr == "PN":
+        out: list[Any] = [{"Alphabetic": str(v)} for v in vals]
+    elif vr in _INT_VRS or vr == "IS":
+        out = [int(v) if str(v).strip() not in ("", "None") else None for v in vals]
+    elif vr in _FLOAT_VRS or vr == "DS":
+        out = [float(v) if str(v).strip() not in ("", "None") else None for v in vals]
+    elif vr == "AT":
+        out = [f"{int(v):08X}" for v in vals]
+    else:
+        out = [str(v) for v in vals]
+    return {"vr": vr, "Value": out}
+
+
+_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
+_MULTI_TEXT_VRS = _TEXT_VRS - {"LT", "ST", "UT", "UR"}
+_STRUCT = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "UV": "Q", "SV": "q"}
+_FAST_CHARSETS = frozenset({"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"})
+
+
+def _fast_raw_json(raw: Any, vr: str, little: bool, encoding: str) -> dict[str, Any] | None:
+    """DICOM JSON straight from a raw element's bytes for plain VRs (None: use pydicom)."""
+    data = raw.value
+    if not isinstance(data, bytes):
+        return None
+    if not data:
+        return {"vr": vr}
+    if vr in _TEXT_VRS or vr in ("IS", "DS"):
+        text = data.decode(encoding, errors="replace")
+        parts = text.split("\\") if vr in _MULTI_TEXT_VRS or vr in ("IS", "DS") else [text]
+        parts = [x.strip(" \x00") if vr != "UI" else x.strip("\x00 ") for x in parts]
+        if vr == "PN":
+            return {"vr": vr, "Value": [{"Alphabetic": x} for x in parts]}
+        if vr == "IS":
+            return {"vr": vr, "Value": [int(x) if x else None for x in parts]}
+        if vr == "DS":
+            return {"vr": vr, "Value": [float(x) if x else None for x in parts]}
+        if all(not x for x in parts):
+            return {"vr": vr}
+        return {"vr": vr, "Value": parts}
+    code = _STRUCT.get(vr)
+    if code is not None:
+        size = struct.calcsize(code)
+        if len(data) % size:
+            return None
+        fmt = ("<" if little else ">") + code * (len(data) // size)
+        return {"vr": vr, "Value": list(struct.unpack(fmt, data))}
+    if vr in _BINARY_VRS:
+        if len(data) > BULK_LIMIT:
+            return {"vr": vr}
+        return {"vr": vr, "InlineBinary": base64.b64encode(data).decode()}
+    return None
+
+
+def _dataset_json(ds: Dataset, *, nested: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(public, private) elements of ``ds`` as DICOM JSON; pixel data and values above
+    ``BULK_LIMIT`` are left out without being read from disk. Plain values are decoded from
+    the raw bytes directly (pydicom's element conversion is the slow part of header reading);
+    sequences, other character sets and odd values go through pydicom."""
     public: dict[str, Any] = {}
     private: dict[str, Any] = {}
-    for elem in ds:
-        if elem.tag == 0x7FE00010 or elem.tag.group in (0x7FE0,):
+    little = bool(getattr(ds, "is_little_endian", True) in (True, None))
+    charset = ds._dict.get(BaseTag(0x00080005))
+    cs = ""
+    if charset is not None:
+        cs_val = getattr(charset, "value", b"")
+        cs = cs_val.decode("ascii", "replace") if isinstance(cs_val, bytes) else str(cs_val)
+        cs = cs.strip(" \x00")
+    # Sequence items inherit encoding from their parent: decoded by pydicom, not here.
+    fast = cs in _FAST_CHARSETS and not nested
+    encoding = "utf-8" if cs == "ISO_IR 192" else "latin-1"
+    for tag, raw in list(ds._dict.items()):
+        if tag.group == 0x7FE0:
             continue
+        key = f"{int(tag):08X}"
+        length = getattr(raw, "length", None)
+        raw_vr = getattr(raw, "VR", None)
+        deferred = getattr(raw, "value", 0) is None and isinstance(length, int) and length > 0
+        item: dict[str, Any] | None = None
         try:
-            raw = ds.get_item(elem.tag)
-            length = getattr(raw, "length", 0) or 0
-            if length > BULK_LIMIT and elem.VR in ("OB", "OW", "OF", "OD", "OL", "UN", "OV"):
-                continue
-            item = elem.to_json_dict(bulk_data_element_handler=None, bulk_data_threshold=BULK_LIMIT)
+            big = deferred or (
+                isinstance(length, int) and length != 0xFFFFFFFF and length > BULK_LIMIT
+            )
+            if big and str(raw_vr or "UN") in _BINARY_VRS:
+                item = {"vr": str(raw_vr or "UN")}  # bulk data: left out, never read
+            elif (
+                fast
+                and not deferred
+                and raw_vr
+                and raw_vr != "UN"  # explicit UN: pydicom resolves the dictionary VR
+                and type(raw).__name__ == "RawDataElement"
+            ):
+                item = _fast_raw_json(raw, str(raw_vr), little, encoding)
+            if item is None:
+                item = _element_json(ds[tag])
         except Exception as exc:  # a badly encoded value must not lose the header
-            item = {"vr": str(elem.VR), "error": f"{type(exc).__name__}"}
-        key = f"{elem.tag:08X}"
-        (private if elem.tag.is_private else public)[key] = item
+            item = {"vr": str(raw_vr or "UN"), "error": type(exc).__name__}
+        (private if tag.is_private else public)[key] = item
     return public, private
+
+
+def _json_dicts(ds: Dataset) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(public header, private tags) as DICOM JSON, without pixel or bulk data."""
+    return _dataset_json(ds)
 
 
 def header_row(ds: Dataset, ts_uid: str | None) -> dict[str, Any]:
@@ -239,6 +364,18 @@ def _level(row: dict[str, Any]) -> str:
     return "study"
 
 
+PARALLEL_MIN_FILES = 400
+PARALLEL_MAX_WORKERS = 4
+
+
+def _read_one(path: Path, rel: str) -> list[tuple[str, Any]]:
+    """The records of one landed file (picklable: runs in worker processes)."""
+    reader = DicomReader()
+    if rel.lower().endswith(".json"):
+        return reader._qido_path(path)
+    return [reader._part10_path(path)]
+
+
 @register
 class DicomReader(SourceReader):
     kind = "dicom"
@@ -256,9 +393,8 @@ class DicomReader(SourceReader):
         self.ensure_tables(store)
         out: list[tuple[Any, ...]] = []
         bad: list[QuarantineRow] = []
-        for f in files:
+        for f, records in zip(files, self._read_all(files), strict=True):
             fs = stats.file(f.rel)
-            records = self._qido(f) if f.rel.lower().endswith(".json") else [self._part10(f)]
             for position, result in records:
                 fs.records_in += 1
                 if isinstance(result, BadDicom):
@@ -295,21 +431,46 @@ class DicomReader(SourceReader):
                 )
                 fs.loaded += 1
         if out:
-            store.con.executemany(
-                f"INSERT INTO {TABLE} VALUES ({', '.join('?' * len(COLUMNS))})", out
+            import pyarrow as pa
+
+            cols = list(zip(*out, strict=True))
+            batch = pa.table(
+                {
+                    name: pa.array(col, type=pa.int32() if name in INT_COLS else pa.string())
+                    for name, col in zip(COLUMNS, cols, strict=True)
+                }
             )
+            store.con.register("_dicom_batch", batch)
+            try:
+                store.con.execute(f"INSERT INTO {TABLE} SELECT * FROM _dicom_batch")
+            finally:
+                store.con.unregister("_dicom_batch")
         store.quarantine(bad)
         return stats
 
-    def _part10(self, f: SourceFile) -> tuple[str, Any]:
+    def _read_all(self, files: Sequence[SourceFile]) -> list[list[tuple[str, Any]]]:
+        """Parse every file; large batches are spread over worker processes."""
+        workers = min(PARALLEL_MAX_WORKERS, os.cpu_count() or 1)
+        if len(files) < PARALLEL_MIN_FILES or workers < 2:
+            return [_read_one(f.path, f.rel) for f in files]
+        ctx = multiprocessing.get_context("spawn")  # no fork of the DuckDB-holding process
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            chunk = max(16, len(files) // (workers * 8))
+            return list(
+                pool.map(
+                    _read_one, [f.path for f in files], [f.rel for f in files], chunksize=chunk
+                )
+            )
+
+    def _part10_path(self, path: Path) -> tuple[str, Any]:
         with warnings.catch_warnings():
             # pydicom warns on every non-conformant value; the header is kept as found.
             warnings.simplefilter("ignore")
-            return self._part10_quiet(f)
+            return self._part10_quiet(path)
 
-    def _part10_quiet(self, f: SourceFile) -> tuple[str, Any]:
+    def _part10_quiet(self, path: Path) -> tuple[str, Any]:
         try:
-            ds, ts_uid = read_part10(f.path)
+            ds, ts_uid = read_part10(path)
             row = header_row(ds, ts_uid)
             missing = [kw for col, kw in FIELDS[:4] if col != "sop_class_uid" and not row.get(col)]
             if missing:
@@ -324,9 +485,9 @@ class DicomReader(SourceReader):
             "part10",
         )
 
-    def _qido(self, f: SourceFile) -> list[tuple[str, Any]]:
+    def _qido_path(self, path: Path) -> list[tuple[str, Any]]:
         try:
-            doc = json.loads(f.path.read_bytes().decode("utf-8-sig"))
+            doc = json.loads(path.read_bytes().decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return [("file", BadDicom("broken_json", f"not a QIDO-RS JSON document ({exc})"))]
         if isinstance(doc, dict):
