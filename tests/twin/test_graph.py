@@ -22,14 +22,16 @@ def test_nodes_and_edges_match_the_source_tables(graph_store: tuple[Store, Graph
     expected_nodes = {
         "Patient": _one(store, "SELECT count(*) FROM harmonized.patient"),
         "Encounter": _one(store, "SELECT count(*) FROM harmonized.encounter"),
-        "Bed": _one(store, "SELECT count(*) FROM harmonized.location WHERE type_code = 'bd'"),
-        "CareUnit": _one(store, "SELECT count(*) FROM harmonized.location WHERE type_code <> 'bd'"),
+        "Bed": _one(store, "SELECT count(*) FROM harmonized.location WHERE physical_type = 'bd'"),
+        "CareUnit": _one(
+            store, "SELECT count(*) FROM harmonized.location WHERE physical_type <> 'bd'"
+        ),
         "ImagingStudy": _one(store, "SELECT count(*) FROM harmonized.imaging_study"),
         "ImagingModality": _one(
-            store, "SELECT count(*) FROM harmonized.device WHERE device_type IN ('CT','MR')"
+            store, "SELECT count(*) FROM harmonized.device WHERE device_type_code IN ('CT','MR')"
         ),
         "Device": _one(
-            store, "SELECT count(*) FROM harmonized.device WHERE device_type = 'monitor'"
+            store, "SELECT count(*) FROM harmonized.device WHERE device_type_code = '706172005'"
         ),
     }
     got = dict(

@@ -10,8 +10,9 @@ starts), length of stay (encounter periods), beds (Bed twins on units that took 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -140,27 +141,56 @@ def _rates(times: list[datetime], first: date, days: int) -> np.ndarray:
     return rates
 
 
-def _local(ts: Any, tz: ZoneInfo) -> datetime | None:
+def _local(ts: Any, tz: tzinfo) -> datetime | None:
     if ts is None:
         return None
     if isinstance(ts, str):
         ts = datetime.fromisoformat(ts)
     if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=ZoneInfo("UTC"))
+        ts = ts.replace(tzinfo=UTC)
     return ts.astimezone(tz)
 
 
+def resolve_timezone(store: Store, name: str) -> tzinfo:
+    """``auto``: the most common UTC offset recorded with the imaging series (DICOM
+    TimezoneOffsetFromUTC), else UTC; otherwise an IANA zone name."""
+    if name != "auto":
+        return ZoneInfo(name)
+    row = store.con.execute(
+        f"SELECT mode(props->>'timezone_offset') FROM {NODE_TABLE} "
+        "WHERE twin_type = 'ImagingStudy' AND (props->>'timezone_offset') IS NOT NULL"
+    ).fetchone()
+    m = re.fullmatch(r"([+-])(\d{2}):?(\d{2})", str(row[0]) if row and row[0] else "")
+    if not m:
+        return UTC
+    sign = -1 if m[1] == "-" else 1
+    return timezone(sign * timedelta(hours=int(m[2]), minutes=int(m[3])))
+
+
+def _stations(by_mod: dict[str, set[str]]) -> list[list[str]]:
+    """Modalities acquired on a shared scanner (e.g. CR and DX on one X-ray room) form one
+    station: they compete for the same machines."""
+    groups: list[tuple[set[str], set[str]]] = []  # (modalities, serials)
+    for mod in sorted(by_mod):
+        mods, serials = {mod}, set(by_mod[mod])
+        for g in [g for g in groups if g[1] & serials]:
+            groups.remove(g)
+            mods |= g[0]
+            serials |= g[1]
+        groups.append((mods, serials))
+    return sorted(sorted(g[0]) for g in groups)
+
+
 def fit_imaging(
-    store: Store, cfg: FitConfig
+    store: Store, cfg: FitConfig, tz: tzinfo = UTC
 ) -> tuple[dict[str, StationParams], list[datetime], list[str]]:
-    tz = ZoneInfo(cfg.timezone)
     notes: list[str] = []
     rows = store.con.execute(
         f"""
         SELECT props->>'modality',
                TRY_CAST(props->>'started' AS TIMESTAMPTZ),
-               TRY_CAST(props->>'series_first' AS TIMESTAMPTZ),
-               TRY_CAST(props->>'series_last' AS TIMESTAMPTZ),
+               TRY_CAST(props->>'series_first' AS TIMESTAMP),
+               TRY_CAST(props->>'series_last' AS TIMESTAMP),
                TRY_CAST(props->>'series_count' AS BIGINT),
                props->>'scanner_serial'
         FROM {NODE_TABLE} WHERE twin_type = 'ImagingStudy'
@@ -168,7 +198,7 @@ def fit_imaging(
     ).fetchall()
     by_mod: dict[str, list[tuple[Any, ...]]] = {}
     for r in rows:
-        start = r[1] or r[2]
+        start = r[1]
         if r[0] is None or start is None:
             continue
         by_mod.setdefault(str(r[0]).upper(), []).append((_local(start, tz), *r[2:]))
@@ -182,9 +212,9 @@ def fit_imaging(
     )
     all_times = [r[0] for rs in by_mod.values() for r in rs]
     first, days = _window(all_times)
-    out: dict[str, StationParams] = {}
-    for mod, rs in sorted(by_mod.items()):
-        times = [r[0] for r in rs]
+    durations: dict[str, list[float]] = {}
+    for mod, rs in by_mod.items():
+        # Series times give each study's span; one more typical series closes it.
         gaps = [
             (r[2] - r[1]).total_seconds() / 60 / (r[3] - 1)
             for r in rs
@@ -193,30 +223,32 @@ def fit_imaging(
         per_series = float(np.median(gaps)) if gaps else cfg.default_series_minutes
         if not gaps:
             notes.append(f"{mod}: no multi-series study; per-series time {per_series} min assumed")
-        durations = np.array(
-            [
-                (
-                    (r[2] - r[1]).total_seconds() / 60
-                    if r[1] is not None and r[2] is not None
-                    else 0.0
-                )
-                + per_series
-                + cfg.turnover_minutes
-                for r in rs
-            ]
-        )
-        serials = {r[4] for r in rs if r[4]}
-        if serials:
-            servers, src = len(serials), "distinct scanners in the series"
-        elif scanner_nodes.get(mod):
-            servers, src = int(scanner_nodes[mod]), "ImagingModality twins"
+        durations[mod] = [
+            ((r[2] - r[1]).total_seconds() / 60 if r[1] is not None and r[2] is not None else 0.0)
+            + per_series
+            + cfg.turnover_minutes
+            for r in rs
+        ]
+    serials = {mod: {str(r[4]) for r in rs if r[4]} for mod, rs in by_mod.items()}
+    out: dict[str, StationParams] = {}
+    for group in _stations(serials):
+        name = "+".join(group)
+        times = [r[0] for m in group for r in by_mod[m]]
+        group_serials = set().union(*(serials[m] for m in group))
+        if group_serials:
+            servers, src = len(group_serials), "distinct scanners in the series"
+        elif any(scanner_nodes.get(m) for m in group):
+            servers = sum(int(scanner_nodes.get(m) or 0) for m in group)
+            src = "ImagingModality twins"
         else:
             servers, src = 1, "assumed (no scanner data)"
         hours = [t.hour for t in times]
-        out[mod] = StationParams(
-            name=mod,
+        out[name] = StationParams(
+            name=name,
             rates=_rates(times, first, days),
-            service=ServiceDist.from_samples(durations, cfg.service_distribution),
+            service=ServiceDist.from_samples(
+                np.array([d for m in group for d in durations[m]]), cfg.service_distribution
+            ),
             servers=servers,
             open_hours=(min(hours), max(hours) + 1),
             historical_count=len(times),
@@ -226,9 +258,8 @@ def fit_imaging(
 
 
 def fit_beds(
-    store: Store, cfg: FitConfig
+    store: Store, cfg: FitConfig, tz: tzinfo = UTC
 ) -> tuple[StationParams | None, list[datetime], list[str]]:
-    tz = ZoneInfo(cfg.timezone)
     classes = [c.upper() for c in cfg.inpatient_classes]
     rows = store.con.execute(
         f"""
@@ -300,14 +331,15 @@ def fit_history(store: Store, cfg: FitConfig, domains: list[str]) -> History:
     beds = None
     notes: list[str] = []
     times: list[datetime] = []
+    tz = resolve_timezone(store, cfg.timezone)
     if "imaging" in domains:
-        imaging, t_img, n = fit_imaging(store, cfg)
+        imaging, t_img, n = fit_imaging(store, cfg, tz)
         notes += n
         times += t_img
     img_window = _window(times) if times else None
     bed_window = None
     if "beds" in domains:
-        beds, t_bed, n = fit_beds(store, cfg)
+        beds, t_bed, n = fit_beds(store, cfg, tz)
         notes += n
         if t_bed:
             bed_window = _window(t_bed)
@@ -315,7 +347,7 @@ def fit_history(store: Store, cfg: FitConfig, domains: list[str]) -> History:
     hist = History(
         first_day=window[0] if window else None,
         days=window[1] if window else 0,
-        timezone=cfg.timezone,
+        timezone=str(tz),
         imaging=imaging,
         beds=beds,
         notes=notes,

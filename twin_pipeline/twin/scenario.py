@@ -80,7 +80,9 @@ class ExplicitStation(_Strict):
 class FitConfig(_Strict):
     """How history becomes model parameters."""
 
-    timezone: str = "UTC"
+    # Local time zone for hour-of-day profiles: an IANA name, or "auto" (the UTC offset the
+    # imaging series record, else UTC).
+    timezone: str = "auto"
     # Minutes added to each study for positioning/room turnover (not visible in series times).
     turnover_minutes: float = Field(default=0.0, ge=0)
     # Per-series minutes when a modality has no multi-series study to measure it from.

@@ -211,7 +211,9 @@ def summarize(values: list[float]) -> Summary:
     from scipy import stats
 
     half = float(stats.t.ppf(0.975, n - 1) * arr.std(ddof=1) / math.sqrt(n))
-    return Summary(mean, mean - half, mean + half, n, list(map(float, arr)))
+    # Every metric here (throughput, wait, utilization) is non-negative.
+    low = max(mean - half, 0.0) if arr.min() >= 0 else mean - half
+    return Summary(mean, low, mean + half, n, list(map(float, arr)))
 
 
 def erlang_c(c: int, offered: float) -> float:

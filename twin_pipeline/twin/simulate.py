@@ -8,10 +8,11 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -25,6 +26,7 @@ NOTICE = (
     "capacity planning only; they are not clinical recommendations."
 )
 RUN_TABLE = "twin.twin.simulation_run"
+T = TypeVar("T")
 METRIC_TABLE = "twin.twin.simulation_metric"
 
 
@@ -66,6 +68,16 @@ def _explicit_params(name: str, st: ExplicitStation) -> StationParams:
     )
 
 
+def _pick(changes: Mapping[str, T], station: str, default: T) -> T:
+    """A scenario value for a station: keyed by its name (``CR+DX``) or one of its modalities."""
+    if station in changes:
+        return changes[station]
+    for mod in station.split("+"):
+        if mod in changes:
+            return changes[mod]
+    return default
+
+
 def plan(history: History | None, sc: Scenario) -> tuple[dict[str, Setup], dict[str, Setup]]:
     """Baseline and scenario station setups."""
     base: dict[str, Setup] = {}
@@ -80,19 +92,20 @@ def plan(history: History | None, sc: Scenario) -> tuple[dict[str, Setup], dict[
         return base, what
     assert history is not None
     ic = sc.imaging
-    for mod, p in history.imaging.items():
-        base[mod] = Setup("imaging", p, p.servers, p.open_hours)
-        servers = ic.set_scanners.get(mod, p.servers) + ic.add_scanners.get(mod, 0)
-        if mod in ic.technologists:
-            servers = min(servers, ic.technologists[mod])
-        hours = ic.opening_hours.get(mod) or ic.opening_hours.get("*")
-        what[mod] = Setup(
+    for name, p in history.imaging.items():
+        base[name] = Setup("imaging", p, p.servers, p.open_hours)
+        servers = _pick(ic.set_scanners, name, p.servers) + _pick(ic.add_scanners, name, 0)
+        techs = _pick(ic.technologists, name, None)
+        if techs is not None:
+            servers = min(servers, techs)
+        hours = _pick(ic.opening_hours, name, None) or ic.opening_hours.get("*")
+        what[name] = Setup(
             "imaging",
             p,
             max(servers, 1),
             (hours.open, hours.close) if hours else p.open_hours,
-            ic.demand_multiplier * ic.modality_demand.get(mod, 1.0),
-            ic.service_time_multiplier.get(mod, 1.0),
+            ic.demand_multiplier * _pick(ic.modality_demand, name, 1.0),
+            _pick(ic.service_time_multiplier, name, 1.0),
         )
     if history.beds is not None:
         b = history.beds

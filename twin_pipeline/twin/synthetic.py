@@ -64,7 +64,8 @@ def create_hospital(
     loc_rows += [
         (f"loc-radiology-{i}", f"Radiology Room {i}", "ro", "loc-radiology") for i in (1, 2, 3)
     ]
-    loc = pd.DataFrame(loc_rows, columns=["location_id", "name", "type_code", "part_of_id"])
+    loc = pd.DataFrame(loc_rows, columns=["location_id", "name", "physical_type", "part_of_id"])
+    loc["type_code"] = pd.Series([None] * len(loc), dtype="string")
     loc["lineage_key"] = "lk-" + loc["location_id"]
     _put(store, "location", loc)
 
@@ -124,12 +125,30 @@ def create_hospital(
         (k if c == 0 else f"{k}x{c}", m, vendor) for c in range(copies) for k, m, vendor in SCANNERS
     ]
     dev_rows = [
-        (f"dev-{k}", None, "loc-radiology-1", m, vendor, f"{m}-model", f"SN-{k.upper()}")
+        (
+            f"dev-{k}",
+            None,
+            "loc-radiology-1",
+            f"{m} scanner",
+            m,
+            vendor,
+            f"{m}-model",
+            f"SN-{k.upper()}",
+        )
         for k, m, vendor in scanners
     ]
     icu_beds = beds["icu"]
     dev_rows += [
-        (f"mon-{i:02d}", None, b, "monitor", "Philips", "IntelliVue", f"SN-MON{i:02d}")
+        (
+            f"mon-{i:02d}",
+            None,
+            b,
+            "Physiologic monitoring system",
+            "706172005",
+            "Philips",
+            "IntelliVue",
+            f"SN-MON{i:02d}",
+        )
         for i, b in enumerate(icu_beds)
     ]
     dev = pd.DataFrame(
@@ -139,6 +158,7 @@ def create_hospital(
             "patient_id",
             "location_id",
             "device_type",
+            "device_type_code",
             "manufacturer",
             "model",
             "serial_number",
@@ -286,6 +306,7 @@ def create_hospital(
             "lineage_key",
         ],
     )
+    series["timezone_offset"] = "+0000"
     _put(store, "imaging_study", study)
     _put(store, "imaging_series", series)
     roles = pd.DataFrame(
@@ -293,7 +314,7 @@ def create_hospital(
             "practitioner_role_id": ["pr1", "pr2", "pr3"],
             "code": ["radiographer", "radiographer", "nurse"],
             "display": ["Radiographer", "Radiographer", "Nurse"],
-            "specialty": pd.Series([None] * 3, dtype="string"),
+            "specialty_code": pd.Series([None] * 3, dtype="string"),
             "active": True,
             "location_id": ["loc-radiology", "loc-radiology", "loc-icu"],
             "lineage_key": ["lk-pr1", "lk-pr2", "lk-pr3"],
