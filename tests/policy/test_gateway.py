@@ -175,3 +175,16 @@ def test_time_limit_interrupts_a_runaway_query(gateway: Gateway) -> None:
         gateway.timeout_s = saved
     assert last_audit(gateway)["status"] == "error"
     assert gateway.query("researcher", "SELECT 1").rows == [(1,)]  # still usable
+
+
+def test_checked_rewrites_are_per_role_and_still_audited(gateway: Gateway) -> None:
+    from twin_pipeline.policy import QueryDenied
+
+    sql = "SELECT count(*) FROM harmonized.patient WHERE gender = 'female'"
+    first = gateway.query("auditor", sql)
+    second = gateway.query("auditor", sql)  # the checked rewrite is reused
+    assert first.rows == second.rows == [(2,)]
+    assert second.audit_seq == first.audit_seq + 1
+    with pytest.raises(QueryDenied, match=r"harmonized\.patient"):
+        gateway.query("researcher", sql)  # never served from the auditor's check
+    assert last_audit(gateway)["decision"] == "deny"

@@ -28,6 +28,7 @@ import json
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,7 @@ LOCKDOWN = (
     "SET python_enable_replacements = false",
     "SET lock_configuration = true",
 )
+CHECKED_CACHE = 512  # query texts per gateway whose checked rewrite is kept
 DUCKDB_TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest"})
 _QUOTED = re.compile(r"'(?:[^']|'')*'")
 
@@ -156,6 +158,7 @@ class Gateway:
         self._salt = ""
         self._lock = threading.Lock()
         self._watchdog: _Watchdog | None = None
+        self._checked: OrderedDict[tuple[str, str], Rewritten] = OrderedDict()
 
     # -- lifecycle --------------------------------------------------------------------------
     def open(self) -> Gateway:
@@ -193,6 +196,7 @@ class Gateway:
             self._store.close()
             self._store = None
         self._compiled.clear()
+        self._checked.clear()
 
     def __enter__(self) -> Gateway:
         return self.open()
@@ -255,16 +259,22 @@ class Gateway:
         try:
             role_name, role = self.policies.role_of(user)
             try:
-                rw = rewrite(
-                    sql,
-                    role_name=role_name,
-                    may_read=role.may_read,
-                    relations=self._relations,
-                    relation_query=lambda rel: self._compile(role_name, role, rel).sql,
-                    catalog_views=role.catalog_views,
-                )
+                rw = self._checked.get((role_name, sql))
+                if rw is None:
+                    rw = rewrite(
+                        sql,
+                        role_name=role_name,
+                        may_read=role.may_read,
+                        relations=self._relations,
+                        relation_query=lambda rel: self._compile(role_name, role, rel).sql,
+                        catalog_views=role.catalog_views,
+                    )
+                    relations = rw.relations
+                    self._duckdb_agrees(sql, rw, role_name, role)
+                    self._remember(role_name, sql, rw)
+                else:
+                    self._checked.move_to_end((role_name, sql))
                 relations = rw.relations
-                self._duckdb_agrees(sql, rw, role_name, role)
             except RecursionError:
                 raise QueryDenied("the query is nested too deeply", construct="nesting") from None
             except (AccessDenied, TwinPipelineError):
@@ -343,6 +353,13 @@ class Gateway:
             masks={r: c.masks for r, c in compiled.items() if c.masks},
             row_filters={r: c.filters for r, c in compiled.items() if c.filters},
         )
+
+    def _remember(self, role_name: str, sql: str, rw: Rewritten) -> None:
+        """Keep the checked rewrite of a query text (policies and store tables are fixed for the
+        gateway's lifetime, so the same text by the same role always checks the same way)."""
+        self._checked[(role_name, sql)] = rw
+        while len(self._checked) > CHECKED_CACHE:
+            self._checked.popitem(last=False)
 
     def _execute(
         self, con: duckdb.DuckDBPyConnection, sql: str, fetch: int
