@@ -188,3 +188,28 @@ def test_checked_rewrites_are_per_role_and_still_audited(gateway: Gateway) -> No
     with pytest.raises(QueryDenied, match=r"harmonized\.patient"):
         gateway.query("researcher", sql)  # never served from the auditor's check
     assert last_audit(gateway)["decision"] == "deny"
+
+
+def test_auditor_summarises_the_audit_log(gateway: Gateway) -> None:
+    with pytest.raises(AccessDenied):
+        gateway.query("researcher", "SELECT * FROM raw.fhir_resource")
+    res = gateway.query(
+        "auditor",
+        "SELECT payload->>'reason' FROM governance.ledger WHERE kind = 'audit' "
+        "AND payload->>'user' = 'researcher' AND payload->>'decision' = 'deny' "
+        "ORDER BY seq DESC LIMIT 1",
+    )
+    assert res.rows == [("relation raw.fhir_resource is not readable by role researcher",)]
+
+
+def test_describe_is_audited(gateway: Gateway) -> None:
+    gateway.describe("researcher")
+    entry = last_audit(gateway)
+    assert (entry["action"], entry["user"], entry["decision"]) == (
+        "describe",
+        "researcher",
+        "allow",
+    )
+    with pytest.raises(AccessDenied, match="unknown user"):
+        gateway.describe("eve")
+    assert (last_audit(gateway)["user"], last_audit(gateway)["decision"]) == ("eve", "deny")

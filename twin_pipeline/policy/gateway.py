@@ -133,6 +133,14 @@ def _record_access(store: Store, **event: Any) -> int:
     return int(record_access(store, **event))
 
 
+def _audit_event(store: Store, **event: Any) -> int:
+    try:
+        from twin_pipeline.audit import audit
+    except ImportError:  # pragma: no cover - audit.py ships with the lineage work
+        return ledger.append(store, "audit", event)
+    return int(audit(store, event))
+
+
 class Gateway:
     """Governed, audited read access to the twin store for people.
 
@@ -232,9 +240,21 @@ class Gateway:
         return hit
 
     def describe(self, user: str) -> dict[str, Any]:
-        """What ``user`` may read: relations with columns, masks and row filters."""
-        role_name, role = self.policies.role_of(user)
-        self.store  # noqa: B018 - opens the store
+        """What ``user`` may read: relations with columns, masks and row filters (audited)."""
+        store = self.store
+        try:
+            role_name, role = self.policies.role_of(user)
+        except AccessDenied as exc:
+            _audit_event(
+                store,
+                action="describe",
+                user=user,
+                role="unknown",
+                decision="deny",
+                reason=str(exc),
+            )
+            raise
+        _audit_event(store, action="describe", user=user, role=role_name, decision="allow")
         out: dict[str, Any] = {}
         for rel, cols in sorted(self._relations.items()):
             if not role.may_read(rel):
