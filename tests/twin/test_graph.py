@@ -173,3 +173,34 @@ def test_state_tables(graph_store: tuple[Store, GraphReport], model: TwinModel) 
     for r in rows:
         assert 0 <= r[4] <= 1 and abs(r[4] - r[3] / 1440) < 1e-9
     json.dumps(sc.to_dict())
+
+
+def test_graph_from_deid_tables_when_the_model_says_so(
+    hospital_store: Store, model: TwinModel
+) -> None:
+    store = hospital_store
+    pid = "'d-' || substr(sha256('salt|' || patient_id), 1, 12)"
+    for table in model.source_tables():
+        name = table.split(".")[1]
+        cols = [c for c, _ in store.columns(table)]
+        select = ", ".join(f"{pid} AS patient_id" if c == "patient_id" else f'"{c}"' for c in cols)
+        store.con.execute(f"CREATE TABLE deid.{name} AS SELECT {select} FROM {table}")
+    deid_model = model.model_copy(update={"source_schema": "deid"})
+    assert all(t.startswith("deid.") for t in deid_model.source_tables())
+    report = build_graph(store, deid_model)
+    assert report.warnings == [] and report.dangling == {}
+    assert report.nodes["Patient"] == 120
+    ids = [
+        r[0]
+        for r in store.con.execute(
+            "SELECT source_id FROM twin.twin.node WHERE twin_type = 'Patient'"
+        ).fetchall()
+    ]
+    assert all(i.startswith("d-") for i in ids)
+    tables = {
+        r[0]
+        for r in store.con.execute("SELECT DISTINCT source_table FROM twin.twin.node").fetchall()
+    }
+    assert tables and all(t.startswith("deid.") for t in tables)
+    # Relationships still resolve through the pseudonymized ids.
+    assert report.edges["Encounter.subject"] == store.row_count("deid.encounter")

@@ -42,11 +42,15 @@ def _defined_elsewhere() -> set[dg.AssetKey]:
 
 
 _MODEL = load_model()
+_DEFINED = _defined_elsewhere()
 SOURCE_KEYS = [
-    k
-    for k in (dg.AssetKey(t.split(".")) for t in _MODEL.source_tables())
-    if k in _defined_elsewhere()
+    k for k in (dg.AssetKey(t.split(".")) for t in _MODEL.source_tables()) if k in _DEFINED
 ]
+
+
+def _source_keys(*tables: str) -> list[dg.AssetKey]:
+    keys = [dg.AssetKey([_MODEL.source_schema, t]) for t in tables]
+    return [k for k in keys if k in _DEFINED]
 
 
 @dg.asset(
@@ -100,10 +104,12 @@ def twin_edge(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.Mater
     return run.result()
 
 
-def _state_asset(name: str, builder, description: str) -> dg.AssetsDefinition:  # type: ignore[no-untyped-def]
+def _state_asset(  # type: ignore[no-untyped-def]
+    name: str, builder, description: str, reads: tuple[str, ...] = ()
+) -> dg.AssetsDefinition:
     @dg.asset(
         key=dg.AssetKey(["twin", name]),
-        deps=[dg.AssetKey(["twin", "node"]), dg.AssetKey(["twin", "edge"])],
+        deps=[dg.AssetKey(["twin", "node"]), dg.AssetKey(["twin", "edge"]), *_source_keys(*reads)],
         group_name="twin",
         kinds={"duckdb", "sql"},
         owners=OWNERS,
@@ -129,11 +135,13 @@ state_patient_vitals = _state_asset(
     "state_patient_vitals",
     build_patient_vitals,
     "Latest value of each vital sign per Patient twin, from observations and device readings.",
+    ("observation", "telemetry_reading"),
 )
 state_device = _state_asset(
     "state_device",
     build_device_state,
     "Per Device twin: status, last reading, readings in 24 h, attached patient at as-of time.",
+    ("telemetry_reading",),
 )
 state_scanner = _state_asset(
     "state_scanner",
