@@ -12,6 +12,7 @@ assets give a ``FAIL`` event with the error message.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Iterable, Mapping
@@ -38,7 +39,7 @@ from twin_pipeline import __version__
 from twin_pipeline.activity import activities
 from twin_pipeline.lineage import policy_columns
 from twin_pipeline.paths import Settings
-from twin_pipeline.store import Store
+from twin_pipeline.store import CATALOG, Store
 
 NAMESPACE = "twin-pipeline"
 PARENT_JOB = "twin_all"
@@ -70,12 +71,32 @@ def _time(value: Any) -> str:
     return str(value) if value else datetime.now(UTC).isoformat()
 
 
-def _schema(store: Store, table: str) -> schema_dataset.SchemaDatasetFacet | None:
-    if not store.table_exists(table):
+class Catalog:
+    """Every table's columns, read in one query (``Store.columns`` per table is slow)."""
+
+    def __init__(self, store: Store):
+        self._cols: dict[str, list[tuple[str, str]]] = {}
+        for table, col, typ in store.con.execute(
+            "SELECT schema_name || '.' || table_name, column_name, data_type "
+            "FROM duckdb_columns() WHERE database_name = ? "
+            "ORDER BY schema_name, table_name, column_index",
+            [CATALOG],
+        ).fetchall():
+            self._cols.setdefault(str(table), []).append((str(col), str(typ)))
+
+    def table_exists(self, table: str) -> bool:
+        return table in self._cols
+
+    def columns(self, table: str) -> list[tuple[str, str]]:
+        return self._cols.get(table, [])
+
+
+def _schema(cat: Catalog, table: str) -> schema_dataset.SchemaDatasetFacet | None:
+    if not cat.table_exists(table):
         return None
     return schema_dataset.SchemaDatasetFacet(
         fields=[
-            schema_dataset.SchemaDatasetFacetFields(name=c, type=t) for c, t in store.columns(table)
+            schema_dataset.SchemaDatasetFacetFields(name=c, type=t) for c, t in cat.columns(table)
         ]
     )
 
@@ -87,17 +108,18 @@ def _datasource(store: Store) -> datasource_dataset.DatasourceDatasetFacet:
 
 
 def column_lineage(
-    store: Store, output: str, inputs: Iterable[str]
+    cat: Catalog, output: str, inputs: Iterable[str]
 ) -> column_lineage_dataset.ColumnLineageDatasetFacet | None:
-    """Same-named columns of the inputs feed each output column; de-identified ones are MASKED."""
-    if not store.table_exists(output):
+    """Same-named columns of the inputs feed each output column; de-identified ones are MASKED
+    (following the policy's renames)."""
+    if not cat.table_exists(output):
         return None
     in_cols: dict[str, list[str]] = {}
     for t in inputs:
-        if t != output and store.table_exists(t):
-            for c, _ in store.columns(t):
+        if t != output and cat.table_exists(t):
+            for c, _ in cat.columns(t):
                 in_cols.setdefault(c, []).append(t)
-    out_cols = [c for c, _ in store.columns(output)]
+    out_cols = [c for c, _ in cat.columns(output)]
     if output.startswith("deid."):
         mapping = policy_columns.column_map(output, out_cols)
     else:
@@ -137,10 +159,14 @@ def _file_locations(store: Store) -> dict[str, str]:
 
 
 def event_for(
-    store: Store, record: Mapping[str, Any], files: Mapping[str, str] | None = None
+    store: Store,
+    record: Mapping[str, Any],
+    files: Mapping[str, str] | None = None,
+    cat: Catalog | None = None,
 ) -> RunEvent:
     """The COMPLETE event of one activity record."""
     files = files if files is not None else _file_locations(store)
+    cat = cat or Catalog(store)
     inputs_tables = [str(tv["table"]) for tv in record.get("input_versions") or []]
     inputs: list[InputDataset] = [
         InputDataset(
@@ -176,10 +202,10 @@ def event_for(
             ),
             "dataSource": _datasource(store),
         }
-        schema = _schema(store, table)
+        schema = _schema(cat, table)
         if schema is not None:
             facets["schema"] = schema
-        cl = column_lineage(store, table, inputs_tables)
+        cl = column_lineage(cat, table, inputs_tables)
         if cl is not None:
             facets["columnLineage"] = cl
         outputs.append(
@@ -208,16 +234,24 @@ def event_for(
     )
 
 
-def _run_facets(run_id: str) -> dict[str, Any]:
-    import dagster
+@functools.cache
+def _dagster_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version("dagster")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _run_facets(run_id: str) -> dict[str, Any]:
     return {
         "parent": parent_run.ParentRunFacet(
             run=parent_run.Run(runId=_parent_uuid(run_id)),
             job=parent_run.Job(namespace=NAMESPACE, name=PARENT_JOB),
         ),
         "processing_engine": processing_engine_run.ProcessingEngineRunFacet(
-            version=dagster.__version__, name="dagster"
+            version=_dagster_version(), name="dagster"
         ),
     }
 
@@ -256,9 +290,10 @@ def emit_run(store: Store, run_id: str, *, failures: Mapping[str, str] | None = 
     path.unlink(missing_ok=True)
     client = client_for(path)
     files = _file_locations(store)
+    cat = Catalog(store)
     n = 0
     for rec in activities(store, run_id):
-        client.emit(event_for(store, rec, files))
+        client.emit(event_for(store, rec, files, cat))
         n += 1
     for asset_key, message in (failures or {}).items():
         client.emit(fail_event(run_id, asset_key, message))

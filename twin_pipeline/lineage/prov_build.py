@@ -263,6 +263,50 @@ def build_document(records: Iterable[Mapping[str, Any]]) -> pm.ProvDocument:
     return doc
 
 
+def communications(records: Iterable[Mapping[str, Any]]) -> pm.ProvDocument:
+    """``wasInformedBy`` between each activity and the activities of its upstream assets that
+    ran before it in the same run (records oldest first)."""
+    doc = new_document()
+    siblings: dict[str, dict[str, str]] = {}
+    for rec in records:
+        run_sibs = siblings.setdefault(str(rec["run_id"]), {})
+        act = activity_id(rec)
+        for upstream in rec.get("informed_by") or []:
+            other = run_sibs.get(str(upstream))
+            if other and other != act:
+                doc.wasInformedBy(act, other)
+        run_sibs[str(rec["asset_key"])] = act
+    return doc
+
+
+def merge_json(documents: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Merge PROV-JSON documents (as dicts) without a round trip through ``prov`` objects.
+
+    Identified records (entities, activities, agents) are declared once; a record declared
+    again with other attributes is kept as a list, which PROV-JSON allows. Unidentified
+    relations (``_:idN``) are renumbered so fragments do not overwrite each other.
+    """
+    out: dict[str, Any] = {"prefix": {}}
+    n = 0
+    for d in documents:
+        out["prefix"].update(d.get("prefix") or {})
+        for rtype, recs in d.items():
+            if rtype == "prefix" or not isinstance(recs, dict):
+                continue
+            target = out.setdefault(rtype, {})
+            for rid, attrs in recs.items():
+                if rid.startswith("_:"):
+                    n += 1
+                    target[f"_:r{n}"] = attrs
+                elif rid not in target:
+                    target[rid] = attrs
+                elif target[rid] != attrs:
+                    have = target[rid] if isinstance(target[rid], list) else [target[rid]]
+                    if attrs not in have:
+                        target[rid] = [*have, attrs]
+    return out
+
+
 def merge(documents: Iterable[pm.ProvDocument]) -> pm.ProvDocument:
     """One document with every record of ``documents`` (shared entities declared once)."""
     out = new_document()

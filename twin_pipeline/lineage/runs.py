@@ -10,6 +10,7 @@ run's OpenLineage events. Runs left open by a crash are closed by the next final
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,7 +18,7 @@ from typing import Any
 
 import prov.model as pm
 
-from twin_pipeline.activity import ActivityRecord
+from twin_pipeline.activity import ActivityRecord, activities
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.lineage import prov_build, storage
 from twin_pipeline.store import Store
@@ -39,20 +40,17 @@ def ensure(store: Store) -> None:
 
 
 def record_prov(store: Store, record: ActivityRecord | Mapping[str, Any]) -> str:
-    """Build and store the PROV fragment of one materialization (caller's transaction)."""
+    """Build and store the PROV fragment of one materialization (caller's transaction).
+
+    Kept to what the activity itself knows, so the asset path makes one insert and no query;
+    links between the run's activities (``wasInformedBy``) are added when the run is signed.
+    """
     rec = record.to_dict() if isinstance(record, ActivityRecord) else dict(record)
     ensure(store)
-    siblings = dict(
-        store.con.execute(
-            "SELECT asset_key, prov_id FROM governance.prov_activity WHERE run_id = ? "
-            "ORDER BY created_at",
-            [rec["run_id"]],
-        ).fetchall()
-    )
     doc = prov_build.new_document()
-    act = prov_build.add_activity(doc, rec, sibling_activities=siblings)
+    act = prov_build.add_activity(doc, rec)
     store.con.execute(
-        "INSERT OR REPLACE INTO governance.prov_activity VALUES (?,?,?,?,?,?)",
+        "INSERT INTO governance.prov_activity VALUES (?,?,?,?,?,?)",
         [
             rec["activity_id"],
             act,
@@ -65,15 +63,28 @@ def record_prov(store: Store, record: ActivityRecord | Mapping[str, Any]) -> str
     return act
 
 
+def run_json(store: Store, run_id: str) -> str:
+    """The run's PROV-JSON: its fragments merged, plus the links between its activities."""
+    parts: list[dict[str, Any]] = []
+    if store.table_exists("governance.prov_activity"):
+        parts = [
+            json.loads(r[0])
+            for r in store.con.execute(
+                "SELECT prov_json FROM governance.prov_activity WHERE run_id = ? "
+                "ORDER BY created_at",
+                [run_id],
+            ).fetchall()
+        ]
+    links = prov_build.communications(activities(store, run_id))
+    merged = prov_build.merge_json([*parts, json.loads(prov_build.to_json(links))])
+    if not parts:
+        merged["prefix"].setdefault(prov_build.NS_PREFIX, prov_build.NS_URI)
+    return json.dumps(merged, sort_keys=True, separators=(",", ":"))
+
+
 def run_document(store: Store, run_id: str) -> pm.ProvDocument:
-    """The run's PROV document: every fragment of the run merged (empty if none)."""
-    if not store.table_exists("governance.prov_activity"):
-        return prov_build.new_document()
-    rows = store.con.execute(
-        "SELECT prov_json FROM governance.prov_activity WHERE run_id = ? ORDER BY created_at",
-        [run_id],
-    ).fetchall()
-    return prov_build.merge(prov_build.from_json(r[0]) for r in rows)
+    """The run's PROV document (empty if nothing materialized)."""
+    return prov_build.from_json(run_json(store, run_id))
 
 
 def open_runs(store: Store) -> list[str]:
@@ -113,10 +124,10 @@ def finalize_run(
     earlier = [r for r in open_runs(store) if r != run_id]
     with store.transaction():
         for rid in earlier:
-            storage.store_bundle(store, rid, prov_build.to_json(run_document(store, rid)), keyring)
-        doc = run_document(store, run_id)
-        row = storage.store_bundle(store, run_id, prov_build.to_json(doc), keyring)
-    n_acts = sum(1 for r in doc.get_records(pm.ProvActivity))
+            storage.store_bundle(store, rid, run_json(store, rid), keyring)
+        text = run_json(store, run_id)
+        row = storage.store_bundle(store, run_id, text, keyring)
+    n_acts = len(json.loads(text).get("activity") or {})
     events = 0
     if emit_openlineage:
         from twin_pipeline.lineage import openlineage

@@ -252,4 +252,8 @@ def stored_document(store: Store, run_id: str | None = None) -> Any:
         raise TwinPipelineError(f"no signed PROV bundle for run {run_id!r}")
     if run_id and len({r.run_id for r in rows}) > 1:
         raise TwinPipelineError(f"run id prefix {run_id!r} is ambiguous")
-    return prov_build.merge(prov_build.from_json(r.prov_json) for r in rows)
+    if len(rows) == 1:
+        return prov_build.from_json(rows[0].prov_json)
+    merged = prov_build.merge_json(json.loads(r.prov_json) for r in rows)
+    merged["prefix"].setdefault(prov_build.NS_PREFIX, prov_build.NS_URI)
+    return prov_build.from_json(json.dumps(merged))
