@@ -1,0 +1,273 @@
+"""Snapshot export on a hand-built de-identified store (see conftest for the expected outcome)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import prov.model as pm
+import pyarrow.parquet as pq
+import pytest
+
+from twin_pipeline.audit import access_events, verify_all
+from twin_pipeline.errors import AccessDenied, ConfigError
+from twin_pipeline.lineage import prov_build
+from twin_pipeline.paths import Settings
+from twin_pipeline.policy import Gateway
+from twin_pipeline.snapshot import create_snapshot, verify
+from twin_pipeline.store import Store
+
+from .conftest import (
+    DIABETES,
+    FIXTURE_RUN,
+    NOT_EXPORTED,
+    RAW_IDENTIFIERS,
+    RELEASED,
+    SUPPRESSED,
+)
+
+
+def _table(out: Path, name: str) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = pq.read_table(out / "data" / f"{name}.parquet").to_pylist()
+    return rows
+
+
+def _manifest(out: Path) -> dict[str, object]:
+    doc: dict[str, object] = json.loads((out / "manifest.json").read_text())
+    return doc
+
+
+def test_snapshot_contents_and_manifest(snap_home: Settings, tmp_path: Path) -> None:
+    out = tmp_path / "snap"
+    result = create_snapshot("researcher", out, settings=snap_home)
+    assert verify(out).ok
+    m = _manifest(out)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert "manifest.json" in files and "manifest.sig" in files and "README.md" in files
+    assert "lineage.json" in files and "public_key.pem" in files
+    assert sorted(m["files"]) == sorted(set(files) - {"manifest.json", "manifest.sig"})  # type: ignore[arg-type]
+    tables = {t["table"]: t for t in m["tables"]}  # type: ignore[attr-defined]
+    assert set(tables) == {
+        "deid.patient",
+        "deid.encounter",
+        "deid.observation",
+        "deid.condition",
+        "deid.imaging_series",
+        "deid.imaging_instance",
+        "deid.location",
+    }
+    assert "deid.mystery" in m["excluded_tables"]  # type: ignore[operator]
+    # row counts: 19 released patients, 3 encounters and 4 observations each
+    assert tables["deid.patient"]["rows"] == 19
+    assert tables["deid.encounter"]["rows"] == 57
+    assert tables["deid.observation"]["rows"] == 76
+    assert tables["deid.imaging_series"]["rows"] == 8  # group A only (C suppressed)
+    assert tables["deid.imaging_instance"]["rows"] == 16
+    assert tables["deid.location"]["rows"] == 3
+    for t in tables.values():
+        assert len(_table(out, t["file"].split("/")[1].removesuffix(".parquet"))) == t["rows"]
+        assert t["source_version"]["run_id"] == FIXTURE_RUN
+        assert {"name", "type"} <= set(t["schema"][0])
+    assert m["source_run_ids"] == [FIXTURE_RUN]
+    assert "policies/snapshot.yaml" in m["policy_versions"]  # type: ignore[operator]
+    assert "policies/roles.yaml" in m["policy_versions"]  # type: ignore[operator]
+    kv = m["key_versions"]
+    assert kv["pseudonym"].startswith("v1:") and kv["signing"].startswith("v1:")  # type: ignore[index]
+    assert kv["pseudonym_versions_in_data"] == [1]  # type: ignore[index]
+    assert m["code_version"]["git_commit"]  # type: ignore[index]
+    assert m["snapshot_id"] == result.snapshot_id
+    dc = m["disclosure_control"]
+    assert dc["patients_considered"] == 23  # type: ignore[index]
+    assert dc["patients_released"] == 19  # type: ignore[index]
+    assert dc["patients_suppressed"] == 4  # type: ignore[index]
+    assert dc["smallest_class_size"] == 5  # type: ignore[index]
+    assert dc["smallest_class_before_suppression"] == 1  # type: ignore[index]
+    # C: 3 patients x (1 patient + 3 enc + 4 obs + 1 cond + 1 series + 2 instances); F: 1 x 9
+    assert dc["rows_suppressed"]["deid.encounter"] == 12  # type: ignore[index]
+    assert dc["rows_suppressed"]["deid.imaging_instance"] == 6  # type: ignore[index]
+    assert dc["rows_suppressed"]["total"] == 3 * 12 + 9  # type: ignore[index]
+    card = (out / "README.md").read_text()
+    assert "k = 5" in card and "`age_band`" in card and "date-shifted" in card
+    assert "deid.mystery" in card
+
+
+def test_reproducible_bytes(snap_home: Settings, tmp_path: Path, cohort_file: Path) -> None:
+    a = create_snapshot("researcher", tmp_path / "a", settings=snap_home, cohort_path=cohort_file)
+    b = create_snapshot("researcher", tmp_path / "b", settings=snap_home, cohort_path=cohort_file)
+    assert a.snapshot_id == b.snapshot_id
+    assert a.manifest_sha256 == b.manifest_sha256
+    names = sorted(
+        p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()
+    )
+    assert len(names) == 12  # 7 tables, card, lineage, public key, manifest, signature
+    for rel in names:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_k_anonymity_holds_over_released_values(snap_home: Settings, tmp_path: Path) -> None:
+    out = tmp_path / "snap"
+    create_snapshot("researcher", out, settings=snap_home)
+    patients = _table(out, "patient")
+    assert "birth_year" not in patients[0] and "postal_code" not in patients[0]
+    classes = Counter((p["age_band"], p["gender"], p["zip3"]) for p in patients)
+    assert min(classes.values()) >= 5
+    assert classes[("40-49", "female", "021")] == 8
+    assert classes[("90+ or unknown", "male", "021")] == 5
+    assert {p["patient_id"] for p in patients} == RELEASED
+    # the gateway's mask for the researcher role (mrn -> null) is applied
+    assert all(p["mrn"] is None for p in patients)
+    # no row of a suppressed, non-consenting or deleted patient in any table
+    for name in ("encounter", "observation", "condition", "imaging_series"):
+        ids = {r["patient_id"] for r in _table(out, name)}
+        assert ids <= RELEASED, name
+        assert not ids & (SUPPRESSED | NOT_EXPORTED)
+    series = {r["series_instance_uid"] for r in _table(out, "imaging_series")}
+    assert {r["series_instance_uid"] for r in _table(out, "imaging_instance")} == series
+
+
+def test_rows_are_ordered_by_lineage_key(snap_home: Settings, tmp_path: Path) -> None:
+    out = tmp_path / "snap"
+    create_snapshot("researcher", out, settings=snap_home)
+    obs = _table(out, "observation")
+    keys = [(r["lineage_key"], r["observation_id"]) for r in obs]
+    assert keys == sorted(keys)
+
+
+def test_cohort_selects_patients(snap_home: Settings, tmp_path: Path, cohort_file: Path) -> None:
+    out = tmp_path / "snap"
+    r = create_snapshot("researcher", out, settings=snap_home, cohort_path=cohort_file)
+    assert {p["patient_id"] for p in _table(out, "patient")} == DIABETES
+    assert {e["patient_id"] for e in _table(out, "encounter")} == DIABETES
+    assert r.disclosure["patients_considered"] == 6
+    assert r.disclosure["patients_suppressed"] == 0
+    m = _manifest(out)
+    assert m["name"] == "diabetes-women"
+    assert m["cohort"]["include"]["conditions"] == ["44054006"]  # type: ignore[index]
+    assert m["cohort"]["as_of_year"] == 2026  # type: ignore[index]
+    assert len(m["cohort"]["file_sha256"]) == 64  # type: ignore[index, arg-type]
+
+
+def test_small_cohort_is_suppressed_entirely(snap_home: Settings, tmp_path: Path) -> None:
+    cohort = tmp_path / "old.yaml"
+    cohort.write_text("name: old\ninclude: {age_min: 70, age_max: 79}\n")
+    r = create_snapshot("researcher", tmp_path / "snap", settings=snap_home, cohort_path=cohort)
+    assert r.disclosure["patients_considered"] == 3
+    assert r.disclosure["patients_released"] == 0
+    assert r.disclosure["smallest_class_size"] is None
+    assert {t["table"]: t["rows"] for t in r.tables}["deid.patient"] == 0
+    assert verify(tmp_path / "snap").ok
+
+
+def test_no_raw_identifier_in_any_file(snap_home: Settings, tmp_path: Path) -> None:
+    out = tmp_path / "snap"
+    create_snapshot("researcher", out, settings=snap_home)
+    texts = []
+    for path in out.rglob("*"):
+        if path.suffix == ".parquet":
+            texts.append(json.dumps(pq.read_table(path).to_pylist(), default=str))
+        elif path.is_file():
+            texts.append(path.read_text())
+    blob = "\n".join(texts)
+    for ident in RAW_IDENTIFIERS:
+        assert ident not in blob
+
+
+def test_audit_and_lineage_records(snap_home: Settings, tmp_path: Path) -> None:
+    out = tmp_path / "snap"
+    r = create_snapshot("researcher", out, settings=snap_home)
+    m = _manifest(out)
+    with Store.open(snap_home) as store:
+        events = access_events(store)
+        snap_events = [e for e in events if e.get("action") == "snapshot"]
+        assert len(snap_events) == 1
+        ev = snap_events[0]
+        assert ev["decision"] == "allow" and ev["user"] == "researcher"
+        assert ev["snapshot_id"] == r.snapshot_id and ev["rows"] == r.rows
+        # every table was read through the gateway's own query path (its audit entries)
+        gateway_reads = {e["relations"][0] for e in events if e.get("action") == "query"}
+        assert {t["table"] for t in r.tables} <= gateway_reads
+        acts = [
+            json.loads(p[0])
+            for p in store.con.execute(
+                "SELECT payload FROM governance.ledger WHERE kind = 'activity'"
+            ).fetchall()
+        ]
+        snap_act = next(a for a in acts if a["asset_key"] == "snapshot/consented-patients")
+        assert snap_act["outputs"] == [
+            {"table": "governance.snapshot", "rows": r.rows, "content_hash": r.snapshot_id}
+        ]
+        assert verify_all(store).ok
+        bundle = store.con.execute(
+            "SELECT prov_json FROM governance.prov_bundle WHERE run_id = ?", [snap_act["run_id"]]
+        ).fetchone()
+        assert bundle is not None
+    snap_id = prov_build.table_version_id("governance.snapshot", r.snapshot_id)
+    for doc_text in (bundle[0], (out / "lineage.json").read_text()):
+        doc = prov_build.from_json(doc_text)
+        derived = {
+            str(rec.get_attribute("prov:usedEntity").pop())
+            for rec in doc.get_records(pm.ProvDerivation)
+            if str(rec.get_attribute("prov:generatedEntity").pop()) == snap_id
+        }
+        expected = {
+            prov_build.table_version_id(t["table"], t["source_version"]["content_hash"])
+            for t in m["tables"]  # type: ignore[attr-defined]
+        }
+        assert expected <= derived
+
+
+def test_snapshot_rows_match_the_gateway(snap_home: Settings, tmp_path: Path) -> None:
+    out = tmp_path / "snap"
+    create_snapshot("researcher", out, settings=snap_home)
+    with Gateway(snap_home) as gw:
+        loc = gw.query("researcher", "SELECT * FROM deid.location ORDER BY lineage_key")
+        enc = gw.query(
+            "researcher", "SELECT encounter_id FROM deid.encounter WHERE patient_id LIKE 'dA%'"
+        )
+    assert [tuple(r.values()) for r in _table(out, "location")] == loc.rows
+    exported = {r["encounter_id"] for r in _table(out, "encounter")}
+    assert {r[0] for r in enc.rows} <= exported
+
+
+@pytest.mark.parametrize(
+    ("user", "tables", "reason"),
+    [
+        ("engineer", None, "may not create snapshots"),
+        ("engineer", ["harmonized.patient"], "may not create snapshots"),
+        ("researcher", ["harmonized.patient"], "not a de-identified table"),
+        ("admin", ["deid.patient"], "may not create snapshots"),
+        ("mallory", None, "unknown user"),
+    ],
+)
+def test_refused_and_audited(
+    snap_home: Settings, tmp_path: Path, user: str, tables: list[str] | None, reason: str
+) -> None:
+    out = tmp_path / "snap"
+    with pytest.raises(AccessDenied, match=reason):
+        create_snapshot(user, out, settings=snap_home, tables=tables)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".snap.tmp-*"))
+    with Store.open(snap_home) as store:
+        denials = [
+            e
+            for e in access_events(store)
+            if e.get("action") == "snapshot" and e["decision"] == "deny"
+        ]
+    assert len(denials) == 1 and reason in denials[0]["reason"]
+
+
+def test_explicit_unlinked_table_is_refused(snap_home: Settings, tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="cannot be restricted to released patients"):
+        create_snapshot("researcher", tmp_path / "s", settings=snap_home, tables=["deid.mystery"])
+
+
+def test_output_folder_not_overwritten(snap_home: Settings, tmp_path: Path) -> None:
+    out = tmp_path / "snap"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        create_snapshot("researcher", out, settings=snap_home)
+    assert (out / "keep.txt").read_text() == "mine"
+    create_snapshot("researcher", out, settings=snap_home, force=True)
+    assert not (out / "keep.txt").exists() and verify(out).ok
