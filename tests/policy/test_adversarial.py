@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.policy.attacks import IDENTIFIED_FOR_RESEARCHER, OUTSIDE_AUDITOR, UNIVERSAL
-from tests.policy.conftest import last_audit
 from twin_pipeline.errors import AccessDenied
 from twin_pipeline.policy import Gateway, QueryDenied
+
+from .attacks import IDENTIFIED_FOR_RESEARCHER, OUTSIDE_AUDITOR, UNIVERSAL
+from .conftest import last_audit
 
 USERS = {
     "engineer": "data_engineer",

@@ -8,10 +8,11 @@ import json
 
 import pytest
 
-from tests.policy.conftest import build_store
 from twin_pipeline.cli import main
 from twin_pipeline.paths import Settings
 from twin_pipeline.store import Store
+
+from .conftest import build_store
 
 
 @pytest.fixture

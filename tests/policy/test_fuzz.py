@@ -7,9 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.policy.conftest import FAMILY_P1, SSN_P2, last_audit
 from twin_pipeline.errors import AccessDenied
 from twin_pipeline.policy import Gateway, QueryFailed
+
+from .conftest import FAMILY_P1, SSN_P2, last_audit
 
 TOKENS = [
     "SELECT",

@@ -6,10 +6,11 @@ import contextlib
 
 import pytest
 
-from tests.policy.conftest import FAMILY_P1, SSN_P2, last_audit
 from twin_pipeline import ledger
 from twin_pipeline.errors import AccessDenied
 from twin_pipeline.policy import Gateway, QueryFailed
+
+from .conftest import FAMILY_P1, SSN_P2, last_audit
 
 
 def rows(gw: Gateway, user: str, sql: str) -> list[tuple[object, ...]]:
