@@ -76,6 +76,22 @@ def test_simulate_is_a_governed_materialization_with_lineage(twin_home: Settings
         ).fetchone()
         assert row is not None and row[0] == sha and used["twin.node"] in row[1]
 
+        # The signed PROV bundle of the run: the simulation activity used the scenario file
+        # and the twin tables' versions.
+        from prov import model as pm
+
+        from twin_pipeline.lineage import prov_build, storage
+
+        prov = storage.stored_document(store, doc["run_id"])
+        act = prov_build.activity_id(rec)
+        usages = {
+            tuple(str(v) for _, v in r.formal_attributes)[:2]
+            for r in prov.get_records(pm.ProvUsage)
+        }
+        assert (act, prov_build.file_id(sha)) in usages
+        assert (act, prov_build.table_version_id("twin.node", used["twin.node"])) in usages
+        assert (act, prov_build.table_version_id("twin.edge", used["twin.edge"])) in usages
+
     # Human-readable output says plainly what the figures are.
     text = _twin("simulate", "mmc_check", "--replications", "2")
     assert text.returncode == 0, text.stderr
