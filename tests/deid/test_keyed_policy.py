@@ -118,3 +118,14 @@ def test_lineage_key_must_be_kept_and_withheld_tables_need_reason(tmp_path: Path
     bad.write_text("version: 1\ntables: {}\n")
     with pytest.raises(ConfigError, match=r"deid\.yaml"):
         load_policy(bad)
+
+
+def test_every_harmonized_asset_has_a_policy_table_and_a_deid_asset() -> None:
+    from twin_pipeline.definitions import defs
+
+    keys = {s.key for s in defs.resolve_all_asset_specs()}
+    policy = load_policy()
+    harmonized = {k.path[1] for k in keys if k.path[0] == "harmonized"}
+    assert harmonized - set(policy.tables) == set(), "harmonized tables without a deid rule"
+    deid = {k.path[1] for k in keys if k.path[0] == "deid"}
+    assert deid == set(policy.tables)

@@ -140,6 +140,8 @@ class Rule:
     score: float
     flags: int = 0
     name: str = ""
+    # Cheap guard: the rule runs only if one of these occurs in the lower-cased text.
+    requires: tuple[str, ...] = ()
 
 
 # Rules: (entity, regex with a `phi` group or whole match, score). Order does not matter;
@@ -154,7 +156,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "PERSON",
-        r"(?:\b(?:Patient(?:[ \t]+[Nn]ame)?|Pt|Name|Attending(?:[ \t]+[Pp]hysician)?|"
+        r"(?:\b(?i:Patient(?:[ \t]+[Nn]ame)?|Pt|Name|Attending(?:[ \t]+[Pp]hysician)?|"
         r"(?:Electronically[ \t]+)?[Ss]igned(?:[ \t]+by)?|Dictated[ \t]+by|Transcribed[ \t]+by|"
         r"Resident|Fellow|PCP|Referring(?:[ \t]+[Pp]hysician)?|Ordering(?:[ \t]+[Pp]hysician)?|"
         r"Surgeon|Author|Consultant|Radiologist|Nurse|Cc|CC|Emergency[ \t]+[Cc]ontact|"
@@ -178,6 +180,21 @@ RULES: tuple[Rule, ...] = (
         0.8,
         name="relative_name",
     ),
+    Rule(
+        "PERSON",
+        r"^[ \t]*(?P<phi>[A-Z]{2,}(?:['’\-][A-Z]+)*, ?[A-Z]{2,}(?: [A-Z]\.?)?)(?=[ \t]{2,}|[ \t]*$)",
+        0.8,
+        re.MULTILINE,
+        name="caps_last_first_line",
+    ),
+    # Dictation trailer: author initials then typist names, "XGT:holmes", "GPP/church/olinger"
+    Rule(
+        "PERSON",
+        r"^[ \t]*[A-Z]{2,4}[:/](?P<phi>[a-z]{2,}(?:/[a-z]{2,})*)[ \t]*$",
+        0.8,
+        re.MULTILINE,
+        name="typist_trailer",
+    ),
     # Synthea-style names carry digits: "Sumiko254 Larue605"
     Rule(
         "PERSON",
@@ -200,12 +217,22 @@ RULES: tuple[Rule, ...] = (
         0.8,
         re.IGNORECASE,
         name="phone_ctx",
+        requires=("tel", "phone", "ph", "cell", "mobile", "fax", "pager", "beeper"),
+    ),
+    Rule(
+        "PHONE",
+        r"\b(?:pager|beeper|pgr|ext)\.?[ \t]*#?[ \t]*:?[ \t]*(?P<phi>\d{4,5})\b",
+        0.8,
+        re.IGNORECASE,
+        name="pager",
+        requires=("pager", "beeper", "pgr", "ext"),
     ),
     Rule(
         "EMAIL",
         r"(?<![\w.+\-])(?P<phi>[A-Za-z0-9._%+\-']+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,})\b",
         0.95,
         name="email",
+        requires=("@",),
     ),
     Rule(
         "URL",
@@ -213,18 +240,39 @@ RULES: tuple[Rule, ...] = (
         0.9,
         re.IGNORECASE,
         name="url",
+        requires=("http", "www.", "ftp://"),
     ),
     Rule(
         "IP_ADDRESS",
         r"(?<![\d.])(?P<phi>(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d))(?![\d.]*\d)",
         0.85,
         name="ipv4",
+        requires=(".",),
     ),
     Rule(
         "IP_ADDRESS",
         r"(?<![\w:])(?P<phi>(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}|(?:[0-9A-Fa-f]{1,4}:){1,6}:[0-9A-Fa-f]{1,4})(?![\w:])",
         0.8,
         name="ipv6",
+        requires=(
+            "::",
+            ":0",
+            ":1",
+            ":2",
+            ":3",
+            ":4",
+            ":5",
+            ":6",
+            ":7",
+            ":8",
+            ":9",
+            ":a",
+            ":b",
+            ":c",
+            ":d",
+            ":e",
+            ":f",
+        ),
     ),
     # --- government / record numbers -------------------------------------------------------------
     Rule(
@@ -232,6 +280,7 @@ RULES: tuple[Rule, ...] = (
         r"(?<![\d\-])(?P<phi>(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4})(?![\d\-])",
         0.9,
         name="ssn",
+        requires=("-",),
     ),
     Rule(
         "SSN",
@@ -240,15 +289,17 @@ RULES: tuple[Rule, ...] = (
         0.95,
         re.IGNORECASE,
         name="ssn_ctx",
+        requires=("ssn", "social", "ss#"),
     ),
     Rule(
         "MRN",
-        r"\b(?:MRN|MR#|MR[ \t]+No\.?|Med(?:ical)?[ \t]*Rec(?:ord)?\.?(?:[ \t]*(?:No\.?|Number|#))?|"
+        r"\b(?:MRN|MR#|MR(?=[ \t]*:)|MR[ \t]+No\.?|Med(?:ical)?[ \t]*Rec(?:ord)?\.?(?:[ \t]*(?:No\.?|Number|#))?|"
         r"Patient[ \t]+ID|Hospital[ \t]+(?:No\.?|Number)|Unit[ \t]+(?:No\.?|Number))[ \t]*[:#]?[ \t]*"
         r"(?P<phi>[A-Z]{0,3}-?\d{4,12}(?:-\d{1,4})?)\b",
         0.95,
         re.IGNORECASE,
         name="mrn_ctx",
+        requires=("mr", "med", "patient id", "hospital", "unit"),
     ),
     Rule(
         "ACCESSION",
@@ -257,6 +308,7 @@ RULES: tuple[Rule, ...] = (
         0.95,
         re.IGNORECASE,
         name="accession_ctx",
+        requires=("acc", "order"),
     ),
     Rule(
         "DEVICE_SERIAL",
@@ -264,6 +316,7 @@ RULES: tuple[Rule, ...] = (
         r"(?P<phi>(?=[A-Z0-9\-]*\d)[A-Z0-9][A-Z0-9\-]{3,30})\b",
         0.9,
         name="serial_ctx",
+        requires=("sn", "s/n", "serial", "device", "udi"),
     ),
     Rule(
         "ID",
@@ -273,6 +326,21 @@ RULES: tuple[Rule, ...] = (
         0.85,
         re.IGNORECASE,
         name="id_ctx",
+        requires=(
+            "account",
+            "acct",
+            "policy",
+            "member",
+            "insurance",
+            "subscriber",
+            "lic",
+            "dea",
+            "npi",
+            "plan",
+            "certificate",
+            "badge",
+            "plate",
+        ),
     ),
     # --- geography ---------------------------------------------------------------------------------
     Rule(
@@ -288,6 +356,7 @@ RULES: tuple[Rule, ...] = (
         0.9,
         re.IGNORECASE,
         name="po_box",
+        requires=("box",),
     ),
     Rule(
         "LOCATION",
@@ -313,6 +382,7 @@ RULES: tuple[Rule, ...] = (
         r"\b(?:ZIP|Zip[ \t]*[Cc]ode|Postal[ \t]*[Cc]ode)[ \t]*:?[ \t]*(?P<phi>\d{5}(?:-\d{4})?)\b",
         0.9,
         name="zip_ctx",
+        requires=("zip", "postal"),
     ),
     # --- dates ---------------------------------------------------------------------------------------
     Rule(
@@ -330,20 +400,92 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "DATE", rf"(?<![\d\-])(?P<phi>{_MO}-{_DAY}-{_YEAR4})(?![\d\-])", 0.85, name="us_dash_date"
     ),
-    Rule("DATE", rf"(?<![\d.])(?P<phi>{_DAY}\.{_MO}\.{_YEAR4})(?![\d.])", 0.7, name="dot_date"),
-    Rule("DATE", rf"\b(?P<phi>{_DAY}[ \-]{_MON}[ \-,]*{_YEAR4})\b", 0.9, name="d_mon_y"),
+    Rule(
+        "DATE",
+        rf"(?<![\d.])(?P<phi>{_DAY}\.{_MO}\.{_YEAR4})(?![\d.])",
+        0.7,
+        name="dot_date",
+        requires=(".",),
+    ),
+    Rule(
+        "DATE",
+        rf"\b(?P<phi>{_DAY}[ \-]{_MON}[ \-,]*{_YEAR4})\b",
+        0.9,
+        name="d_mon_y",
+        requires=(
+            "jan",
+            "feb",
+            "mar",
+            "apr",
+            "may",
+            "jun",
+            "jul",
+            "aug",
+            "sep",
+            "oct",
+            "nov",
+            "dec",
+        ),
+    ),
     Rule(
         "DATE",
         rf"\b(?P<phi>{_MON}[ \t]+{_DAY}(?:st|nd|rd|th)?,?[ \t]+{_YEAR4})\b",
         0.9,
         name="mon_d_y",
+        requires=(
+            "jan",
+            "feb",
+            "mar",
+            "apr",
+            "may",
+            "jun",
+            "jul",
+            "aug",
+            "sep",
+            "oct",
+            "nov",
+            "dec",
+        ),
     ),
-    Rule("DATE", rf"\b(?P<phi>{_MON}[ \t]+{_YEAR4})\b", 0.8, name="mon_y"),
+    Rule(
+        "DATE",
+        rf"\b(?P<phi>{_MON}[ \t]+{_YEAR4})\b",
+        0.8,
+        name="mon_y",
+        requires=(
+            "jan",
+            "feb",
+            "mar",
+            "apr",
+            "may",
+            "jun",
+            "jul",
+            "aug",
+            "sep",
+            "oct",
+            "nov",
+            "dec",
+        ),
+    ),
     Rule(
         "DATE",
         rf"\b(?P<phi>(?:{MONTHS_FULL}|(?:{MONTHS_ABBR})\.)[ \t]+{_DAY}(?:st|nd|rd|th)?)\b(?![ \t]*(?:mg|mL|ml|units?|%))",
         0.7,
         name="mon_d",
+        requires=(
+            "jan",
+            "feb",
+            "mar",
+            "apr",
+            "may",
+            "jun",
+            "jul",
+            "aug",
+            "sep",
+            "oct",
+            "nov",
+            "dec",
+        ),
     ),
     Rule(
         "DATE",
@@ -351,8 +493,30 @@ RULES: tuple[Rule, ...] = (
         r"(?P<phi>January|February|April|June|July|August|September|October|November|December)\b",
         0.6,
         name="month_ctx",
+        requires=(
+            "jan",
+            "feb",
+            "mar",
+            "apr",
+            "may",
+            "jun",
+            "jul",
+            "aug",
+            "sep",
+            "oct",
+            "nov",
+            "dec",
+        ),
     ),
     Rule("DATE", rf"(?<![\d/])(?P<phi>{_MO}/{_YEAR4})(?![\d/])", 0.7, name="mo_year"),
+    # m/yy (2/03, 8/79); /10 is left alone (pain scores "6/10")
+    Rule(
+        "DATE",
+        r"(?<![\d/.])(?P<phi>(?:0?[1-9]|1[0-2])/(?:0\d|1[1-9]|[2-9]\d))(?![\d/%.])",
+        0.6,
+        name="mo_yy",
+    ),
+    Rule("DATE", rf"(?<![\d\-])(?P<phi>{_MO}-{_DAY}-\d{{2}})(?![\d\-])", 0.7, name="us_dash_yy"),
     Rule(
         "DATE",
         r"(?<![\d.\-])(?P<phi>(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]))(?![\d.\-])",
@@ -373,6 +537,7 @@ RULES: tuple[Rule, ...] = (
         r"\b(?:age|aged|Age)[ \t]*:?[ \t]*(?P<phi>9\d|1[0-2]\d)\b",
         0.85,
         name="age_ctx",
+        requires=("age",),
     ),
 )
 
@@ -381,7 +546,9 @@ class ClinicalPatternRecognizer(EntityRecognizer):  # type: ignore[misc]
     """All pattern rules of one entity type; reports the ``phi`` group of each match."""
 
     def __init__(self, entity: str, rules: Sequence[Rule]):
-        self._compiled = [(re.compile(r.pattern, r.flags), r.score, r.name) for r in rules]
+        self._compiled = [
+            (re.compile(r.pattern, r.flags), r.score, r.name, r.requires) for r in rules
+        ]
         self._rec_name = f"clinical_{entity.lower()}"
         super().__init__(
             supported_entities=[entity],
@@ -397,7 +564,12 @@ class ClinicalPatternRecognizer(EntityRecognizer):  # type: ignore[misc]
     ) -> list[RecognizerResult]:
         entity = self.supported_entities[0]
         out: list[RecognizerResult] = []
-        for rx, score, name in self._compiled:
+        low: str | None = None
+        for rx, score, name, requires in self._compiled:
+            if requires:
+                low = text.lower() if low is None else low
+                if not any(r in low for r in requires):
+                    continue
             for m in rx.finditer(text):
                 if "phi" in rx.groupindex and m.group("phi") is not None:
                     s, e = m.span("phi")

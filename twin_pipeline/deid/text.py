@@ -151,26 +151,24 @@ def load_nlp_engine(model: str = MODEL, *, ner_only: bool = True) -> Any:
 
 
 # Words that start many clinical lines and are never names: used only to decide where spaCy runs.
-_CAND = re.compile(r"(?<![A-Za-z])([A-Z][a-z'’\-]+|[A-Z]{3,})(?![A-Za-z])")
+_CAND = re.compile(r"(?<![A-Za-z0-9])([A-Z][a-z'’\-]+|[A-Z]{4,})(?![A-Za-z0-9])")
 _SENT_START = re.compile(r"(?:^|[.:;!?]\s+|\n\s*|\d\.\s+)$")
 
 
-def ner_view(text: str, found: Sequence[Span], window: int = 40) -> str:
-    """Same-length copy of ``text`` keeping only windows around unclaimed name candidates.
+def ner_windows(text: str, found: Sequence[Span], window: int = 40) -> list[tuple[int, int]]:
+    """Character windows of ``text`` where a name could still hide (merged, in order).
 
     A candidate is a capitalised or all-caps word that no recognizer has claimed yet, is not a
     clinical abbreviation from :data:`NER_STOPWORDS`, and is not merely the first word of a
-    sentence (those are usually verbs and section headers). Each kept window reaches ``window``
-    characters either side (to whole words); everything else becomes spaces, so offsets hold
-    and spaCy only reads the few places where a name could still hide. An empty result means
-    spaCy need not run at all.
+    sentence or a word of an all-caps header line. Each window reaches ``window`` characters
+    either side of a candidate (to whole words, within its line). spaCy reads only these
+    windows; no windows means spaCy need not run for the note at all.
     """
     covered = bytearray(len(text))
     for s in found:
         covered[s.start : s.end] = b"\x01" * (s.end - s.start)
-    keep = bytearray(len(text))
-    any_kept = False
     n = len(text)
+    spans: list[tuple[int, int]] = []
     for m in _CAND.finditer(text):
         a, b = m.span(1)
         if covered[a]:
@@ -181,27 +179,62 @@ def ner_view(text: str, found: Sequence[Span], window: int = 40) -> str:
         line_start = text.rfind("\n", 0, a) + 1
         if _SENT_START.search(text[line_start:a]):
             continue
+        line_end = text.find("\n", b)
+        line_end = n if line_end < 0 else line_end
+        if word.isupper() and not any(c.islower() for c in text[line_start:line_end]):
+            continue  # an all-caps line is a header
         lo = max(line_start, a - window)
-        hi = text.find("\n", b)
-        hi = min(n if hi < 0 else hi, b + window)
+        hi = min(line_end, b + window)
         while lo > line_start and not text[lo - 1].isspace():
             lo -= 1
-        while hi < n and not text[hi].isspace():
+        while hi < line_end and not text[hi].isspace():
             hi += 1
-        keep[lo:hi] = b"\x01" * (hi - lo)
-        any_kept = True
-    if not any_kept:
-        return ""
-    return "".join(c if (k or c == "\n") else " " for c, k in zip(text, keep, strict=True))
+        if spans and lo <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], hi))
+        else:
+            spans.append((lo, hi))
+    return spans
 
 
+def ner_view(text: str, found: Sequence[Span], window: int = 40) -> tuple[str, list[int]]:
+    """The windows joined by newlines, and each window's start in ``text`` / in the view."""
+    parts: list[str] = []
+    starts: list[int] = []
+    pos = 0
+    for lo, hi in ner_windows(text, found, window):
+        starts.extend((lo, pos))
+        parts.append(text[lo:hi])
+        pos += hi - lo + 1
+    return "\n".join(parts), starts
+
+
+def _to_text(
+    view_start: int, view_end: int, starts: list[int], view: str
+) -> tuple[int, int] | None:
+    """Map a span of the view back to the note (None if it crosses a window boundary)."""
+    for k in range(0, len(starts), 2):
+        t0, v0 = starts[k], starts[k + 1]
+        v1 = starts[k + 3] - 1 if k + 3 < len(starts) else len(view)
+        if v0 <= view_start and view_end <= v1:
+            return t0 + view_start - v0, t0 + view_end - v0
+    return None
+
+
+# Generic drug-name endings (INN stems): spaCy's small model often calls a drug a PERSON.
+_DRUG_SUFFIX = re.compile(
+    r"(?i)(?:olol|pril|sartan|sone|olone|statin|cillin|mycin|cycline|floxacin|azole|dipine|"
+    r"parin|mab|nib|tide|gliptin|glitazone|prazole|tidine|setron|triptan|afil|vir|"
+    r"oxetine|pramine|azepam|barbital|caine|profen|fenac|lukast|terol|sonide|phylline|ine)$"
+)
 _STATE_SET = {s.lower() for s in STATES} | {s.lower() for s in STATE_NAMES.split("|")}
 _COUNTRIES = {"us", "usa", "u.s.", "u.s.a.", "united states", "america", "united states of america"}
 
 
 def _keep_ner(label: str, surface: str) -> bool:
     t = surface.strip()
-    if not any(c.isalpha() for c in t) or not any(c.isupper() for c in t):
+    if "\n" in t or not any(c.isalpha() for c in t) or not any(c.isupper() for c in t):
+        return False
+    if " " not in t and _DRUG_SUFFIX.search(t):
         return False
     if any(c.isdigit() for c in t):
         return False
@@ -301,32 +334,30 @@ class TextEngine:
         found = [self._pattern_spans(t, c) for t, c in zip(texts, ctxs, strict=True)]
         if not self.use_ner:
             return [resolve(f) for f in found]
-        views = [ner_view(t, f) if self.gate_ner else t for t, f in zip(texts, found, strict=True)]
-        todo = [i for i, v in enumerate(views) if v.strip()]
-        artifacts = dict(
-            zip(
-                todo,
-                (a for _, a in self.nlp_engine.process_batch([views[i] for i in todo], "en")),
-                strict=True,
-            )
-        )
+        views: list[tuple[str, list[int]]] = [
+            ner_view(t, f) if self.gate_ner else (t, [0, 0])
+            for t, f in zip(texts, found, strict=True)
+        ]
+        todo = [i for i, (v, _) in enumerate(views) if v.strip()]
+        batch = self.nlp_engine.process_batch([views[i][0] for i in todo], "en")
+        artifacts = dict(zip(todo, (a for _, a in batch), strict=True))
         results: list[list[Span]] = []
-        for i, (text, view, spans) in enumerate(zip(texts, views, found, strict=True)):
+        for i, (text, spans) in enumerate(zip(texts, found, strict=True)):
             nlp_artifacts = artifacts.get(i)
             if nlp_artifacts is None:
                 results.append(resolve(spans))
                 continue
-            ner = self.analyzer.analyze(
+            view, starts = views[i]
+            extra: list[Span] = []
+            for r in self.analyzer.analyze(
                 text=view,
                 language="en",
                 entities=list(NER_ENTITIES),
                 nlp_artifacts=nlp_artifacts,
-            )
-            extra = [
-                Span(r.start, r.end, r.entity_type, min(r.score, 0.6), "spacy")
-                for r in ner
-                if _keep_ner(r.entity_type, text[r.start : r.end])
-            ]
+            ):
+                pos = _to_text(r.start, r.end, starts, view)
+                if pos and _keep_ner(r.entity_type, text[pos[0] : pos[1]]):
+                    extra.append(Span(pos[0], pos[1], r.entity_type, min(r.score, 0.6), "spacy"))
             results.append(resolve(spans + extra))
         return results
 

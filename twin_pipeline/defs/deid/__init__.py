@@ -9,8 +9,12 @@ the asset with an error naming ``table.column``; a harmonized table that does no
 skipped with metadata ``skipped: missing input``.
 """
 
+import importlib
+import pkgutil
+
 import dagster as dg
 
+from twin_pipeline import defs as defs_pkg
 from twin_pipeline.defs.common import governed_run
 from twin_pipeline.defs.resources import TwinResource
 from twin_pipeline.deid.policy import load_policy
@@ -18,7 +22,25 @@ from twin_pipeline.deid.structured import deidentify_table
 from twin_pipeline.errors import PolicyViolation
 
 
-def _deid_asset(table: str, released: bool, note: str) -> dg.AssetsDefinition:
+def _upstream_keys() -> set[dg.AssetKey]:
+    """Asset keys other stages define (a dep on an undefined key would add a bare stub)."""
+    keys: set[dg.AssetKey] = set()
+    for mod in pkgutil.iter_modules(defs_pkg.__path__):
+        if not mod.ispkg or mod.name in ("deid", "quality"):
+            continue
+        stage = getattr(importlib.import_module(f"{defs_pkg.__name__}.{mod.name}"), "defs", None)
+        if isinstance(stage, dg.Definitions):
+            for a in stage.assets or []:
+                if isinstance(a, dg.AssetsDefinition):
+                    keys.update(a.keys)
+                elif isinstance(a, dg.AssetSpec):
+                    keys.add(a.key)
+    return keys
+
+
+def _deid_asset(
+    table: str, released: bool, note: str, upstream: set[dg.AssetKey]
+) -> dg.AssetsDefinition:
     what = (
         f"`harmonized.{table}` de-identified under policies/deid.yaml: person ids pseudonymized "
         "(keyed HMAC), dates shifted per patient, quasi-identifiers generalized, free text "
@@ -29,7 +51,7 @@ def _deid_asset(table: str, released: bool, note: str) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=dg.AssetKey(["deid", table]),
-        deps=[dg.AssetKey(["harmonized", table])],
+        deps=[k for k in [dg.AssetKey(["harmonized", table])] if k in upstream],
         group_name="deid",
         kinds={"duckdb", "python"},
         owners=["team:privacy"],
@@ -55,8 +77,10 @@ def _deid_asset(table: str, released: bool, note: str) -> dg.AssetsDefinition:
 
 def build_assets() -> list[dg.AssetsDefinition]:
     policy = load_policy()
+    upstream = _upstream_keys()
     return [
-        _deid_asset(name, rule.release, rule.reason or "") for name, rule in policy.tables.items()
+        _deid_asset(name, rule.release, rule.reason or "", upstream)
+        for name, rule in policy.tables.items()
     ]
 
 
