@@ -12,6 +12,7 @@ across tables but cannot be recomputed from a guessed value outside the gateway.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import sqlglot
@@ -20,7 +21,7 @@ from sqlglot import exp
 from twin_pipeline.policy.model import MaskKind, Role
 from twin_pipeline.policy.sqlcheck import CATALOG, DIALECT, check_filter_sql
 
-_TEXT_TYPES = ("VARCHAR", "TEXT", "STRING", "CHAR", "BPCHAR", "UUID")
+_TEXT_TYPE = re.compile(r"^(VARCHAR|TEXT|STRING|CHAR|BPCHAR|UUID)(\(\d+\))?$")
 _TIME_TYPES = ("DATE", "TIMESTAMP", "TIMESTAMP WITH TIME ZONE", "TIMESTAMP_S", "TIMESTAMP_MS")
 
 
@@ -48,11 +49,11 @@ def mask_sql(mask: MaskKind, column: str, data_type: str, salt: str) -> str:
     if mask == "year_only":
         if t in _TIME_TYPES:
             return f"CAST(date_trunc('year', {c}) AS {data_type})"
-        if t.startswith(_TEXT_TYPES):
+        if _TEXT_TYPE.match(t):
             return f"left({c}, 4)"
         return f"CAST(NULL AS {data_type})"
     if mask == "redact":
-        if t.startswith(_TEXT_TYPES):
+        if _TEXT_TYPE.match(t):
             return f"CASE WHEN {c} IS NULL THEN NULL ELSE '[REDACTED]' END"
         return f"CAST(NULL AS {data_type})"
     raise ValueError(f"unknown mask {mask!r}")  # pragma: no cover - pydantic restricts it
