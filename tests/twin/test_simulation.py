@@ -178,3 +178,21 @@ def test_summary_ci_and_chart(tmp_path, graph_store: tuple[Store, GraphReport]) 
     r = run_simulation(store, Scenario.model_validate({"name": "t", "replications": 2}))
     out = make_chart(r, tmp_path / "c.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_modalities_in_a_scenario_are_reported(
+    graph_store: tuple[Store, GraphReport],
+) -> None:
+    store, _ = graph_store
+    sc = Scenario.model_validate(
+        {
+            "name": "t",
+            "replications": 2,
+            "domains": ["imaging"],
+            "imaging": {"add_scanners": {"PET": 1, "CT": 1}},
+        }
+    )
+    r = run_simulation(store, sc)
+    assert any("imaging.add_scanners.PET" in n and "ignored" in n for n in r["notes"])
+    assert not any(".CT:" in n for n in r["notes"])
+    assert "beds" not in r["stations"]

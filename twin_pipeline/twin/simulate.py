@@ -78,6 +78,28 @@ def _pick(changes: Mapping[str, T], station: str, default: T) -> T:
     return default
 
 
+def unmatched_changes(sc: Scenario, stations: list[str]) -> list[str]:
+    """Scenario keys that name no fitted station or modality (they change nothing)."""
+    known = set(stations) | {m for st in stations for m in st.split("+")} | {"*"}
+    ic = sc.imaging
+    out: list[str] = []
+    for field_name in (
+        "add_scanners",
+        "set_scanners",
+        "technologists",
+        "opening_hours",
+        "modality_demand",
+        "service_time_multiplier",
+    ):
+        for key in getattr(ic, field_name):
+            if key not in known:
+                out.append(
+                    f"imaging.{field_name}.{key}: no such modality in the twin's history "
+                    f"(have {', '.join(sorted(stations)) or 'none'}); ignored"
+                )
+    return out
+
+
 def plan(history: History | None, sc: Scenario) -> tuple[dict[str, Setup], dict[str, Setup]]:
     """Baseline and scenario station setups."""
     base: dict[str, Setup] = {}
@@ -178,6 +200,8 @@ def run_simulation(
         history = fit_history(store, sc.fit, list(sc.domains))
         notes += history.notes
     base, what = plan(history, sc)
+    if history is not None:
+        notes += unmatched_changes(sc, list(history.imaging))
     horizon = sc.horizon_days or (history.days if history else 0)
     weekday = history.start_weekday if history else 0
     result: dict[str, Any] = {
