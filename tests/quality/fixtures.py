@@ -207,7 +207,7 @@ def build_store(store: Store, *, clean: bool = False) -> None:
             " position VARCHAR, resource_type VARCHAR, record_hash VARCHAR, payload VARCHAR)"
         )
         con.execute(
-            "CREATE OR REPLACE TABLE raw.telemetry (lineage_key VARCHAR, source_file VARCHAR,"
+            "CREATE OR REPLACE TABLE raw.telemetry_reading (lineage_key VARCHAR, source_file VARCHAR,"
             " position VARCHAR, record_hash VARCHAR, payload VARCHAR)"
         )
         fhir_raw: list[tuple[object, ...]] = []
@@ -227,7 +227,7 @@ def build_store(store: Store, *, clean: bool = False) -> None:
             (r[0], "telemetry/monitors-000.ndjson", f"line:{i}", "h", "{}")
             for i, r in enumerate(telemetry, start=1)
         ]
-        con.execute(f"INSERT INTO raw.telemetry VALUES {_values(tel_raw)}")
+        con.execute(f"INSERT INTO raw.telemetry_reading VALUES {_values(tel_raw)}")
         for path, kind in (
             ("ehr/bulk/Patient.ndjson", "fhir"),
             ("ehr/bulk/Encounter.ndjson", "fhir"),

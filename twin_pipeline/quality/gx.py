@@ -104,42 +104,102 @@ def build_suite(name: str, expectations: list[Any]) -> Any:
 
 
 def validate(
-    suite_name: str, expectations: list[Any], df: Any, *, run_name: str
+    suite_name: str,
+    expectations: list[Any],
+    df: Any,
+    *,
+    run_name: str,
+    pushed_down: list[tuple[Any, GXOutcome]] | None = None,
 ) -> list[GXOutcome]:
-    """Validate ``df`` (indexed by row id) against the expectations; return per-name outcomes."""
+    """Validate ``df`` (indexed by row id) against the expectations; return per-name outcomes.
+
+    ``pushed_down`` are expectations already evaluated in SQL (:mod:`.sqlengine`); they are
+    added to the stored GX validation result so Data Docs show the whole suite.
+    """
     gx = _gx()
+    from great_expectations.core.expectation_validation_result import (
+        ExpectationSuiteValidationResult,
+        ExpectationValidationResult,
+    )
     from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.resource_identifiers import (
+        ExpectationSuiteIdentifier,
+        ValidationResultIdentifier,
+    )
 
     ctx = context()
+    pushed_down = pushed_down or []
+    run_id = RunIdentifier(run_name=run_name, run_time=datetime.now(UTC))
     with _LOCK:
-        ds = ctx.data_sources.get("twin")
-        asset_name = suite_name
-        try:
-            asset = ds.get_asset(asset_name)
-        except LookupError:
-            asset = ds.add_dataframe_asset(asset_name)
-        try:
-            batch_def = asset.get_batch_definition("whole")
-        except (KeyError, LookupError, ValueError):
-            batch_def = asset.add_batch_definition_whole_dataframe("whole")
-        # Replace the stored suite and validation definition with this run's (params resolved).
-        with contextlib.suppress(Exception):  # not there yet
-            ctx.validation_definitions.delete(suite_name)
-        with contextlib.suppress(Exception):  # not there yet
-            ctx.suites.delete(suite_name)
-        suite = ctx.suites.add(build_suite(suite_name, expectations))
-        vd = ctx.validation_definitions.add(
-            gx.ValidationDefinition(name=suite_name, data=batch_def, suite=suite)
-        )
-        run_id = RunIdentifier(run_name=run_name, run_time=datetime.now(UTC))
-        result = vd.run(
-            batch_parameters={"dataframe": df},
-            result_format={"result_format": "COMPLETE", "partial_unexpected_count": 0},
-            run_id=run_id,
-        )
-        outcomes = [_outcome(r, len(df)) for r in result.results]
+        outcomes: list[GXOutcome] = []
+        result = None
+        if expectations:
+            ds = ctx.data_sources.get("twin")
+            try:
+                asset = ds.get_asset(suite_name)
+            except LookupError:
+                asset = ds.add_dataframe_asset(suite_name)
+            try:
+                batch_def = asset.get_batch_definition("whole")
+            except (KeyError, LookupError, ValueError):
+                batch_def = asset.add_batch_definition_whole_dataframe("whole")
+            # Replace the stored suite and validation definition with this run's.
+            with contextlib.suppress(Exception):  # not there yet
+                ctx.validation_definitions.delete(suite_name)
+            with contextlib.suppress(Exception):  # not there yet
+                ctx.suites.delete(suite_name)
+            suite = ctx.suites.add(build_suite(suite_name, expectations))
+            vd = ctx.validation_definitions.add(
+                gx.ValidationDefinition(name=suite_name, data=batch_def, suite=suite)
+            )
+            result = vd.run(
+                batch_parameters={"dataframe": df},
+                result_format={"result_format": "COMPLETE", "partial_unexpected_count": 0},
+                run_id=run_id,
+            )
+            outcomes = [_outcome(r, len(df)) for r in result.results]
+        extra = [
+            ExpectationValidationResult(
+                success=o.success,
+                expectation_config=e.configuration,
+                result=_summary(o),
+                exception_info={
+                    "raised_exception": o.error is not None,
+                    "exception_message": o.error,
+                    "exception_traceback": None,
+                },
+            )
+            for e, o in pushed_down
+        ]
+        if result is None:
+            result = ExpectationSuiteValidationResult(
+                success=all(o.success for _, o in pushed_down),
+                results=extra,
+                suite_name=suite_name,
+                meta={"run_id": run_id, "engine": "duckdb"},
+            )
+            key = ValidationResultIdentifier(
+                ExpectationSuiteIdentifier(name=suite_name), run_id, "__duckdb__"
+            )
+            ctx.validation_results_store.set(key, result)
+        else:
+            result.results.extend(extra)
+            result.success = result.success and all(o.success for _, o in pushed_down)
         _sanitize_and_keep(ctx, suite_name, result)
-    return outcomes
+    return outcomes + [o for _, o in pushed_down]
+
+
+def _summary(o: GXOutcome) -> dict[str, Any]:
+    if o.observed is not None and not o.index and o.unexpected == 0:
+        return {"observed_value": o.observed, "element_count": o.evaluated}
+    pct = 100.0 * o.unexpected / o.evaluated if o.evaluated else 0.0
+    return {
+        "element_count": o.evaluated,
+        "unexpected_count": o.unexpected,
+        "unexpected_percent": pct,
+        "unexpected_percent_total": pct,
+        "partial_unexpected_list": [],
+    }
 
 
 def _outcome(r: Any, n_rows: int) -> GXOutcome:
@@ -175,23 +235,32 @@ def _sanitize_and_keep(ctx: Any, suite_name: str, result: Any) -> None:
             for key in _VALUE_KEYS:
                 r.result.pop(key, None)
         if isinstance(r.exception_info, dict):
+            # Tracebacks may quote row values; keep the message (renderers need the keys).
             for v in r.exception_info.values():
-                if isinstance(v, dict):
-                    v.pop("exception_traceback", None)
-            r.exception_info.pop("exception_traceback", None)
+                if isinstance(v, dict) and "exception_traceback" in v:
+                    v["exception_traceback"] = None
+            if "exception_traceback" in r.exception_info:
+                r.exception_info["exception_traceback"] = None
     store = ctx.validation_results_store
     run_name = result.meta["run_id"].run_name
     for key in store.list_keys():
         if key.expectation_suite_identifier.name == suite_name and key.run_id.run_name == run_name:
             store.set(key, result)
+            _STATE.setdefault("pending", []).append(key)
 
 
 def build_data_docs(target: Path) -> Path:
-    """Render the Data Docs site for this process's validations into ``target``; the index."""
+    """Render the Data Docs site for this process's validations into ``target``; the index.
+
+    The first call for a folder renders every validation of this process; later calls render
+    only the validations since the last call, plus the index.
+    """
     ctx = context()
     target.mkdir(parents=True, exist_ok=True)
     with _LOCK:
-        if _STATE.get("docs_dir") != str(target):
+        pending = _STATE.pop("pending", [])
+        incremental = _STATE.get("docs_dir") == str(target)
+        if not incremental:
             with contextlib.suppress(Exception):  # no site yet
                 ctx.delete_data_docs_site(SITE)
             ctx.add_data_docs_site(
@@ -206,5 +275,8 @@ def build_data_docs(target: Path) -> Path:
                 },
             )
             _STATE["docs_dir"] = str(target)
-        ctx.build_data_docs(site_names=[SITE])
+        if incremental and pending:
+            ctx.build_data_docs(site_names=[SITE], resource_identifiers=pending)
+        elif not incremental:
+            ctx.build_data_docs(site_names=[SITE])
     return target / "index.html"

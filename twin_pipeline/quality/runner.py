@@ -28,13 +28,15 @@ from typing import Any
 
 from twin_pipeline.quality import gx as gxa
 from twin_pipeline.quality import results as res
-from twin_pipeline.quality import sqlchecks
+from twin_pipeline.quality import sqlchecks, sqlengine
 from twin_pipeline.quality.gx import GXOutcome
 from twin_pipeline.quality.results import ExpectationResult
 from twin_pipeline.quality.suite import ExpectationSpec, Suite, resolve_tokens
 from twin_pipeline.store import QuarantineRow, Store
 
 STAGE = "quality"
+#: From this many rows on, ``engine="auto"`` pushes expectations down into DuckDB.
+SQL_MIN_ROWS = 10_000
 _COLUMN_KWARGS = ("column", "column_A", "column_B")
 _LIST_KWARGS = ("column_list",)
 _NAIVE_TIME_TYPES = ("DATE", "TIMESTAMP", "TIMESTAMP_NS", "TIMESTAMP_MS", "TIMESTAMP_S")
@@ -80,8 +82,17 @@ def run_suite(
     now: datetime | None = None,
     quarantine: bool = True,
     record: bool = True,
+    engine: str = "auto",
 ) -> SuiteRun:
-    """Validate ``suite.table``; quarantine row-level failures; record results. Atomic."""
+    """Validate ``suite.table``; quarantine row-level failures; record results. Atomic.
+
+    ``engine``: ``gx`` validates a DataFrame in Great Expectations; ``sql`` pushes every
+    expectation :mod:`.sqlengine` can compile down into DuckDB (the rest still run in GX);
+    ``auto`` uses ``sql`` from :data:`SQL_MIN_ROWS` rows on, where GX's per-row pandas work
+    starts to cost more than the data took to harmonize.
+    """
+    if engine not in ("auto", "gx", "sql"):
+        raise ValueError(f"engine must be auto, gx or sql, not {engine!r}")
     now = now or datetime.now(UTC)
     as_of = as_of or now
     table = suite.table
@@ -96,7 +107,10 @@ def run_suite(
         t0 = time.perf_counter()
         gx_specs = [e for e in suite.expectations if e.is_gx]
         if gx_specs:
-            outcomes.update(_run_gx(store, suite, gx_specs, now=now, as_of=as_of))
+            use_sql = engine == "sql" or (engine == "auto" and n_rows >= SQL_MIN_ROWS)
+            outcomes.update(
+                _run_gx(store, suite, gx_specs, now=now, as_of=as_of, push_down=use_sql)
+            )
         timings["gx_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         for spec in suite.expectations:
@@ -163,10 +177,11 @@ def run_suites(
     as_of: datetime | None = None,
     quarantine: bool = True,
     docs_dir: Path | None = None,
+    engine: str = "auto",
 ) -> list[SuiteRun]:
     """Run several suites (skipping tables not in the store); optionally render Data Docs."""
     runs = [
-        run_suite(store, s, as_of=as_of, quarantine=quarantine)
+        run_suite(store, s, as_of=as_of, quarantine=quarantine, engine=engine)
         for s in suites
         if store.table_exists(s.table)
     ]
@@ -200,27 +215,41 @@ def _run_gx(
     *,
     now: datetime,
     as_of: datetime,
+    push_down: bool = False,
 ) -> dict[str, GXOutcome]:
     types = dict(store.columns(suite.table))
     table_cols = list(types)
-    needs_all = any(s.type.startswith("expect_table_column") for s in specs)
-    wanted: set[str] = set(table_cols) if needs_all else set()
-    for s in specs:
-        wanted |= _columns_of(s, table_cols)
-    present = [c for c in table_cols if c in wanted]
-    select = ", ".join(_select_expr(c, types[c]) for c in present)
-    sql = f"SELECT rowid AS __rowid{', ' + select if select else ''} FROM {suite.table}"
-    df = store.con.execute(sql).df().set_index("__rowid")
-    df.index.name = None
+    resolved = [resolve_tokens(s.kwargs, now=now, as_of=as_of) for s in specs]
     objs = [
         gxa.build_expectation(
             s.type,
-            resolve_tokens(s.kwargs, now=now, as_of=as_of),
+            kw,
             {"name": s.name, "severity": s.severity, "row_level": s.row_level, "why": s.why},
         )
-        for s in specs
+        for s, kw in zip(specs, resolved, strict=True)
     ]
-    outs = gxa.validate(suite.suite, objs, df, run_name=store.run_id)
+    pushed: list[tuple[Any, GXOutcome]] = []
+    in_gx: list[int] = []
+    for i, (s, kw) in enumerate(zip(specs, resolved, strict=True)):
+        plan = sqlengine.compile_expectation(s.type, kw, table_cols) if push_down else None
+        if plan is None:
+            in_gx.append(i)
+        else:
+            pushed.append((objs[i], sqlengine.run_compiled(store, suite.table, s.name, plan)))
+    df = None
+    if in_gx:
+        needs_all = any(specs[i].type.startswith("expect_table_column") for i in in_gx)
+        wanted: set[str] = set(table_cols) if needs_all else set()
+        for i in in_gx:
+            wanted |= _columns_of(specs[i], table_cols)
+        present = [c for c in table_cols if c in wanted]
+        select = ", ".join(_select_expr(c, types[c]) for c in present)
+        sql = f"SELECT rowid AS __rowid{', ' + select if select else ''} FROM {suite.table}"
+        df = store.con.execute(sql).df().set_index("__rowid")
+        df.index.name = None
+    outs = gxa.validate(
+        suite.suite, [objs[i] for i in in_gx], df, run_name=store.run_id, pushed_down=pushed
+    )
     return {o.name: o for o in outs}
 
 

@@ -83,7 +83,8 @@ def row_conservation(store: Store, table: str, spec: ExpectationSpec, n_rows: in
     """Per source file: raw records = records in the table + quarantined (+ superseded).
 
     A raw record (of ``raw_table`` matching ``raw_filter``) is accounted for when its
-    lineage key is in the table, in ``history_table`` (superseded versions), or in quarantine
+    lineage key is in the table, in ``history_table`` (rows matching ``history_filter``:
+    superseded versions, exact duplicates, deletes), or in quarantine
     for this table (stage harmonize or quality; matched by lineage key or file and position).
     Rows of the table whose lineage key has no raw record are counted as phantoms.
     """
@@ -103,7 +104,9 @@ def row_conservation(store: Store, table: str, spec: ExpectationSpec, n_rows: in
     raw_keys = " UNION ALL ".join(f"SELECT lineage_key FROM {t}" for t in raw_tables)
     hist_sql = ""
     if history and store.table_exists(str(history)):
-        hist_sql = f"UNION SELECT lineage_key FROM {history}"
+        hist_filter = spec.kwargs.get("history_filter")
+        hist_where = f"WHERE {hist_filter}" if hist_filter else ""
+        hist_sql = f"UNION SELECT lineage_key FROM {history} {hist_where}"
     stages = ", ".join(f"'{s}'" for s in QUARANTINE_STAGES)
     sql = f"""
     WITH raw AS (
