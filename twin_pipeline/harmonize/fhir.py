@@ -143,10 +143,8 @@ def build_versions(store: Store) -> dict[str, int]:
         SELECT c.resource_type, c.resource_id, c.version_id, c.last_updated,
                coalesce(d.deleted, false) AS deleted, c.record_hash, c.source_file,
                c.position, c.lineage_key, c.full_url,
-               c.versions_seen,
-               r.payload
+               c.versions_seen
         FROM _fhir_ranked c
-        JOIN {RAW} r ON r.lineage_key = c.lineage_key AND r.source_file = c.source_file
         LEFT JOIN _fhir_deleted d ON d.resource_type = c.resource_type
              AND d.resource_id = c.resource_id
         WHERE c.rk = 1
@@ -189,7 +187,7 @@ def build_versions(store: Store) -> dict[str, int]:
             FROM (SELECT resource_type, resource_id,
                          unnest(from_json(json_extract(payload, '$.identifier'),
                                           '[{{"system":"VARCHAR","value":"VARCHAR"}}]')) AS i
-                  FROM {CURRENT})
+                  FROM {current_sql()})
             WHERE i.value IS NOT NULL
         )
         SELECT ref, min(resource_type) AS resource_type, min(resource_id) AS resource_id,
@@ -201,6 +199,19 @@ def build_versions(store: Store) -> dict[str, int]:
     counts = dict(con.execute(f"SELECT status, count(*) FROM {STATUS} GROUP BY ALL").fetchall())
     con.execute("DROP TABLE IF EXISTS _fhir_raw")
     return {str(k): int(v) for k, v in counts.items()}
+
+
+def current_sql(resource_type: str | None = None) -> str:
+    """The current versions (of one type) with their payload, read from raw (not copied)."""
+    where = (
+        f" WHERE c.resource_type = {_q(resource_type)} AND r.resource_type = {_q(resource_type)}"
+        if resource_type
+        else ""
+    )
+    return (
+        f"(SELECT c.*, r.payload FROM {CURRENT} c JOIN {RAW} r "
+        f"ON r.lineage_key = c.lineage_key AND r.source_file = c.source_file{where})"
+    )
 
 
 # -- 2. tables -----------------------------------------------------------------------------
@@ -311,8 +322,7 @@ def extract_sql(spec: TableSpec, columns: list[Column] | None = None, extra: str
     return (
         f"SELECT {', '.join(exprs)}{extra}, r.version_id, r.last_updated, r.deleted, "
         "r.source_file, r.position AS source_position, r.lineage_key\n"
-        f"FROM (SELECT *, payload AS p, {s.select()} FROM {CURRENT} "
-        f"WHERE resource_type = {_q(spec.resource)}) r"
+        f"FROM (SELECT *, payload AS p, {s.select()} FROM {current_sql(spec.resource)}) r"
     )
 
 
@@ -506,12 +516,13 @@ def _build_observation(store: Store, spec: EhrSpec) -> TableStats:
                END AS reason
         FROM v
     """)
-    bad = con.execute("""
+    bad = con.execute(f"""
         SELECT f.lineage_key, f.source_file, f.source_position,
                min(f.rule ORDER BY f.component_index) AS rule,
                string_agg(f.reason, '; ' ORDER BY f.component_index) AS reason,
                any_value(r.payload)::VARCHAR AS payload, any_value(f.observation_id)
-        FROM _obs_final f JOIN harmonized.fhir_resource r ON r.lineage_key = f.lineage_key
+        FROM _obs_final f JOIN {RAW} r ON r.lineage_key = f.lineage_key
+             AND r.source_file = f.source_file
         WHERE f.rule IS NOT NULL GROUP BY ALL
     """).fetchall()
     cols = [c.name for c in tspec.columns if c.name not in ("code_system", "code", "display")]
@@ -580,8 +591,7 @@ def build_dangling(store: Store, spec: EhrSpec | None = None) -> int:
             "resource_id AS from_id, x.col AS from_column, x.reference, x.target AS target_type, "
             "source_file, lineage_key "
             f"FROM (SELECT r.*, unnest([{items}]) AS x FROM "
-            f"(SELECT *, {paths.select()} FROM {CURRENT} "
-            f"WHERE resource_type = {_q(t.resource)}) r)"
+            f"(SELECT *, {paths.select()} FROM {current_sql(t.resource)}) r)"
         )
     con.execute(f"""
         CREATE OR REPLACE TABLE {DANGLING} AS

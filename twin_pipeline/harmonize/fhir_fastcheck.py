@@ -9,9 +9,10 @@ left depends on the primitive values, and each of those is checked by its own fi
 
 So: the first resource of every exact shape is validated by the model (the authority). If it
 passes, the field type of each primitive leaf is looked up in the model classes and one
-pydantic ``TypeAdapter`` over the tuple of those types is compiled for the shape. Every later
-resource of that shape is validated by running that adapter over its leaves — the same
-annotations, the same validators, in one call into pydantic-core. A resource whose leaves fail
+shape's leaves are grouped by field type, each group validated by one shared
+``TypeAdapter(list[<type>])``. Every later resource of that shape is validated by running those
+adapters over its leaves — the same annotations, the same validators, a few calls into
+pydantic-core. A resource whose leaves fail
 goes back to the full model, which decides and names the error. Shapes the lookup cannot
 follow (contained resources, anything unexpected) always use the full model.
 """
@@ -144,7 +145,7 @@ def _aliases(model: Any) -> dict[str, Any]:
 
 @dataclass
 class _Shape:
-    check: Callable[[tuple[Any, ...]], Any] | None  # None: always the full model
+    check: Callable[[tuple[Any, ...]], None] | None  # None: always the full model
 
 
 class FastValidator:
@@ -185,20 +186,41 @@ class FastValidator:
 
     @staticmethod
     def _compile(resource: dict[str, Any], model: Any) -> _Shape:
-        from pydantic import ConfigDict, TypeAdapter
-
         types = leaf_types(resource, model)
         if types is None:
             return _Shape(None)
-        if not types:
-            return _Shape(lambda _leaves: None)
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for i, ann in enumerate(types):
+            key = repr(ann)
+            if key not in groups:
+                adapter = _list_adapter(key, ann, model)
+                if adapter is None:
+                    return _Shape(None)
+                groups[key] = (adapter, [])
+            groups[key][1].append(i)
+        plan = [(a.validate_python, idx) for a, idx in groups.values()]
+
+        def check(leaves: tuple[Any, ...]) -> None:
+            for validate, idx in plan:
+                validate([leaves[i] for i in idx])
+
+        return _Shape(check)
+
+
+_ADAPTERS: dict[str, Any] = {}
+
+
+def _list_adapter(key: str, ann: Any, model: Any) -> Any | None:
+    """One ``TypeAdapter(list[ann])`` per primitive annotation, shared by every shape."""
+    got = _ADAPTERS.get(key)
+    if got is None:
+        from pydantic import ConfigDict, TypeAdapter
+
         keep = ("strict", "str_strip_whitespace")
         config = ConfigDict(**{k: v for k, v in model.model_config.items() if k in keep})  # type: ignore[typeddict-item]
         try:
-            adapter: TypeAdapter[Any] = TypeAdapter(
-                tuple.__class_getitem__(tuple(types)),  # type: ignore[arg-type]
-                config=config,
-            )
+            got = TypeAdapter(list[ann], config=config)  # type: ignore[valid-type]
         except Exception:  # pragma: no cover - an annotation pydantic cannot adapt
-            return _Shape(None)
-        return _Shape(adapter.validate_python)
+            return None
+        _ADAPTERS[key] = got
+    return got

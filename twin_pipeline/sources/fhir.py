@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS {RAW_TABLE} (
     payload JSON
 )
 """
-PARALLEL_MIN = 20_000  # records to validate before the process pool is worth its cost
+PARALLEL_MIN = 50_000  # records to validate before the process pool is worth its cost
 #: Seconds per stage of the last :meth:`FhirReader.load` in this process (for benchmarks).
 LAST_PROFILE: dict[str, float] = {}
 CHUNK = 500
@@ -236,6 +236,14 @@ class _Rec:
     method: str | None = None
     url: str | None = None
     problem: tuple[str, str] | None = None  # (rule, reason) found while reading
+    _hash: str | None = None
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the record text (recomputed if the text was changed)."""
+        if self._hash is None:
+            self._hash = hashlib.sha256(self.text.encode()).hexdigest()
+        return self._hash
 
 
 @dataclass
@@ -370,7 +378,7 @@ class FhirReader(SourceReader):
             f = batch.file
             fs = stats.file(f.rel)
             for rec in batch.records:
-                rhash = hashlib.sha256(rec.text.encode()).hexdigest()
+                rhash = rec.hash
                 lkey = lineage_key(f.sha256, rec.position, rhash)
                 if rec.problem is not None:
                     rule, reason = rec.problem
@@ -469,13 +477,14 @@ class FhirReader(SourceReader):
                     if uid:
                         res["id"] = uid  # POST entries are identified by their fullUrl
                         rec.text = _dumps(res)
+                        rec._hash = None
                     else:
                         rec.problem = ("missing_required", f"{rtype}.id: resource has no id")
                         continue
                 todo.append(rec)
         if not todo:
             return
-        hashes = [hashlib.sha256(r.text.encode()).hexdigest() for r in todo]
+        hashes = [r.hash for r in todo]
         seen: set[str] = set()
         if store.table_exists(RAW_TABLE):
             # Content validated on an earlier load needs no second validation.
