@@ -46,8 +46,13 @@ def changed_files(known: Mapping[str, Mapping[str, Any]], snap: Snapshot) -> lis
     )
 
 
-def selection_for(paths: list[str]) -> list[str]:
-    """Asset key paths to run for these files: their raw assets and everything downstream."""
+SCOPES = ("harmonized", "all")
+
+
+def selection_for(paths: list[str], scope: str = "harmonized") -> list[str]:
+    """Asset key paths to run for these files: their raw assets and what is downstream of them
+    (``scope="harmonized"``: up to the harmonized tables, the fast lane that makes new data
+    queryable; ``"all"``: de-identified and twin tables too)."""
     import dagster as dg
 
     from twin_pipeline.definitions import defs
@@ -62,6 +67,8 @@ def selection_for(paths: list[str]) -> list[str]:
     if not known:
         return []
     selected = dg.AssetSelection.assets(*known).downstream().resolve(graph)
+    if scope == "harmonized":
+        selected = {k for k in selected if k.path[0] in ("raw", "harmonized", "governance")}
     return sorted("/".join(k.path) for k in selected)
 
 
@@ -81,23 +88,29 @@ def watch(
     interval: float = 2.0,
     once: bool = False,
     full_graph: bool = False,
+    scope: str = "harmonized",
     user: str = "engineer",
     role: str = "data_engineer",
     on_round: Callable[[WatchRound], None] | None = None,
     max_rounds: int | None = None,
+    known: Snapshot | None = None,
 ) -> list[WatchRound]:
-    """Poll ``landing``; for each batch of new files run the graph part they feed."""
+    """Poll ``landing``; for each batch of new files run the graph part they feed.
+
+    The first round runs the whole graph (catch-up); later rounds run only the raw assets of
+    the new files' kinds and what is downstream of them within ``scope``.
+    """
     from twin_pipeline.defs.runner import run_pipeline
 
     settings = settings or Settings.from_env()
-    known: Snapshot = {}
+    first = known is None  # given a snapshot of what is already ingested, no catch-up round
+    known = dict(known or {})
     rounds: list[WatchRound] = []
-    first = True
     while True:
         snap = landing_snapshot(landing, known)
         new = changed_files(known, snap)
         if new:
-            selection = None if (full_graph or first) else selection_for(new)
+            selection = None if (full_graph or first) else selection_for(new, scope)
             t0 = time.perf_counter()
             summary = run_pipeline(
                 landing, settings, user=user, role=role, selection=selection, wait=True

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from twin_pipeline.paths import Settings
-from twin_pipeline.watch import WatchRound, watch
+from twin_pipeline.watch import SCOPES, WatchRound, watch
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -21,6 +21,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="run every asset each round (default: the first round runs everything, later "
         "rounds only the raw assets of the new files' kinds and what is downstream of them)",
+    )
+    p.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default="harmonized",
+        help="after the first round, run up to the harmonized tables (default; new data is "
+        "queryable fastest) or everything downstream, de-identified and twin tables included",
     )
     p.add_argument("--as", dest="user", default="engineer")
     p.set_defaults(func=cmd_watch)
@@ -48,6 +55,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
             interval=args.interval,
             once=args.once,
             full_graph=args.full_graph,
+            scope=args.scope,
             user=args.user,
             role=role,
             on_round=_print,

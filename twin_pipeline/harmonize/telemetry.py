@@ -11,8 +11,8 @@ UCUM synonym table and the metric's conversions to its canonical unit (no conver
 (the copy with the smallest lineage key, or the one already harmonized, is kept); readings
 outside the plausible range flagged ``implausible``; readings older than their device's watermark
 at arrival (latest instant from files registered before theirs) flagged ``late`` and, beyond the
-late-arrival window, ``late_beyond_window``. Late readings are still accepted: tables are ordered
-by ``ts_utc``, never by arrival.
+late-arrival window, ``late_beyond_window``. Late and out-of-order readings are still accepted;
+aggregates and gaps are computed in ``ts_utc`` order, never in arrival order.
 """
 
 from __future__ import annotations
@@ -287,7 +287,6 @@ def harmonize_readings(
                    coalesce(b.ts_utc < w.watermark - to_seconds({window}), false)
             FROM _th_batch b LEFT JOIN _th_watermark w USING (device_id, source_file)
             WHERE b.rule IS NULL
-            ORDER BY b.ts_utc
             """
         )
         qid = QUARANTINE_ID_SQL.format(

@@ -163,7 +163,8 @@ class TelemetryReader(SourceReader):
             parsed = _csv_parse_sql(con, f) if f.rel.lower().endswith(".csv") else _JSON_PARSE_SQL
             if parsed:
                 _classify(store, spec, parsed, f)
-            con.execute("DROP TABLE IF EXISTS _tele_one")
+            con.execute("DROP VIEW IF EXISTS _tele_one")
+            con.execute("DROP TABLE IF EXISTS _tele_raw")
             con.execute("DROP TABLE IF EXISTS _tele_py")
         _insert_checked(store)
         _file_stats(store, files, stats)
@@ -206,14 +207,14 @@ def _stage_lines(con: duckdb.DuckDBPyConnection, f: SourceFile) -> None:
         # are kept as NULL rows).
         src = "SELECT rowid - (SELECT min(rowid) FROM _tele_raw) + 1 AS n, line FROM _tele_raw"
     # A UTF-8 byte-order mark on the first line is not part of the record.
+    # A view, not a copy: the lines are scanned once more by the classifying INSERT.
     con.execute(
         f"""
-        CREATE OR REPLACE TEMP TABLE _tele_one AS
+        CREATE OR REPLACE TEMP VIEW _tele_one AS
         SELECT n, CASE WHEN n = 1 THEN ltrim(line, chr(65279)) ELSE line END AS line
         FROM ({src}) WHERE line IS NOT NULL AND trim(line) <> ''
         """
     )
-    con.execute("DROP TABLE IF EXISTS _tele_raw")
 
 
 def _csv_parse_sql(con: duckdb.DuckDBPyConnection, f: SourceFile) -> str | None:
