@@ -9,7 +9,7 @@ DEMO_DIR := $(TWIN_HOME)/landing-demo
 PATIENTS ?= 100
 SEED ?= 7
 
-.PHONY: demo test lint typecheck ui bench install clean
+.PHONY: demo test lint typecheck ui bench bench-quick install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,8 +39,12 @@ test: $(STAMP) lint typecheck
 ui: $(STAMP)
 	DAGSTER_HOME=$(TWIN_HOME)/dagster $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
+# `make bench` = 1k and 10k patients; `make bench QUICK=1` or `make bench-quick` = 1k only.
 bench: $(STAMP)
-	$(PY) -m benchmarks $(BENCH_ARGS)
+	$(PY) -m benchmarks $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,214 @@
+"""The whole governed pipeline vs a plain DuckDB load of the same files (issue: performance).
+
+For each hospital size: generate it, load it the plain way (DuckDB ``read_json``/``read_csv``,
+DICOM headers with pydicom into one table, no checks), then run our full governed pipeline through
+Dagster (``twin run``: validation, harmonization, de-identification, expectations, lineage,
+audit) in a subprocess whose peak RSS is sampled. Prints per-stage wall time and throughput, the
+ratios governed/baseline (structured data, and everything including free-text
+de-identification), and the scaling ratio time(10k)/time(1k); writes
+``TWIN_HOME/bench/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import psutil
+
+from twin_pipeline.generate import generate_hospital
+from twin_pipeline.keys import KeyRing
+from twin_pipeline.paths import Settings
+
+FREE_TEXT_MARKERS = ("deid/document_reference",)
+
+
+def _hospital(workdir: Path, patients: int) -> tuple[Path, dict[str, Any]]:
+    out = workdir / f"hospital-{patients}"
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        if m.get("patients") == patients and m.get("seed") == 42 and not m.get("dirty"):
+            return out, m
+    t0 = time.perf_counter()
+    generate_hospital(out, patients=patients, seed=42)
+    print(f"  generated {patients:,} patients in {time.perf_counter() - t0:.1f} s")
+    return out, json.loads(manifest.read_text())
+
+
+def baseline_load(landing: Path, db: Path) -> dict[str, float]:
+    """Plain loads, no checks: what DuckDB alone does with the same files."""
+    import pyarrow as pa
+    import pydicom
+
+    if db.exists():
+        db.unlink()
+    con = duckdb.connect(str(db))
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for i, p in enumerate(sorted((landing / "ehr" / "bulk").glob("*.ndjson"))):
+        con.execute(
+            f"CREATE TABLE bulk_{i} AS SELECT * FROM read_json(?, format='newline_delimited', "
+            "union_by_name=true, maximum_object_size=67108864)",
+            [str(p)],
+        )
+    bundles = sorted(str(p) for p in (landing / "ehr" / "bundles").glob("*.json"))
+    if bundles:
+        con.execute(
+            "CREATE TABLE bundles AS SELECT * FROM read_json(?, format='auto', "
+            "union_by_name=true, maximum_object_size=268435456)",
+            [bundles],
+        )
+    t["ehr"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tel = landing / "telemetry"
+    nd = sorted(str(p) for p in tel.glob("*.ndjson"))
+    if nd:
+        con.execute(
+            "CREATE TABLE telemetry AS SELECT * FROM read_json(?, format='newline_delimited')",
+            [nd],
+        )
+    csvs = sorted(str(p) for p in tel.glob("*.csv"))
+    if csvs:
+        con.execute("CREATE TABLE telemetry_csv AS SELECT * FROM read_csv(?)", [csvs])
+    t["telemetry"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rows: list[dict[str, str]] = []
+    for p in sorted((landing / "pacs").rglob("*.dcm")):
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        rows.append({e.keyword or str(e.tag): str(e.value) for e in ds if e.VR != "SQ"})
+    if rows:
+        con.register("dicom_rows", pa.Table.from_pylist(rows))
+        con.execute("CREATE TABLE dicom AS SELECT * FROM dicom_rows")
+    t["dicom"] = time.perf_counter() - t0
+    con.close()
+    t["total"] = sum(t.values())
+    return t
+
+
+def governed_run(landing: Path, home: Path) -> tuple[dict[str, Any], float, float]:
+    """``twin run`` in a subprocess; returns its JSON summary, wall seconds and peak RSS (MB)."""
+    settings = Settings.from_env(home).ensure()
+    KeyRing(settings.keys_dir).init(if_missing=True)
+    env = {**os.environ, "TWIN_HOME": str(home)}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twin_pipeline", "run", "--landing", str(landing), "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    peak = 0.0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        ps = psutil.Process(proc.pid)
+        while not stop.is_set():
+            try:
+                procs = [ps, *ps.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in procs) / 2**20)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"twin run failed ({proc.returncode}): {err[-2000:]}")
+    summary: dict[str, Any] = json.loads(out)
+    if not summary["success"]:
+        print(f"  warning: governed run reported failures: {summary['failures'][:3]}")
+    return summary, wall, peak
+
+
+def stage_seconds(steps: dict[str, float]) -> dict[str, float]:
+    stages: dict[str, float] = {}
+    for key, s in steps.items():
+        if any(m in key for m in FREE_TEXT_MARKERS):
+            stage = "deid_free_text"
+        elif "_expectations" in key or "check" in key:
+            stage = "quality"
+        else:
+            stage = key.split("/")[0]
+        stages[stage] = round(stages.get(stage, 0.0) + s, 3)
+    return stages
+
+
+def measure(workdir: Path, patients: int) -> dict[str, Any]:
+    landing, manifest = _hospital(workdir, patients)
+    counts = manifest["counts"]
+    n_res = sum(counts["resources"].values())
+    print(
+        f"  {patients:,} patients: {n_res:,} FHIR resources, {counts['dicom_files']:,} DICOM "
+        f"files, {counts['telemetry_readings']:,} readings, {counts['notes']:,} notes; bytes "
+        + ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in counts["bytes"].items())
+    )
+    base = baseline_load(landing, workdir / f"baseline-{patients}.duckdb")
+    print("  baseline (plain DuckDB): " + ", ".join(f"{k} {v:.2f} s" for k, v in base.items()))
+    home = workdir / f"home-{patients}"
+    if home.exists():
+        import shutil
+
+        shutil.rmtree(home)
+    summary, wall, peak = governed_run(landing, home)
+    stages = stage_seconds(summary.get("steps_s", {}))
+    free_text = stages.get("deid_free_text", 0.0)
+    governed = wall
+    structured = max(governed - free_text, 1e-9)
+    res = {
+        "patients": patients,
+        "resources": n_res,
+        "dicom_files": counts["dicom_files"],
+        "readings": counts["telemetry_readings"],
+        "notes": counts["notes"],
+        "baseline_s": round(base["total"], 3),
+        "baseline_stage_s": {k: round(v, 3) for k, v in base.items()},
+        "governed_s": round(governed, 3),
+        "ratio_structured": round(structured / base["total"], 2),
+        "ratio_total": round(governed / base["total"], 2),
+        "stage_s": stages,
+        "peak_rss_mb": round(peak, 1),
+        "deid_notes_per_s": round(counts["notes"] / free_text, 1) if free_text else None,
+        "success": summary["success"],
+    }
+    print(f"  governed (twin run through Dagster): {governed:.1f} s, peak RSS {peak:.0f} MB")
+    for stage, s in sorted(stages.items(), key=lambda kv: -kv[1]):
+        print(f"    {stage:16s} {s:8.2f} s")
+    print(
+        f"  throughput: {n_res / governed:,.0f} resources/s end to end; "
+        f"ratio structured {res['ratio_structured']}x (goal <= 3), "
+        f"total {res['ratio_total']}x (goal <= 10); notes/s {res['deid_notes_per_s']}"
+    )
+    return res
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = [args.patients] if args.patients else ([1000] if args.quick else [1000, 10000])
+    results = [measure(args.workdir, n) for n in sizes]
+    final = dict(results[-1])
+    by_size = {r["patients"]: r for r in results}
+    scaling = None
+    if 1000 in by_size and 10000 in by_size:
+        scaling = round(by_size[10000]["governed_s"] / by_size[1000]["governed_s"], 2)
+        print(f"  scaling time(10k)/time(1k) = {scaling} (goal <= 11)")
+    final["scaling_10k_over_1k"] = scaling
+    final["runs"] = results
+    out = Settings.from_env().home / "bench" / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(final, indent=2))
+    print(f"  wrote {out}")
+    return final
