@@ -318,14 +318,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(v: Any, digits: int = 2) -> str:
-    return "n/a" if v is None else f"{v:,.{digits}f}"
+def _fmt(v: Any, digits: int = 4) -> str:
+    """Significant digits, so tiny rates (0.0475 studies/day) stay readable."""
+    return "n/a" if v is None else f"{v:,.{digits}g}"
 
 
 def _print_simulation(r: dict[str, Any]) -> None:
     print(f"scenario {r['scenario']}: {r.get('description', '')}")
     print(
-        f"  {r['replications']} replications, seed {r['seed']}, horizon {_fmt(r['horizon_days'], 1)} days"
+        f"  {r['replications']} replications, seed {r['seed']}, horizon {_fmt(r['horizon_days'])} days"
     )
     if r.get("status") != "ok":
         print("  nothing simulated: " + "; ".join(r.get("notes", [])))
@@ -334,7 +335,7 @@ def _print_simulation(r: dict[str, Any]) -> None:
     print(f"  historical throughput  {_fmt(r['historical_throughput'])} {unit}")
     print(
         f"  baseline throughput    {_fmt(r['baseline_throughput'])} {unit} "
-        f"(95% CI {r['baseline_throughput_ci95']}); error vs history {_fmt(r['baseline_error_pct'])}%"
+        f"(95% CI {r['baseline_throughput_ci95']}); error vs history {_fmt(r['baseline_error_pct'], 3)}%"
     )
     print(
         f"  scenario throughput    {_fmt(r['scenario_throughput'])} {unit} "

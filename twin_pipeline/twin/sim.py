@@ -145,7 +145,7 @@ def run_station(
                 if start > env.now:
                     yield env.timeout(start - env.now)
             if arrived >= t_lo:
-                waits.append(env.now - arrived)
+                waits.append(max(0.0, env.now - arrived))
             if env.now >= t_lo:
                 started[0] += 1
             s0 = env.now
@@ -193,12 +193,13 @@ class Summary:
     n: int
     values: list[float] = field(default_factory=list)
 
-    def to_dict(self, digits: int = 4) -> dict[str, Any]:
-        return {
-            "mean": round(self.mean, digits),
-            "ci95": [round(self.ci_low, digits), round(self.ci_high, digits)],
-            "n": self.n,
-        }
+    def to_dict(self, digits: int = 6) -> dict[str, Any]:
+        """Rounded to significant digits (utilizations of quiet stations are tiny)."""
+
+        def sig(v: float) -> float:
+            return float(f"{v:.{digits}g}")
+
+        return {"mean": sig(self.mean), "ci95": [sig(self.ci_low), sig(self.ci_high)], "n": self.n}
 
 
 def summarize(values: list[float]) -> Summary:

@@ -420,52 +420,63 @@ def load_result(store: Store, sid: str) -> dict[str, Any] | None:
 
 
 def make_chart(result: dict[str, Any], path: Path) -> Path:
-    """Baseline vs scenario per station: throughput, mean wait and utilization with 95% CIs."""
+    """Baseline vs scenario per station: throughput, mean wait and utilization with 95% CIs;
+    one row per domain (imaging stations, beds), since their units differ."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     stations = result.get("stations") or {}
-    names = list(stations)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
-    metrics = (
-        ("throughput_per_day", "throughput / day"),
-        ("mean_wait_min", "mean wait (min)"),
-        ("utilization", "utilization"),
-    )
-    x = np.arange(len(names))
-    for ax, (metric, label) in zip(axes, metrics, strict=True):
-        for off, arm, color in ((-0.2, "baseline", "#4c72b0"), (0.2, "scenario", "#dd8452")):
-            means, errs = [], []
-            for n in names:
-                s = (stations[n].get(arm) or {}).get(metric)
-                m = s["mean"] if s else 0.0
-                means.append(m)
-                errs.append([m - s["ci95"][0], s["ci95"][1] - m] if s else [0.0, 0.0])
-            err = np.array(errs).T if errs else None
-            ax.bar(x + off, means, 0.4, yerr=err, capsize=3, label=arm, color=color)
-        if metric == "throughput_per_day":
-            hist = [stations[n].get("historical_throughput_per_day") for n in names]
-            if any(h is not None for h in hist):
-                ax.scatter(
-                    x,
-                    [h if h is not None else np.nan for h in hist],
-                    marker="_",
-                    s=400,
-                    color="black",
-                    label="historical",
-                    zorder=3,
+    domains: dict[str, list[str]] = {}
+    for name, st in stations.items():
+        domains.setdefault(st.get("domain", ""), []).append(name)
+    rows = max(len(domains), 1)
+    fig, grid = plt.subplots(rows, 3, figsize=(13, 3.8 * rows + 0.6), squeeze=False)
+    units = {"imaging": "studies", "beds": "admissions", "explicit": "completions"}
+    for (domain, names), axes in zip(domains.items(), grid, strict=False):
+        wait_scale, wait_unit = (60.0, "h") if domain == "beds" else (1.0, "min")
+        metrics = (
+            ("throughput_per_day", f"{domain}: {units.get(domain, 'patients')} / day", 1.0),
+            ("mean_wait_min", f"{domain}: mean wait ({wait_unit})", wait_scale),
+            ("utilization", f"{domain}: utilization", 1.0),
+        )
+        x = np.arange(len(names))
+        for ax, (metric, label, scale) in zip(axes, metrics, strict=True):
+            for off, arm, color in ((-0.2, "baseline", "#4c72b0"), (0.2, "scenario", "#dd8452")):
+                means, errs = [], []
+                for n in names:
+                    s = (stations[n].get(arm) or {}).get(metric)
+                    m = s["mean"] / scale if s else 0.0
+                    means.append(m)
+                    errs.append(
+                        [m - s["ci95"][0] / scale, s["ci95"][1] / scale - m] if s else [0.0, 0.0]
+                    )
+                ax.bar(
+                    x + off, means, 0.4, yerr=np.array(errs).T, capsize=3, label=arm, color=color
                 )
-        ax.set_xticks(x, names)
-        ax.set_title(label)
-    axes[0].legend(fontsize=8)
+            if metric == "throughput_per_day":
+                hist = [stations[n].get("historical_throughput_per_day") for n in names]
+                if any(h is not None for h in hist):
+                    ax.scatter(
+                        x,
+                        [h if h is not None else np.nan for h in hist],
+                        marker="_",
+                        s=400,
+                        color="black",
+                        label="historical",
+                        zorder=3,
+                    )
+            ax.set_xticks(x, names)
+            ax.set_title(label, fontsize=10)
+            ax.set_ylim(bottom=0)
+        axes[0].legend(fontsize=8)
     fig.suptitle(
         f"what-if: {result.get('scenario')} ({result.get('replications')} replications, seed "
         f"{result.get('seed')})"
     )
     fig.text(0.5, 0.01, NOTICE, ha="center", fontsize=7, style="italic")
-    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.03, 1, 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
