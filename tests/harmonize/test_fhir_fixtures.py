@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import math
+from pathlib import Path
 
 import pytest
 
@@ -205,3 +206,16 @@ def test_gzip_ndjson_loads_like_plain(ehr_env: Ehr) -> None:
     assert ehr_env.rows("SELECT count(DISTINCT observation_id) FROM harmonized.observation") == [
         (5,)
     ]
+
+
+def test_chunked_load_gives_identical_tables(
+    loaded: Ehr, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twin_pipeline.sources import fhir as fhir_source
+
+    monkeypatch.setattr(fhir_source, "CHUNK_BYTES", 1)  # one file per chunk
+    env = private_env(tmp_path)
+    env.copy_fixtures()
+    env.run()
+    assert env.hashes() == loaded.hashes()
+    assert env.quarantine() == loaded.quarantine()

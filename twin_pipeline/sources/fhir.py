@@ -54,6 +54,7 @@ PARALLEL_MIN = 50_000  # records to validate before the process pool is worth it
 LAST_PROFILE: dict[str, float] = {}
 CHUNK = 500
 MAX_PAYLOAD_IN_QUARANTINE = 200_000
+CHUNK_BYTES = 64 << 20  # files are read, validated and inserted in chunks of this size
 _NAME_RE = re.compile(r"^([A-Z][A-Za-z]+)(?:[._-][^/]*)?\.(?:ndjson|json)(?:\.gz)?$")
 _URL_TAIL = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
 _DATE_ERRORS = ("Date value", "DateTime value", "Instant value", "Time value")
@@ -355,8 +356,31 @@ class FhirReader(SourceReader):
         store.con.execute(DDL)
 
     def load(self, files: Sequence[SourceFile], store: Store) -> LoadStats:
-        t0 = time.perf_counter()
+        """Load in chunks of files of bounded total size (memory stays bounded)."""
         stats = LoadStats(self.kind)
+        prof: dict[str, float] = {}
+        chunk: list[SourceFile] = []
+        size = 0
+        for f in files:
+            chunk.append(f)
+            size += f.size
+            if size >= CHUNK_BYTES:
+                self._load_chunk(chunk, store, stats, prof)
+                chunk, size = [], 0
+        if chunk:
+            self._load_chunk(chunk, store, stats, prof)
+        LAST_PROFILE.clear()
+        LAST_PROFILE.update(prof)
+        return stats
+
+    def _load_chunk(
+        self,
+        files: Sequence[SourceFile],
+        store: Store,
+        stats: LoadStats,
+        prof: dict[str, float],
+    ) -> None:
+        t0 = time.perf_counter()
         batches: list[_FileBatch] = []
         for f in files:
             fs = stats.file(f.rel)
@@ -441,11 +465,14 @@ class FhirReader(SourceReader):
                 store.con.unregister("_fhir_batch")
         store.quarantine(quarantine)
         t4 = time.perf_counter()
-        LAST_PROFILE.clear()
-        LAST_PROFILE.update(
-            read_parse=t1 - t0, validate=t2 - t1, rows=t3 - t2, insert=t4 - t3, total=t4 - t0
-        )
-        return stats
+        for key, dt in (
+            ("read_parse", t1 - t0),
+            ("validate", t2 - t1),
+            ("rows", t3 - t2),
+            ("insert", t4 - t3),
+            ("total", t4 - t0),
+        ):
+            prof[key] = prof.get(key, 0.0) + dt
 
     def _check(self, batches: list[_FileBatch], store: Store) -> None:
         """Set ``problem`` on every record that is not a valid FHIR R4 resource."""
