@@ -118,10 +118,12 @@ class VerifyReport:
         }
 
 
-def verify_all(store: Store) -> VerifyReport:
+def verify_all(store: Store, *, tables: bool = False) -> VerifyReport:
     """Recompute the ledger hash chain and verify every signed PROV bundle.
 
-    Problems are listed in order: the chain's first bad entry first, then bundle problems.
+    Problems are listed in order: the chain's first bad entry first, then bundle problems, then
+    (with ``tables=True``) tables whose content no longer matches the version their last
+    recorded materialization wrote (a change made outside the pipeline).
     """
     chain = ledger.verify(store)
     report = VerifyReport(ledger_entries=chain.entries, bundles=0)
@@ -134,4 +136,31 @@ def verify_all(store: Store) -> VerifyReport:
     bundles, problems = storage.verify_bundles(store)
     report.bundles = bundles
     report.problems.extend(Problem(rec, msg) for rec, msg in problems)
+    if tables:
+        report.problems.extend(table_drift(store))
     return report
+
+
+# Tables written by many stages between their recorded versions (not drift when they differ).
+SHARED_TABLES = frozenset({"governance.quarantine", "governance.validation_result"})
+
+
+def table_drift(store: Store) -> list[Problem]:
+    """Tables whose current content hash differs from the last version recorded in the ledger."""
+    from twin_pipeline.activity import activities
+
+    last: dict[str, tuple[str, str]] = {}
+    for rec in activities(store):
+        for tv in rec.get("outputs") or []:
+            last[str(tv["table"])] = (str(tv["content_hash"]), str(rec["activity_id"]))
+    out = []
+    for table, (recorded, activity_id) in sorted(last.items()):
+        if table in SHARED_TABLES or not table.startswith(
+            ("raw.", "harmonized.", "deid.", "twin.")
+        ):
+            continue
+        if not store.table_exists(table):
+            out.append(Problem(table, f"recorded by activity {activity_id} but missing"))
+        elif store.content_hash(table) != recorded:
+            out.append(Problem(table, f"content changed since activity {activity_id} recorded it"))
+    return out

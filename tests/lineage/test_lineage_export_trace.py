@@ -167,3 +167,15 @@ def test_openlineage_events_per_materialization(built: Built) -> None:
         raw = next(e for e in events if e["job"]["name"] == "raw/lineage_test_obs")
         files = [i for i in raw["inputs"] if i["namespace"] == "file"]
         assert files and all(Path(i["name"]).is_absolute() for i in files)
+
+
+def test_column_map_follows_the_deid_policy() -> None:
+    from twin_pipeline.lineage import policy_columns
+
+    m = policy_columns.column_map(
+        "deid.patient", ["patient_id", "gender", "birth_year", "postal_code", "lineage_key"]
+    )
+    assert m["patient_id"][1] and m["patient_id"][1].startswith("pseudonymize")
+    assert m["birth_year"] == ("birth_date", "generalize to year")
+    assert m["gender"] == ("gender", None)
+    assert m["lineage_key"] == ("lineage_key", None)

@@ -197,3 +197,17 @@ def test_bundle_signed_by_another_key_fails(built_copy: Built) -> None:
         store.con.execute("UPDATE governance.prov_bundle SET key_version = 2")
         report = verify_all(store)
     assert not report.ok and "signature does not verify" in report.first_bad.problem
+
+
+def test_table_changed_outside_the_pipeline_is_named(
+    built_copy: Built, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["audit", "verify", "--tables"]) == 0
+    with Store.open(built_copy.settings) as store:
+        store.con.execute("DELETE FROM deid.lt_observation WHERE observation_id = 'obs-2'")
+        assert verify_all(store).ok  # the records themselves are intact
+        report = verify_all(store, tables=True)
+    assert not report.ok
+    assert report.first_bad is not None and report.first_bad.record == "deid.lt_observation"
+    assert main(["audit", "verify", "--tables"]) == 1
+    assert "first bad record: deid.lt_observation" in capsys.readouterr().out

@@ -54,6 +54,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="recompute the hash chain and every signature; name the first bad record",
     )
     v.add_argument("--json", action="store_true")
+    v.add_argument(
+        "--tables",
+        action="store_true",
+        help="also check every table still has the content its last materialization recorded",
+    )
     v.set_defaults(func=cmd_verify)
     a.set_defaults(func=_help(a))
 
@@ -189,7 +194,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from twin_pipeline.audit import verify_all
 
     with _open() as store:
-        report = verify_all(store)
+        report = verify_all(store, tables=args.tables)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif report.ok:
