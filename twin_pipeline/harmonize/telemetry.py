@@ -228,14 +228,25 @@ def harmonize_readings(
             LEFT JOIN _tele_conv c ON c.metric = a.metric AND c.ucum = coalesce(u.ucum, r.unit)
             """
         )
-        # Exact duplicates within the batch: the copy from the earliest registered file wins
-        # (then the smallest lineage key), the same choice a full rebuild makes.
+        # Exact duplicates within the batch: the first copy (earliest registered file, then
+        # line order) is kept, the same choice a full rebuild makes. Ranked only inside the
+        # (few) groups that have copies.
         con.execute(
             """
-            CREATE OR REPLACE TEMP TABLE _th_keep AS
-            SELECT arg_min(lineage_key, (first_seen, source_file, lineage_key)) AS lineage_key
-            FROM _th_batch WHERE rule IS NULL
-            GROUP BY device_id, metric, ts_utc, value
+            CREATE OR REPLACE TEMP TABLE _th_drop AS
+            SELECT lineage_key FROM (
+                SELECT b.lineage_key, row_number() OVER (
+                    PARTITION BY b.device_id, b.metric, b.ts_utc, b.value
+                    ORDER BY b.first_seen, b.source_file,
+                             try_cast(regexp_extract(b.position, '(\\d+)$', 1) AS BIGINT),
+                             b.position, b.lineage_key) AS k
+                FROM _th_batch b
+                SEMI JOIN (SELECT device_id, metric, ts_utc, value FROM _th_batch
+                           WHERE rule IS NULL GROUP BY ALL HAVING count(*) > 1) g
+                  ON g.device_id = b.device_id AND g.metric = b.metric
+                 AND g.ts_utc = b.ts_utc AND g.value = b.value
+                WHERE b.rule IS NULL)
+            WHERE k > 1
             """
         )
         con.execute(
@@ -250,10 +261,10 @@ def harmonize_readings(
             CREATE OR REPLACE TEMP TABLE _th_batch AS
             SELECT b.* REPLACE (
                 CASE WHEN b.rule IS NOT NULL THEN b.rule
-                     WHEN k.lineage_key IS NULL OR s.device_id IS NOT NULL THEN 'duplicate'
+                     WHEN k.lineage_key IS NOT NULL OR s.device_id IS NOT NULL THEN 'duplicate'
                 END AS rule)
             FROM _th_batch b
-            LEFT JOIN _th_keep k ON k.lineage_key = b.lineage_key
+            LEFT JOIN _th_drop k ON k.lineage_key = b.lineage_key
             LEFT JOIN _th_seen s ON s.device_id = b.device_id AND s.metric = b.metric
              AND s.ts_utc = b.ts_utc AND s.value = b.value
             """
@@ -351,7 +362,7 @@ def harmonize_readings(
         ).fetchone()
         for t in (
             "_th_batch",
-            "_th_keep",
+            "_th_drop",
             "_th_seen",
             "_th_watermark",
             "_th_todo",
