@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from twin_pipeline.activity import activities
+from twin_pipeline.cli import main
 from twin_pipeline.defs.runner import run_pipeline
 from twin_pipeline.paths import Settings
 from twin_pipeline.store import Store
@@ -23,7 +26,19 @@ def _twin(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_simulate_is_a_governed_materialization_with_lineage(twin_home: Settings) -> None:
+def _twin_in_process(
+    capsys: pytest.CaptureFixture[str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """The same CLI entry point, in this process (saves interpreter start-up per call)."""
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+
+def test_simulate_is_a_governed_materialization_with_lineage(
+    twin_home: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
     with Store.open(twin_home) as store, store.transaction():
         synthetic.create_hospital(store, 80, seed=2, days=28)
     landing = twin_home.home / "landing"
@@ -93,12 +108,13 @@ def test_simulate_is_a_governed_materialization_with_lineage(twin_home: Settings
         assert (act, prov_build.table_version_id("twin.edge", used["twin.edge"])) in usages
 
     # Human-readable output says plainly what the figures are.
-    text = _twin("simulate", "mmc_check", "--replications", "2")
+    text = _twin_in_process(capsys, "simulate", "mmc_check", "--replications", "2")
     assert text.returncode == 0, text.stderr
     assert "not clinical recommendations" in text.stdout
     assert "Erlang C wait" in text.stdout
 
-    q = _twin(
+    q = _twin_in_process(
+        capsys,
         "graph",
         "query",
         "match",
@@ -107,6 +123,22 @@ def test_simulate_is_a_governed_materialization_with_lineage(twin_home: Settings
     )
     assert q.returncode == 0, q.stderr
     assert json.loads(q.stdout)["count"] == 6
+    stats = _twin_in_process(capsys, "graph", "stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    counts = json.loads(stats.stdout)
+    assert counts["nodes"]["Patient"] == 80 and counts["edges"]["Bed.part_of"] == 16
+    nb = _twin_in_process(
+        capsys, "graph", "query", "neighbours", "Bed/loc-icu-01", "--direction", "out", "--json"
+    )
+    assert nb.returncode == 0, nb.stderr
+    assert [r["node_id"] for r in json.loads(nb.stdout)["rows"]] == ["CareUnit/loc-icu"]
+    path = _twin_in_process(
+        capsys, "graph", "query", "path", "Device/mon-00", "CareUnit/loc-icu", "--max-hops", "2"
+    )
+    assert path.returncode == 0, path.stderr
+    assert "Device/mon-00 -located_in- Bed/loc-icu-01 -part_of- CareUnit/loc-icu" in path.stdout
+    bad = _twin_in_process(capsys, "graph", "query", "match", "Device <-x-> Patient")
+    assert bad.returncode == 2 and "exactly one direction" in bad.stderr
 
 
 def test_simulate_bad_scenario_exits_2(twin_home: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -171,12 +171,8 @@ def cmd_graph_build(args: argparse.Namespace) -> int:
 
 
 def cmd_graph_stats(args: argparse.Namespace) -> int:
-    from twin_pipeline.twin.graph import ensure_graph_tables
-
     with _open_ro() as store:
-        if not store.table_exists("twin.node"):
-            raise TwinPipelineError("no twin graph yet: run `twin graph build` (or `twin run`)")
-        ensure_graph_tables(store)
+        _need_graph(store)
         nodes = dict(
             store.con.execute(
                 "SELECT twin_type, count(*) FROM twin.twin.node GROUP BY 1 ORDER BY 1"
