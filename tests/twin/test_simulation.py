@@ -196,3 +196,39 @@ def test_unknown_modalities_in_a_scenario_are_reported(
     assert any("imaging.add_scanners.PET" in n and "ignored" in n for n in r["notes"])
     assert not any(".CT:" in n for n in r["notes"])
     assert "beds" not in r["stations"]
+
+
+def test_demand_shift_moves_arrivals_between_hours(graph_store: tuple[Store, GraphReport]) -> None:
+    store, _ = graph_store
+    from twin_pipeline.twin.simulate import plan
+
+    sc = Scenario.model_validate(
+        {
+            "name": "t",
+            "domains": ["imaging"],
+            "imaging": {
+                "opening_hours": {"MR": {"open": 7, "close": 22}},
+                "shift_demand": [
+                    {
+                        "modality": "MR",
+                        "fraction": 0.5,
+                        "from_hours": {"open": 7, "close": 12},
+                        "to_hours": {"open": 19, "close": 21},
+                    }
+                ],
+            },
+        }
+    )
+    h = fit_history(store, sc.fit, ["imaging"])
+    base, what = plan(h, sc)
+    b, w = base["MR"].params.rates, what["MR"].params.rates
+    assert w.sum() == pytest.approx(b.sum())  # total demand unchanged
+    assert w[:, 7:12].sum() == pytest.approx(b[:, 7:12].sum() / 2)
+    assert w[:, 19:21].sum() == pytest.approx(b[:, 7:12].sum() / 2)
+    assert b[:, 19:21].sum() == 0
+    assert what["CT"].params.rates is base["CT"].params.rates  # other stations untouched
+    r = run_simulation(store, sc, replications=3)
+    mr = r["stations"]["MR"]
+    assert mr["scenario"]["throughput_per_day"]["mean"] == pytest.approx(
+        mr["baseline"]["throughput_per_day"]["mean"], rel=0.1
+    )

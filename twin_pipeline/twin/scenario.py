@@ -40,6 +40,16 @@ class Hours(_Strict):
         return self
 
 
+class DemandShift(_Strict):
+    """Move a fraction of a modality's demand from some hours of the day to others (e.g.
+    outpatient slots moved to the evening), spread evenly over the target hours."""
+
+    modality: str
+    fraction: float = Field(gt=0, le=1)
+    from_hours: Hours
+    to_hours: Hours
+
+
 class ImagingChanges(_Strict):
     add_scanners: dict[str, int] = Field(default_factory=dict)
     set_scanners: dict[str, int] = Field(default_factory=dict)
@@ -50,6 +60,7 @@ class ImagingChanges(_Strict):
     demand_multiplier: float = Field(default=1.0, gt=0)
     modality_demand: dict[str, float] = Field(default_factory=dict)
     service_time_multiplier: dict[str, float] = Field(default_factory=dict)
+    shift_demand: list[DemandShift] = Field(default_factory=list)
 
     @field_validator("set_scanners", "technologists")
     @classmethod

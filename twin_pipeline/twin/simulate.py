@@ -4,6 +4,7 @@ compare, chart, and store the result in ``twin.simulation_run`` / ``twin.simulat
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -18,7 +19,7 @@ import numpy as np
 
 from twin_pipeline.store import Store
 from twin_pipeline.twin.fit import History, ServiceDist, StationParams, fit_history
-from twin_pipeline.twin.scenario import ExplicitStation, Scenario
+from twin_pipeline.twin.scenario import DemandShift, ExplicitStation, Scenario
 from twin_pipeline.twin.sim import StationRun, erlang_c_wait, run_station, stream, summarize
 
 NOTICE = (
@@ -90,14 +91,34 @@ def unmatched_changes(sc: Scenario, stations: list[str]) -> list[str]:
         "opening_hours",
         "modality_demand",
         "service_time_multiplier",
+        "shift_demand",
     ):
-        for key in getattr(ic, field_name):
+        keys = (
+            [d.modality for d in ic.shift_demand]
+            if field_name == "shift_demand"
+            else list(getattr(ic, field_name))
+        )
+        for key in keys:
             if key not in known:
                 out.append(
                     f"imaging.{field_name}.{key}: no such modality in the twin's history "
                     f"(have {', '.join(sorted(stations)) or 'none'}); ignored"
                 )
     return out
+
+
+def _shifted(p: StationParams, shifts: list[DemandShift]) -> StationParams:
+    """``p`` with demand moved between hours of the day (total demand unchanged)."""
+    if not shifts:
+        return p
+    rates = p.rates.copy()
+    for sh in shifts:
+        src = list(range(sh.from_hours.open, sh.from_hours.close))
+        dst = list(range(sh.to_hours.open, sh.to_hours.close))
+        moved = rates[:, src] * sh.fraction  # per weekday and source hour
+        rates[:, src] -= moved
+        rates[:, dst] += moved.sum(axis=1, keepdims=True) / len(dst)
+    return dataclasses.replace(p, rates=rates)
 
 
 def plan(history: History | None, sc: Scenario) -> tuple[dict[str, Setup], dict[str, Setup]]:
@@ -123,7 +144,7 @@ def plan(history: History | None, sc: Scenario) -> tuple[dict[str, Setup], dict[
         hours = _pick(ic.opening_hours, name, None) or ic.opening_hours.get("*")
         what[name] = Setup(
             "imaging",
-            p,
+            _shifted(p, [d for d in ic.shift_demand if _pick({d.modality: 1}, name, 0)]),
             max(servers, 1),
             (hours.open, hours.close) if hours else p.open_hours,
             ic.demand_multiplier * _pick(ic.modality_demand, name, 1.0),
