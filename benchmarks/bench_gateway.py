@@ -10,6 +10,7 @@ DuckDB's cross-check, and the audit append (one hash-chained ledger commit).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import shutil
 import statistics
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from twin_pipeline import ledger
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.paths import Settings
 from twin_pipeline.policy import Gateway
@@ -168,15 +170,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ),
                 repeats,
             ),
+            # the audit entry's two parts: the hash-chained ledger insert + commit, and the
+            # signed seal of the new ledger head that twin_pipeline.audit writes after it
+            "ledger_append_ms": _median_ms(
+                lambda: ledger.append(gw.store, "bench", {"sql": sql}), repeats
+            ),
         }
+        with contextlib.suppress(ImportError):
+            from twin_pipeline.lineage import storage
+
+            parts["ledger_seal_ms"] = _median_ms(lambda: storage.seal(gw.store), repeats)
     med = statistics.median(overheads)
     med_seen = statistics.median(overheads_seen)
     med_fixed = statistics.median(fixed)
     out["median_overhead_seen_text_ms"] = round(med_seen, 3)
     no_audit = med - parts["audit_append_ms"]
+    out["duckdb_threads"] = gw.threads
     out["median_overhead_ms"] = round(med, 3)
     out["median_fixed_overhead_ms"] = round(med_fixed, 3)
-    out["median_overhead_without_audit_commit_ms"] = round(no_audit, 3)
+    out["median_overhead_without_audit_ms"] = round(no_audit, 3)
     out["parts"] = {k: round(v, 3) for k, v in parts.items()}
     out["goal_ms"] = 5.0
     out["meets_goal"] = med <= 5.0
@@ -193,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"median gateway overhead vs direct DuckDB: {med:.2f} ms per query, new text "
         f"(goal <= 5 ms: {'met' if med <= 5 else 'NOT met'}); {med_seen:.2f} ms for a text "
         f"already checked; fixed part {med_fixed:.2f} ms; "
-        f"without the durable audit commit {no_audit:.2f} ms"
+        f"without the audit entry (append + seal) {no_audit:.2f} ms"
     )
     return out
 
