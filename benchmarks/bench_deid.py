@@ -156,6 +156,7 @@ def bench_structured(workdir: Path, rows: int) -> dict[str, Any]:
             exprs.append(f"'{c}-' || CAST(i AS VARCHAR) AS {c}")
     out: dict[str, Any] = {"structured_rows": rows}
     with Store.open(settings) as store, store.transaction():
+        store.con.execute("SET enable_progress_bar = false")
         store.con.execute("DROP TABLE IF EXISTS harmonized.observation")
         store.con.execute(
             f"CREATE TABLE harmonized.observation AS SELECT {', '.join(exprs)} FROM range({rows}) t(i)"

@@ -57,13 +57,13 @@ def _q(name: str) -> str:
 def _date_shift_sql(col: str, dtype: str) -> str:
     t = dtype.upper()
     if t == "DATE":
-        return f"s.{col} + s.__offset"
+        return f"s.{col} + __pm.off"
     if t.startswith("TIMESTAMP"):
-        return f"s.{col} + to_days(s.__offset)"
+        return f"s.{col} + to_days(__pm.off)"
     if t == "VARCHAR":
         return (
             f"CASE WHEN s.{col} IS NULL THEN NULL ELSE "
-            f"coalesce(strftime(try_cast(s.{col} AS TIMESTAMPTZ) + to_days(s.__offset), "
+            f"coalesce(strftime(try_cast(s.{col} AS TIMESTAMPTZ) + to_days(__pm.off), "
             f"'%Y-%m-%dT%H:%M:%S%z'), '[unparseable date withheld]') END"
         )
     raise PolicyViolation(f"date_shift cannot apply to a {dtype} column ({col})")
@@ -154,26 +154,50 @@ def deidentify_table(
     params = keyed.SqlKey.from_key(key).params()
 
     person_sql, join = _person_join(rule, store)
-    offset_sql = keyed.sql_day_offset(f"coalesce({person_sql}, '')", policy.date_shift.max_days)
-    con.execute("DROP TABLE IF EXISTS temp.__deid_src")
-    con.execute(
-        f"CREATE TEMP TABLE __deid_src AS SELECT s.*, {person_sql} AS __person, "
-        f"{offset_sql} AS __offset, row_number() OVER () AS __rn FROM {src} s {join}",
-        params,
-    )
+    text_cols = [c for c, _ in cols if rule.columns[c].action == "redact_text"]
+    # Rows need stable numbers only when text is redacted in Python and joined back.
+    if text_cols:
+        con.execute("DROP TABLE IF EXISTS temp.__deid_src")
+        con.execute(
+            f"CREATE TEMP TABLE __deid_src AS SELECT s.*, {person_sql} AS __person, "
+            f"row_number() OVER () AS __rn FROM {src} s {join}"
+        )
+        src_sql = "__deid_src"
+    else:
+        src_sql = f"(SELECT s.*, {person_sql} AS __person FROM {src} s {join})"
 
+    # HMACs are computed once per distinct value (a patient has many rows), then joined.
+    ctes = [
+        f"__src AS MATERIALIZED ({'SELECT * FROM ' + src_sql if text_cols else src_sql[1:-1]})",
+        "__pm AS (SELECT k, "
+        + keyed.sql_day_offset("k", policy.date_shift.max_days)
+        + " AS off FROM (SELECT DISTINCT coalesce(__person, '') AS k FROM __src))",
+    ]
     select: list[str] = []
-    joins: list[str] = []
+    joins: list[str] = ["LEFT JOIN __pm ON __pm.k = coalesce(s.__person, '')"]
     actions: dict[str, str] = {}
     texts = 0
     registered: list[str] = []
     try:
-        for col, dtype in cols:
+        for i, (col, dtype) in enumerate(cols):
             r = rule.columns[col]
             expr = column_sql(col, dtype, r, policy)
             if expr is None:
                 continue
             name = r.rename or col
+            if r.action in ("pseudonymize", "uid"):
+                m = f"__m{i}"
+                mapped = (
+                    keyed.sql_pseudonym("v", r.domain or col, r.length)
+                    if r.action == "pseudonymize"
+                    else keyed.sql_dicom_uid("v")
+                )
+                ctes.append(
+                    f"{m} AS (SELECT v, {mapped} AS p FROM "
+                    f"(SELECT DISTINCT {_q(col)} AS v FROM __src WHERE {_q(col)} IS NOT NULL))"
+                )
+                joins.append(f"LEFT JOIN {m} ON {m}.v = s.{_q(col)}")
+                expr = f"{m}.p"
             if r.action == "redact_text":
                 rows = con.execute(
                     f"SELECT __rn, coalesce(__person, ''), CAST({_q(col)} AS VARCHAR) "
@@ -208,8 +232,8 @@ def deidentify_table(
         select.append(f"CAST({kv.version} AS INTEGER) AS key_version")
         con.execute(f"DROP TABLE IF EXISTS {out}")
         con.execute(
-            f"CREATE TABLE {out} AS SELECT {', '.join(select)} FROM __deid_src s "
-            + " ".join(joins),
+            f"CREATE TABLE {out} AS WITH {', '.join(ctes)} SELECT {', '.join(select)} "
+            f"FROM __src s " + " ".join(joins),
             params,
         )
     finally:
