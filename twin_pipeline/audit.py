@@ -7,7 +7,9 @@ chain and checks every signed PROV bundle, naming the first record that does not
 
 The store passed to :func:`record_access` must be writable. If the caller holds a transaction
 that it is about to roll back (e.g. on a denied query), record the decision outside it, or the
-audit entry is rolled back too.
+audit entry is rolled back too. Outside a transaction, each entry is followed by a signed seal of
+the ledger head (:func:`twin_pipeline.lineage.storage.seal`), so cutting entries off the end of
+the log is detected too.
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ def audit(store: Store, event: dict[str, Any]) -> int:
     """
     body = dict(event)
     body.setdefault("at", datetime.now(UTC).isoformat(timespec="microseconds"))
-    return ledger.append(store, AUDIT_KIND, body, run_id=str(body.get("run_id") or store.run_id))
+    seq = ledger.append(store, AUDIT_KIND, body, run_id=str(body.get("run_id") or store.run_id))
+    if not store._tx_depth:  # committed: sign the new head so the entry cannot be cut off
+        from twin_pipeline.lineage import storage
+
+        storage.seal(store)
+    return seq
 
 
 def record_access(

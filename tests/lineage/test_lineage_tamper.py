@@ -134,7 +134,21 @@ def delete_bundle(store: Store) -> tuple[int, str]:
     return -1, "announced in the ledger but missing"
 
 
+def truncate_tail(store: Store) -> tuple[int, str]:
+    """Queries audited after the last run, then cut off the end of the log: the chain and the
+    run bundles cannot show it, the signed seal of the ledger head does."""
+    from twin_pipeline.audit import record_access
+
+    first = record_access(store, user="mallory", role="researcher", sql="SELECT 1", rows=1)
+    last = record_access(store, user="mallory", role="researcher", sql="SELECT 2", rows=1)
+    assert verify_all(store).ok
+    store.con.execute("DELETE FROM governance.ledger WHERE seq >= ?", [first])
+    assert ledger.verify(store).ok
+    return last, "sealed ledger head is missing"
+
+
 CASES: list[Callable[[Store], tuple[int, str]]] = [
+    truncate_tail,
     change_row,
     delete_row,
     reorder_rows,

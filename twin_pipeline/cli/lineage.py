@@ -178,15 +178,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    from twin_pipeline.lineage import runs
+    from twin_pipeline.lineage import runs, storage
 
     with Store.open(Settings.from_env()) as store:
         todo = runs.open_runs(store)
         for rid in todo:
             res = runs.finalize_run(store, rid)
             print(f"signed run {rid}: {res.activities} activities, bundle {res.sha256[:16]}")
+        sealed = storage.seal(store)
     if not todo:
         print("every run already has a signed PROV bundle")
+    if sealed:
+        print(f"sealed ledger head at seq {sealed['seq']}")
     return 0
 
 

@@ -127,6 +127,8 @@ def finalize_run(
             storage.store_bundle(store, rid, run_json(store, rid), keyring)
         text = run_json(store, run_id)
         row = storage.store_bundle(store, run_id, text, keyring)
+    if not store._tx_depth:  # only a committed head may be sealed
+        storage.seal(store, keyring)
     n_acts = len(json.loads(text).get("activity") or {})
     events = 0
     if emit_openlineage:

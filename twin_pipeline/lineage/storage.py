@@ -239,6 +239,8 @@ def verify_bundles(
             problems.append(
                 (f"governance.ledger run {rid}", "activities recorded but no signed PROV bundle")
             )
+    _, seal_problems = verify_seal(store, ledger_hash, keyring)
+    problems.extend(seal_problems)
     return len(rows), problems
 
 
@@ -257,3 +259,81 @@ def stored_document(store: Store, run_id: str | None = None) -> Any:
     merged = prov_build.merge_json(json.loads(r.prov_json) for r in rows)
     merged["prefix"].setdefault(prov_build.NS_PREFIX, prov_build.NS_URI)
     return prov_build.from_json(json.dumps(merged))
+
+
+# -- the signed ledger head ("seal") ----------------------------------------------------------
+# Hash chains cannot show that entries were cut off the end. After each committed run and each
+# audited access, the head of the ledger (seq, hash) is signed into TWIN_HOME/ledger.seal.json,
+# outside the database: a ledger whose sealed entry is missing or changed was truncated or
+# rewritten. Entries after the sealed head are reported as unsealed, not as tampering.
+SEAL_FILE = "ledger.seal.json"
+
+
+def seal_message(seq: int, head: str, key_version: int) -> bytes:
+    return ledger.canonical_json(
+        {"seal": "twin-pipeline ledger head", "seq": seq, "hash": head, "key_version": key_version}
+    ).encode()
+
+
+def seal(store: Store, keyring: KeyRing | None = None) -> dict[str, Any] | None:
+    """Sign the current (committed) ledger head into ``TWIN_HOME/ledger.seal.json``."""
+    if not store.table_exists("governance.ledger"):
+        return None
+    row = store.con.execute(
+        "SELECT seq, hash FROM governance.ledger ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    if row is None:
+        return None
+    keyring = keyring or KeyRing(store.settings.keys_dir)
+    version = keyring.version("signing")
+    seq, head = int(row[0]), str(row[1])
+    doc = {
+        "seq": seq,
+        "hash": head,
+        "key_version": version.version,
+        "key_fingerprint": version.fingerprint,
+        "sealed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "signature": base64.b64encode(
+            keyring.signing_key(version.version).sign(seal_message(seq, head, version.version))
+        ).decode(),
+    }
+    path = store.settings.home / SEAL_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(path)
+    return doc
+
+
+def verify_seal(
+    store: Store, ledger_hashes: dict[int, str], keyring: KeyRing | None = None
+) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
+    """Check the sealed head against the ledger; returns the seal and problems."""
+    path = store.settings.home / SEAL_FILE
+    if not path.exists():
+        return None, []
+    where = f"{SEAL_FILE}"
+    try:
+        doc: dict[str, Any] = json.loads(path.read_text())
+        seq, head, kv = int(doc["seq"]), str(doc["hash"]), int(doc["key_version"])
+        sig = base64.b64decode(str(doc["signature"]), validate=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, [(where, "unreadable ledger seal")]
+    keyring = keyring or KeyRing(store.settings.keys_dir)
+    try:
+        keyring.public_key(kv).verify(sig, seal_message(seq, head, kv))
+    except KeyMaterialError as exc:
+        return doc, [(where, f"cannot verify: signing key v{kv}: {exc}")]
+    except InvalidSignature:
+        return doc, [(where, f"Ed25519 signature of the ledger seal does not verify (key v{kv})")]
+    if seq not in ledger_hashes:
+        return doc, [
+            (
+                f"governance.ledger seq {seq}",
+                "sealed ledger head is missing: entries were deleted from the end of the ledger",
+            )
+        ]
+    if ledger_hashes[seq] != head:
+        return doc, [
+            (f"governance.ledger seq {seq}", "sealed ledger head no longer has the sealed hash")
+        ]
+    return doc, []
