@@ -202,15 +202,19 @@ def build_versions(store: Store) -> dict[str, int]:
 
 
 def current_sql(resource_type: str | None = None) -> str:
-    """The current versions (of one type) with their payload, read from raw (not copied)."""
-    where = (
-        f" WHERE c.resource_type = {_q(resource_type)} AND r.resource_type = {_q(resource_type)}"
-        if resource_type
-        else ""
-    )
+    """The current versions (of one type) with their payload, read from raw (not copied).
+
+    A semi-join on the raw rows keeps the scan narrow; ``deleted`` comes from the few
+    resources that have one."""
+    t = f"resource_type = {_q(resource_type)}" if resource_type else "true"
     return (
-        f"(SELECT c.*, r.payload FROM {CURRENT} c JOIN {RAW} r "
-        f"ON r.lineage_key = c.lineage_key AND r.source_file = c.source_file{where})"
+        f"(SELECT r.resource_type, r.resource_id, r.version_id, r.last_updated, "
+        f"d.resource_id IS NOT NULL AS deleted, r.record_hash, r.source_file, r.position, "
+        f"r.lineage_key, r.full_url, r.payload FROM {RAW} r "
+        f"LEFT JOIN (SELECT resource_type, resource_id FROM {CURRENT} WHERE deleted AND {t}) d "
+        "ON d.resource_type = r.resource_type AND d.resource_id = r.resource_id "
+        f"WHERE {'r.' + t if resource_type else t} AND r.lineage_key || '|' || r.source_file IN "
+        f"(SELECT lineage_key || '|' || source_file FROM {CURRENT} WHERE {t}))"
     )
 
 
@@ -319,8 +323,11 @@ def extract_sql(spec: TableSpec, columns: list[Column] | None = None, extra: str
     s = _Paths()
     cols = columns if columns is not None else spec.columns
     exprs = [f"{column_sql(c, s)} AS {c.name}" for c in cols]
+    # the reference as written, for harmonized.fhir_reference / dangling_reference
+    exprs += [f"{_ref_raw(c, s)} AS refraw_{c.name}" for c in cols if c.kind == "ref"]
     return (
-        f"SELECT {', '.join(exprs)}{extra}, r.version_id, r.last_updated, r.deleted, "
+        f"SELECT r.resource_id AS _rid, {', '.join(exprs)}{extra}, r.version_id, "
+        "r.last_updated, r.deleted, "
         "r.source_file, r.position AS source_position, r.lineage_key\n"
         f"FROM (SELECT *, payload AS p, {s.select()} FROM {current_sql(spec.resource)}) r"
     )
@@ -340,6 +347,35 @@ def resolve_sql(source: str, columns: list[Column], keep: tuple[str, ...] = ()) 
     return f"SELECT {', '.join(sel)} FROM {source} x " + " ".join(joins)
 
 
+REFERENCES = "harmonized.fhir_reference"
+
+
+def _record_refs(store: Store, name: str, spec: TableSpec, columns: list[Column]) -> None:
+    """Keep the table's references (from ``_x``) for :func:`build_dangling`."""
+    con = store.con
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {REFERENCES} (from_table VARCHAR, from_type VARCHAR, "
+        "from_id VARCHAR, from_column VARCHAR, reference VARCHAR, ref_key VARCHAR, "
+        "target_type VARCHAR, source_file VARCHAR, lineage_key VARCHAR)"
+    )
+    con.execute(f"DELETE FROM {REFERENCES} WHERE from_table = ?", [name])
+    refs = [c for c in columns if c.kind == "ref"]
+    if not refs:
+        return
+    items = ", ".join(
+        f"{{'col': {_q(c.name)}, 'target': {_q(str(c.target))}, "
+        f"'reference': x.refraw_{c.name}, 'key': x.{c.name}}}"
+        for c in refs
+    )
+    con.execute(f"""
+        INSERT INTO {REFERENCES}
+        SELECT {_q(name)}, {_q(spec.resource)}, _rid, e.col, e.reference, e.key, e.target,
+               source_file, lineage_key
+        FROM (SELECT x.*, unnest([{items}]) AS e FROM _x x)
+        WHERE e.reference IS NOT NULL
+    """)
+
+
 def table_sql(spec: TableSpec) -> str:
     return resolve_sql(f"({extract_sql(spec)})", spec.columns)
 
@@ -355,6 +391,7 @@ def build_table(store: Store, name: str, spec: EhrSpec | None = None) -> TableSt
         return _build_observation(store, spec)
     con = store.con
     con.execute(f"CREATE OR REPLACE TEMP TABLE _x AS {extract_sql(tspec)}")
+    _record_refs(store, name, tspec, tspec.columns)
     con.execute(
         f"CREATE OR REPLACE TABLE {qualified} AS {resolve_sql('_x', tspec.columns)} "
         f"ORDER BY {tspec.key}"
@@ -389,12 +426,14 @@ def _build_observation(store: Store, spec: EhrSpec) -> TableStats:
     base = [c for c in tspec.columns if c.name not in ("code_system", "code", "display")]
     known_list = "[" + ", ".join(_q(c) for c in known) + "]"
     panel_list = "[" + ", ".join(_q(c) for c in sorted(panels)) + "]"
+    # one more parse of the payload for the three structured parts
     extra = (
-        f", from_json(json_extract(p, '$.code.coding'), '{_CODINGS}') AS codings, "
-        f"from_json(json_extract(p, '$.valueQuantity'), '{_QTY}') AS vq, "
-        "json_extract(p, '$.component') AS components"
+        ", json_extract(p, ['$.code.coding', '$.valueQuantity', '$.component']) AS _j, "
+        f"from_json(_j[1], '{_CODINGS}') AS codings, from_json(_j[2], '{_QTY}') AS vq, "
+        "_j[3] AS components"
     )
     con.execute(f"CREATE OR REPLACE TEMP TABLE _x AS {extract_sql(tspec, base, extra)}")
+    _record_refs(store, "observation", tspec, base)
     # One row per resource with the chosen LOINC coding (first coding whose code we know).
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE _obs AS
@@ -574,28 +613,16 @@ def build_dangling(store: Store, spec: EhrSpec | None = None) -> int:
     spec = spec or load_spec()
     con = store.con
     _macros(store)
-    parts = []
-    for name, t in spec.tables.items():
-        refs = [c for c in t.columns if c.kind == "ref"]
-        if not refs:
-            continue
-        paths = _Paths()
-        items = ", ".join(
-            f"{{'col': {_q(c.name)}, 'target': {_q(str(c.target))}, "
-            f"'reference': {_ref_raw(c, paths)}}}"
-            for c in refs
-        )
-        # one payload parse per resource, one row per reference column
-        parts.append(
-            f"SELECT {_q(name)} AS from_table, resource_type AS from_type, "
-            "resource_id AS from_id, x.col AS from_column, x.reference, x.target AS target_type, "
-            "source_file, lineage_key "
-            f"FROM (SELECT r.*, unnest([{items}]) AS x FROM "
-            f"(SELECT *, {paths.select()} FROM {current_sql(t.resource)}) r)"
+    tables = "[" + ", ".join(_q(n) for n in spec.tables) + "]"
+    if not store.table_exists(REFERENCES):
+        con.execute(
+            f"CREATE TABLE {REFERENCES} (from_table VARCHAR, from_type VARCHAR, "
+            "from_id VARCHAR, from_column VARCHAR, reference VARCHAR, ref_key VARCHAR, "
+            "target_type VARCHAR, source_file VARCHAR, lineage_key VARCHAR)"
         )
     con.execute(f"""
         CREATE OR REPLACE TABLE {DANGLING} AS
-        WITH refs AS ({" UNION ALL ".join(parts)}),
+        WITH refs AS (SELECT * FROM {REFERENCES} WHERE list_contains({tables}, from_table)),
         arrivals AS (
             SELECT s.resource_type, s.resource_id, min(sf.first_seen) AS first_seen
             FROM {STATUS} s LEFT JOIN governance.source_file sf ON sf.path = s.source_file
@@ -603,12 +630,11 @@ def build_dangling(store: Store, spec: EhrSpec | None = None) -> int:
         )
         SELECT refs.from_table, refs.from_type, refs.from_id, refs.from_column,
                refs.reference, refs.target_type,
-               coalesce(ix.resource_id, fhir_ref_fallback_id(fhir_ref_key(refs.reference)))
-                   AS target_id,
+               coalesce(ix.resource_id, fhir_ref_fallback_id(refs.ref_key)) AS target_id,
                ix.resource_id IS NOT NULL AS resolved,
                refs.source_file, refs.lineage_key
         FROM refs
-        LEFT JOIN {REF_INDEX} ix ON ix.ref = fhir_ref_key(refs.reference)
+        LEFT JOIN {REF_INDEX} ix ON ix.ref = refs.ref_key
         LEFT JOIN arrivals ta ON ta.resource_type = ix.resource_type
              AND ta.resource_id = ix.resource_id
         LEFT JOIN governance.source_file fs ON fs.path = refs.source_file
