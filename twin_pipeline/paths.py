@@ -11,7 +11,9 @@ PROJECT_ROOT = Path(os.environ.get("TWIN_PROJECT_ROOT", PACKAGE_ROOT.parent)).re
 ASSETS_DIR = PROJECT_ROOT / "assets"
 EXPECTATIONS_DIR = PROJECT_ROOT / "expectations"
 POLICIES_DIR = PROJECT_ROOT / "policies"
-SHARED_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
+SHARED_DATA_DIR = Path(
+    os.environ.get("TWIN_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data")
+).resolve()
 
 
 @dataclass(frozen=True)
