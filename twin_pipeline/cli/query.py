@@ -27,12 +27,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--format", choices=["table", "csv", "json"], default="table", help="output format"
     )
-    p.add_argument("--limit", type=int, default=None, help="return at most N rows")
+    p.add_argument(
+        "--limit", type=_positive, default=None, help="return at most N rows (capped by role)"
+    )
     p.add_argument(
         "--describe", action="store_true", help="list readable relations, masks and filters"
     )
     p.add_argument("sql", nargs="?", help="one SELECT statement ('-' reads it from stdin)")
     p.set_defaults(func=cmd_query)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def cmd_query(args: argparse.Namespace) -> int:

@@ -326,7 +326,7 @@ class Gateway:
                 elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
             )
             raise
-        cap = min(limit or role.max_rows, role.max_rows)
+        cap = role.max_rows if limit is None else max(1, min(int(limit), role.max_rows))
         try:
             columns, rows = self._execute(store.con, rw.sql, cap + 1)
         except duckdb.Error as exc:
