@@ -214,3 +214,23 @@ def test_describe_is_audited(gateway: Gateway) -> None:
     with pytest.raises(AccessDenied, match="unknown user"):
         gateway.describe("eve")
     assert (last_audit(gateway)["user"], last_audit(gateway)["decision"]) == ("eve", "deny")
+
+
+def test_consent_filter_fails_closed_without_consent_data(twin_home: object) -> None:
+    """If the de-identified data cannot say who consented, a researcher gets no rows at all."""
+    from twin_pipeline.paths import Settings
+    from twin_pipeline.policy import QueryDenied
+    from twin_pipeline.store import Store
+
+    assert isinstance(twin_home, Settings)
+    with Store.open(twin_home) as store, store.transaction() as con:
+        con.execute("CREATE TABLE deid.observation AS SELECT 'd1' AS patient_id, 1.0 AS value")
+    # no deid.patient at all
+    with Gateway(twin_home) as gw, pytest.raises(QueryDenied, match=r"needs deid\.patient"):
+        gw.query("researcher", "SELECT * FROM deid.observation")
+    with Store.open(twin_home) as store, store.transaction() as con:
+        con.execute("CREATE TABLE deid.patient AS SELECT 'd1' AS patient_id")  # no consent column
+    with Gateway(twin_home) as gw:
+        with pytest.raises(QueryFailed, match="research_consent"):
+            gw.query("researcher", "SELECT * FROM deid.observation")
+        assert last_audit(gw)["rows"] == 0
