@@ -1,10 +1,9 @@
-"""The gateway on a generated hospital: real harmonized tables from the FHIR reader and mapper.
+"""The gateway on a generated hospital: real harmonized tables from the FHIR reader and mapper,
+real de-identified tables from the de-identification policy (``policies/deid.yaml``).
 
 The sample hospital's planted identifiers (``manifest.json``) must not come out of the auditor's
-view of the harmonized tables, and the researcher's consent filter must follow the patients'
-research-consent extension. The de-identified tables are derived here from the harmonized ones
-with a keyed pseudonym (the de-identification assets replace this when they land; the filter
-only needs ``deid.*.patient_id`` and ``deid.patient.research_consent``).
+or the researcher's views, and the researcher's consent filter must follow the patients'
+research-consent extension.
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from twin_pipeline.deid.policy import load_policy
+from twin_pipeline.deid.structured import deidentify_table
 from twin_pipeline.generate import generate_hospital
 from twin_pipeline.harmonize import fhir as ehr
 from twin_pipeline.ingest import files_of_kind, ingest_files
@@ -21,6 +22,12 @@ from twin_pipeline.paths import Settings
 from twin_pipeline.policy import Gateway
 from twin_pipeline.sources import load_readers
 from twin_pipeline.store import Store
+
+DEID_TABLES = ("patient", "observation", "encounter", "condition")
+
+
+def _no_free_text(items: list[tuple[str, str]], key: bytes) -> list[str]:
+    raise AssertionError("these tables have no free-text columns")
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +42,11 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, dict[s
     with Store.open(settings) as store:
         ingest_files(store, load_readers()["fhir"], files_of_kind(landing, "fhir"))
         ehr.build_all(store)
-        with store.transaction() as con:
-            pid = "'p-' || substr(sha256('test-salt|' || patient_id), 1, 16)"
-            con.execute(
-                f"CREATE TABLE deid.patient AS SELECT {pid} AS patient_id, gender, "
-                "CAST(date_trunc('year', birth_date) AS DATE) AS birth_date, research_consent, "
-                "lineage_key, 1 AS key_version FROM harmonized.patient"
-            )
-            con.execute(
-                f"CREATE TABLE deid.observation AS SELECT {pid} AS patient_id, code, value, "
-                "unit, lineage_key, 1 AS key_version FROM harmonized.observation"
-            )
+        policy = load_policy()
+        with store.transaction():
+            for table in DEID_TABLES:
+                result = deidentify_table(store, policy, table, text_fn=_no_free_text)
+                assert result.status == "written", (table, result)
     manifest = json.loads((Path(landing) / "manifest.json").read_text())
     return settings, manifest["identifiers"]
 
@@ -84,6 +85,19 @@ def test_researcher_sees_consenting_patients_only(
     assert 0 < consenting < total  # the generator plants both kinds
     assert seen == consenting
     assert obs == obs_expected
+
+
+def test_researcher_sees_no_planted_identifier(
+    hospital: tuple[Settings, dict[str, list[str]]],
+) -> None:
+    settings, ids = hospital
+    with Gateway(settings) as gw:
+        text = "".join(
+            gw.query("researcher", f"SELECT * FROM deid.{t}").to_csv() for t in DEID_TABLES
+        )
+    planted = [v for kind in ("ssns", "mrns", "emails", "addresses", "phones") for v in ids[kind]]
+    assert [v for v in planted if v in text] == []
+    assert [n for n in ids["names"] if n in text] == []
 
 
 def test_every_real_table_reads_through_its_policy(
