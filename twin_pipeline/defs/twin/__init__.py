@@ -85,7 +85,7 @@ def twin_node(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.Mater
     kinds={"duckdb", "sql"},
     owners=OWNERS,
     description="Twin graph edges (relationships with validity periods). Written together "
-    "with twin/node; this asset verifies and reports them.",
+    "with twin/node; this asset reports them and the graph_integrity check guards them.",
 )
 def twin_edge(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.MaterializeResult:
     with governed_run(context, twin, inputs=["twin.node"]) as run:
@@ -93,12 +93,6 @@ def twin_edge(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.Mater
         rows = run.store.con.execute(
             "SELECT rel, count(*) FROM twin.twin.edge GROUP BY rel ORDER BY rel"
         ).fetchall()
-        dangling = run.store.con.execute(
-            "SELECT count(*) FROM twin.twin.edge e WHERE NOT EXISTS "
-            "(SELECT 1 FROM twin.twin.node n WHERE n.node_id = e.dst)"
-        ).fetchone()
-        if dangling and dangling[0]:
-            raise dg.Failure(f"twin.edge has {dangling[0]} edges to missing nodes")
         run.outputs("twin.edge")
         run.meta(edges_by_rel=dg.MetadataValue.json({r[0]: int(r[1]) for r in rows}))
     return run.result()
@@ -219,7 +213,68 @@ def simulation_result(
     return run.result()
 
 
+@dg.asset_check(
+    asset=dg.AssetKey(["twin", "edge"]),
+    name="graph_integrity",
+    blocking=True,
+    description="Every edge joins two existing twins and every node id is unique; state and "
+    "simulation assets do not run on a broken graph.",
+)
+def graph_integrity(twin: TwinResource) -> dg.AssetCheckResult:
+    with twin.open_store() as store:
+        ensure_graph_tables(store)
+        row = store.con.execute(
+            """
+            SELECT (SELECT count(*) FROM twin.twin.edge e WHERE NOT EXISTS
+                        (SELECT 1 FROM twin.twin.node n WHERE n.node_id = e.src)
+                     OR NOT EXISTS (SELECT 1 FROM twin.twin.node n WHERE n.node_id = e.dst)),
+                   (SELECT count(*) - count(DISTINCT node_id) FROM twin.twin.node),
+                   (SELECT count(*) FROM twin.twin.node),
+                   (SELECT count(*) FROM twin.twin.edge)
+            """
+        ).fetchone()
+    broken, dup, nodes, edges = (int(x) for x in row) if row else (0, 0, 0, 0)
+    return dg.AssetCheckResult(
+        passed=broken == 0 and dup == 0,
+        metadata={
+            "edges_to_missing_nodes": broken,
+            "duplicate_node_ids": dup,
+            "nodes": nodes,
+            "edges": edges,
+        },
+    )
+
+
+@dg.asset_check(
+    asset=dg.AssetKey(["twin", "simulation_result"]),
+    name="baseline_reproduces_history",
+    description="The fitted baseline's throughput is within 10% of the historical throughput "
+    "it was fitted on (latest simulation run); a twin without history passes with a note.",
+)
+def baseline_reproduces_history(twin: TwinResource) -> dg.AssetCheckResult:
+    with twin.open_store() as store:
+        row = None
+        if store.table_exists("twin.simulation_run"):
+            row = store.con.execute(
+                "SELECT sim_id, status, result->>'baseline_error_pct', scenario "
+                "FROM twin.twin.simulation_run ORDER BY created_at DESC LIMIT 1"
+            ).fetchone()
+    if row is None:
+        return dg.AssetCheckResult(passed=False, metadata={"reason": "no simulation run stored"})
+    sid, status, err, scenario = row
+    if status != "ok" or err is None:
+        return dg.AssetCheckResult(
+            passed=True, metadata={"sim_id": sid, "status": status, "scenario": scenario}
+        )
+    return dg.AssetCheckResult(
+        passed=float(err) <= 10.0,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"sim_id": sid, "scenario": scenario, "baseline_error_pct": float(err)},
+    )
+
+
 defs = dg.Definitions(
+    asset_checks=[graph_integrity, baseline_reproduces_history],
     assets=[
         twin_node,
         twin_edge,
@@ -227,5 +282,5 @@ defs = dg.Definitions(
         state_device,
         state_scanner,
         simulation_result,
-    ]
+    ],
 )
