@@ -92,3 +92,17 @@ def test_no_store_yet_is_a_clear_error(
     assert main(["query", "--as", "engineer", "SELECT 1"]) == 2
     assert "no store yet" in capsys.readouterr().err
     assert not twin_home.store_path.exists()
+
+
+def test_audit_log_is_encrypted_at_rest(home: Settings) -> None:
+    marker = "AUDIT-PLAINTEXT-MARKER-Xq7431"
+    assert main(["query", "--as", "researcher", f"SELECT '{marker}' AS m"]) == 0
+    assert main(["query", "--as", "researcher", f"SELECT * FROM raw.x WHERE y = '{marker}'"]) == 3
+    with Store.open(home, read_only=True) as store:
+        n = store.con.execute(
+            "SELECT count(*) FROM governance.ledger WHERE kind = 'audit' AND contains(payload, ?)",
+            [marker],
+        ).fetchone()
+    assert n == (2,)  # both queries are in the audit log ...
+    for f in home.home.glob("twin.duckdb*"):  # ... and neither is readable in the files
+        assert marker.encode() not in f.read_bytes(), f
