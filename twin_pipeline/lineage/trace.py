@@ -11,6 +11,7 @@ always recomputed and compared with the registered one.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -214,11 +215,7 @@ def trace(store: Store, table: str, key: str) -> Trace:
     return Trace(table=table, key=key, steps=steps, source=source)
 
 
-def _candidate_hashes(record: bytes) -> dict[str, str]:
-    text = record.rstrip(b"\r\n")
-    variants = {"line": text, "line-stripped": text.strip()}
-    if text.startswith(b"\xef\xbb\xbf"):
-        variants["line-no-bom"] = text[3:]
+def _digests(variants: dict[str, bytes]) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, data in variants.items():
         out[f"sha256({name})"] = hashlib.sha256(data).hexdigest()
@@ -226,13 +223,77 @@ def _candidate_hashes(record: bytes) -> dict[str, str]:
     return out
 
 
+def _line_variants(line: bytes) -> dict[str, bytes]:
+    text = line.rstrip(b"\n")
+    variants = {"line": text.rstrip(b"\r"), "line-with-cr": text, "line-stripped": text.strip()}
+    if text.startswith(b"\xef\xbb\xbf"):
+        variants["line-no-bom"] = text[3:].rstrip(b"\r")
+    return variants
+
+
+def _read_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.name.endswith(".gz"):
+        import gzip
+
+        data = gzip.decompress(data)
+    return data
+
+
+def _raw_line(path: Path, number: int) -> bytes | None:
+    lines = _read_bytes(path).split(b"\n")
+    if number < 1 or number > len(lines):
+        return None
+    return lines[number - 1]
+
+
 def read_line(path: Path, number: int) -> bytes | None:
-    """Line ``number`` (1-based) of a file, as bytes without its line break."""
-    with path.open("rb") as fh:
-        for i, line in enumerate(fh, start=1):
-            if i == number:
-                return line.rstrip(b"\r\n")
-    return None
+    """Line ``number`` (1-based) of a file (gzip read through), without its line break."""
+    line = _raw_line(path, number)
+    return None if line is None else line.rstrip(b"\r")
+
+
+def _json_variants(obj: Any) -> dict[str, bytes]:
+    out = {}
+    for name, kw in (
+        ("json-compact", {"separators": (",", ":"), "ensure_ascii": False}),
+        ("json-canonical", {"separators": (",", ":"), "ensure_ascii": False, "sort_keys": True}),
+        ("json-default", {}),
+    ):
+        out[name] = json.dumps(obj, **kw).encode()  # type: ignore[arg-type]
+    return out
+
+
+def record_candidates(path: Path, position: str) -> dict[str, str] | None:
+    """Hashes the record at ``position`` may have been recorded with, or None if the position
+    cannot be re-read from the file (e.g. a DICOM header, hashed after parsing)."""
+    m = re.fullmatch(r"(?:line:(\d+))?/?(?:entry:(\d+))?", position)
+    if position == "file":
+        data = _read_bytes(path)
+        try:  # a text record (one FHIR resource per file) is hashed as received
+            text_form = data.decode("utf-8-sig").encode()
+        except UnicodeDecodeError:  # binary (DICOM): the reader hashed what it parsed
+            return None
+        return _digests({"file": data, "file-text": text_form})
+    if m is None or not position:
+        return None
+    line_no, entry_no = m.group(1), m.group(2)
+    if line_no and entry_no is None:
+        line = _raw_line(path, int(line_no))
+        return _digests(_line_variants(line)) if line is not None else {}
+    try:
+        text = read_line(path, int(line_no)) if line_no else _read_bytes(path)
+        if text is None:
+            return {}
+        bundle = json.loads(text.decode("utf-8-sig"))
+        entry = (bundle.get("entry") or [])[int(entry_no or 0)]
+    except (ValueError, IndexError, AttributeError, TypeError):
+        return {}
+    forms: dict[str, bytes] = {}
+    if isinstance(entry, dict) and "resource" in entry:
+        forms.update({f"resource:{k}": v for k, v in _json_variants(entry["resource"]).items()})
+    forms.update({f"entry:{k}": v for k, v in _json_variants(entry).items()})
+    return _digests(forms)
 
 
 def _source(store: Store, raw: dict[str, Any], key: str) -> Source:
@@ -264,16 +325,15 @@ def _source(store: Store, raw: dict[str, Any], key: str) -> Source:
     from twin_pipeline.sources import sha256_file
 
     src.file_sha256_ok = sha256_file(path) == src.sha256
-    m = re.fullmatch(r"line:(\d+)", src.position)
-    if m is None:
-        src.note = f"position {src.position!r} is not line-addressable; file hash checked only"
+    candidates = record_candidates(path, src.position)
+    if candidates is None:
+        src.note = f"record at {src.position!r} cannot be re-read from the file; file hash checked"
         return src
-    line = read_line(path, int(m.group(1)))
-    if line is None:
+    if not candidates:
         src.record_hash_ok = False
-        src.note = f"file has no {src.position}"
+        src.note = f"file has no record at {src.position}"
         return src
-    for method, digest in _candidate_hashes(line).items():
+    for method, digest in candidates.items():
         if digest == src.record_hash:
             src.record_hash_ok, src.record_hash_method = True, method
             break
