@@ -256,18 +256,21 @@ def harmonize_readings(
             WHERE h.device_id IN (SELECT DISTINCT device_id FROM _th_batch)
             """
         )
+        # Mark the (few) duplicates in place: in-batch copies and readings already harmonized.
         con.execute(
             """
-            CREATE OR REPLACE TEMP TABLE _th_batch AS
-            SELECT b.* REPLACE (
-                CASE WHEN b.rule IS NOT NULL THEN b.rule
-                     WHEN k.lineage_key IS NOT NULL OR s.device_id IS NOT NULL THEN 'duplicate'
-                END AS rule)
-            FROM _th_batch b
-            LEFT JOIN _th_drop k ON k.lineage_key = b.lineage_key
-            LEFT JOIN _th_seen s ON s.device_id = b.device_id AND s.metric = b.metric
+            CREATE OR REPLACE TEMP TABLE _th_dup AS
+            SELECT lineage_key FROM _th_drop
+            UNION
+            SELECT b.lineage_key FROM _th_batch b
+            JOIN _th_seen s ON s.device_id = b.device_id AND s.metric = b.metric
              AND s.ts_utc = b.ts_utc AND s.value = b.value
+            WHERE b.rule IS NULL
             """
+        )
+        con.execute(
+            "UPDATE _th_batch SET rule = 'duplicate' "
+            "WHERE lineage_key IN (SELECT lineage_key FROM _th_dup)"
         )
         con.execute(
             """
@@ -363,6 +366,7 @@ def harmonize_readings(
         for t in (
             "_th_batch",
             "_th_drop",
+            "_th_dup",
             "_th_seen",
             "_th_watermark",
             "_th_todo",
