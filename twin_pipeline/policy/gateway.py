@@ -321,6 +321,7 @@ class Gateway:
                 rows=0,
                 decision="deny",
                 reason=str(exc),
+                status="denied",
                 construct=construct,
                 policy_version=self.policies.version,
                 elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
@@ -329,8 +330,8 @@ class Gateway:
         cap = role.max_rows if limit is None else max(1, min(int(limit), role.max_rows))
         try:
             columns, rows = self._execute(store.con, rw.sql, cap + 1)
-        except duckdb.Error as exc:
-            reason = sanitize_error(exc)
+        except Exception as exc:  # DuckDB errors, and any failure converting the result
+            reason = sanitize_error(exc) if isinstance(exc, duckdb.Error) else type(exc).__name__
             _record_access(
                 store,
                 user=user,
