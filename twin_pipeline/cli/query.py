@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from twin_pipeline.errors import AccessDenied
@@ -60,14 +61,18 @@ def cmd_query(args: argparse.Namespace) -> int:
     except AccessDenied as exc:
         print(f"twin: denied: {exc}", file=sys.stderr)
         return EXIT_DENIED
-    if args.format == "csv":
-        sys.stdout.write(result.to_csv())
-    elif args.format == "json":
-        print(result.to_json())
-    else:
-        _print_table(result.columns, result.rows)
-        note = f"{len(result.rows):,} rows" + (" (truncated)" if result.truncated else "")
-        print(note, file=sys.stderr)
+    try:
+        if args.format == "csv":
+            sys.stdout.write(result.to_csv())
+        elif args.format == "json":
+            print(result.to_json())
+        else:
+            _print_table(result.columns, result.rows)
+            note = f"{len(result.rows):,} rows" + (" (truncated)" if result.truncated else "")
+            print(note, file=sys.stderr)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `twin query ... | head`: the reader stopped early
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
