@@ -207,3 +207,19 @@ def test_cli_eval_reports_per_type(tmp_path: Path, twin_home: Settings) -> None:
     assert set(doc["by_type"]) == {"PERSON", "MRN", "DATE"}
     assert doc["overall"]["recall"] == 1.0
     assert "f2" in doc["by_type"]["MRN"]
+
+
+def test_worker_pool_gives_the_same_output_in_order(eng: TextEngine) -> None:
+    from twin_pipeline.deid.text import deidentify_stream
+
+    items = [
+        (
+            f"Seen by Dr. Ana Ruiz{i} on 2024-01-{i + 1:02d}. MRN: 1234567{i}",
+            NoteContext(f"p{i % 3}"),
+        )
+        for i in range(9)
+    ]
+    one = list(deidentify_stream(items, KEY, workers=1, batch_size=2))
+    two = list(deidentify_stream(items, KEY, workers=2, batch_size=2))
+    assert one == two and len(one) == 9
+    assert all("Ruiz" not in t for t in two)

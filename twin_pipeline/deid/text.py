@@ -339,7 +339,7 @@ class TextEngine:
             for t, f in zip(texts, found, strict=True)
         ]
         todo = [i for i, (v, _) in enumerate(views) if v.strip()]
-        batch = self.nlp_engine.process_batch([views[i][0] for i in todo], "en")
+        batch = self.nlp_engine.process_batch([views[i][0] for i in todo], "en", batch_size=128)
         artifacts = dict(zip(todo, (a for _, a in batch), strict=True))
         results: list[list[Span]] = []
         for i, (text, spans) in enumerate(zip(texts, found, strict=True)):
@@ -439,6 +439,57 @@ def _work(batch: list[tuple[str, NoteContext]]) -> list[str]:
     return eng.deidentify_batch(texts, ctxs, _WORKER["key"])
 
 
+def _batches(
+    items: Iterable[tuple[str, NoteContext]], size: int
+) -> Iterator[list[tuple[str, NoteContext]]]:
+    buf: list[tuple[str, NoteContext]] = []
+    for it in items:
+        buf.append(it)
+        if len(buf) >= size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+class TextPool:
+    """Worker processes that each load the engine once; ``map`` keeps input order.
+
+    Use as a context manager and reuse it for many batches (loading spaCy costs seconds).
+    """
+
+    def __init__(
+        self,
+        key: bytes,
+        *,
+        workers: int = 2,
+        staff: Sequence[str] = (),
+        model: str = MODEL,
+        use_ner: bool = True,
+    ):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+        self._pool = ctx.Pool(
+            workers, initializer=_init_worker, initargs=(key, tuple(staff), model, use_ner)
+        )
+
+    def map(self, items: Iterable[tuple[str, NoteContext]], batch_size: int = 64) -> Iterator[str]:
+        for out in self._pool.imap(_work, _batches(items, batch_size), chunksize=1):
+            yield from out
+
+    def close(self) -> None:
+        self._pool.close()
+        self._pool.join()
+
+    def __enter__(self) -> TextPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.terminate()
+        self._pool.join()
+
+
 def deidentify_stream(
     items: Iterable[tuple[str, NoteContext]],
     key: bytes,
@@ -450,28 +501,11 @@ def deidentify_stream(
     use_ner: bool = True,
 ) -> Iterator[str]:
     """De-identify (text, context) pairs in order; ``workers > 1`` uses a process pool."""
-
-    def batches() -> Iterator[list[tuple[str, NoteContext]]]:
-        buf: list[tuple[str, NoteContext]] = []
-        for it in items:
-            buf.append(it)
-            if len(buf) >= batch_size:
-                yield buf
-                buf = []
-        if buf:
-            yield buf
-
     if workers <= 1:
         eng = engine(model, use_ner)
         eng.set_staff(staff)
-        for b in batches():
+        for b in _batches(items, batch_size):
             yield from eng.deidentify_batch([t for t, _ in b], [c for _, c in b], key)
         return
-    import multiprocessing as mp
-
-    ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
-    with ctx.Pool(
-        workers, initializer=_init_worker, initargs=(key, tuple(staff), model, use_ner)
-    ) as pool:
-        for out in pool.imap(_work, batches(), chunksize=1):
-            yield from out
+    with TextPool(key, workers=workers, staff=staff, model=model, use_ner=use_ner) as pool:
+        yield from pool.map(items, batch_size)
