@@ -127,7 +127,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     files = sorted(landing.rglob("*.ndjson"))
     files = [f for f in files if f.name != "log.ndjson"]
     plain_s, plain_cpu, plain_rows = _plain(files, workdir / "plain.duckdb")
+    # single process (validation in-process), then with the validation pool if there are cores
+    import os
+
+    from twin_pipeline.sources import fhir as fhir_reader
+
+    saved = os.environ.get("TWIN_FHIR_WORKERS")
+    os.environ["TWIN_FHIR_WORKERS"] = "1"
     gov = _governed(landing, workdir / "home")
+    pool: dict[str, Any] | None = None
+    if (os.cpu_count() or 1) >= 2:
+        os.environ["TWIN_FHIR_WORKERS"] = str(os.cpu_count())
+        min_before = fhir_reader.PARALLEL_MIN
+        fhir_reader.PARALLEL_MIN = 1000
+        try:
+            pool = _governed(landing, workdir / "home-pool")
+        finally:
+            fhir_reader.PARALLEL_MIN = min_before
+            fhir_reader.shutdown_pool()
+    if saved is None:
+        os.environ.pop("TWIN_FHIR_WORKERS", None)
+    else:
+        os.environ["TWIN_FHIR_WORKERS"] = saved
     n = gov["records_in"]
     out = {
         "resources": n,
@@ -171,6 +192,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"resources per CPU-s), harmonize {gov['harmonize_cpu_s']:.3f} "
         f"(ingest+harmonize {out['ingest_plus_harmonize_resources_per_cpu_s']:,}/CPU-s)"
     )
+    if pool is not None:
+        out["pool_ingest_s"] = round(pool["ingest_s"], 3)
+        out["pool_ratio_ingest_vs_plain"] = round(pool["ingest_s"] / plain_s, 2)
+        out["pool_ingest_resources_per_s"] = round(n / pool["ingest_s"])
+        print(
+            f"   governed ingest, {os.cpu_count()}-process validation pool: "
+            f"{pool['ingest_s']:7.3f} s ({out['pool_ingest_resources_per_s']:,}/s)  ratio "
+            f"{out['pool_ratio_ingest_vs_plain']}x"
+        )
     print(f"   rerun, no new files:           {gov['rerun_s']:7.3f} s")
     print(f"   reader profile (s): {gov['reader_profile_s']}")
     print(f"   validation: {gov['validation']}")

@@ -219,3 +219,21 @@ def test_chunked_load_gives_identical_tables(
     env.run()
     assert env.hashes() == loaded.hashes()
     assert env.quarantine() == loaded.quarantine()
+
+
+def test_process_pool_gives_identical_tables(
+    loaded: Ehr, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twin_pipeline.sources import fhir as fhir_source
+
+    monkeypatch.setattr(fhir_source, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(fhir_source, "CHUNK", 3)
+    monkeypatch.setenv("TWIN_FHIR_WORKERS", "2")
+    env = private_env(tmp_path)
+    env.copy_fixtures()
+    try:
+        env.run()
+    finally:
+        fhir_source.shutdown_pool()
+    assert env.hashes() == loaded.hashes()
+    assert env.quarantine() == loaded.quarantine()

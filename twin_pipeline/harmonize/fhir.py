@@ -34,6 +34,7 @@ HISTORY = "harmonized.fhir_history"
 STATUS = "harmonized.fhir_record_status"
 REF_INDEX = "harmonized.fhir_ref_index"
 DANGLING = "harmonized.dangling_reference"
+REFERENCES = "harmonized.fhir_reference"  # every reference of every table, for DANGLING
 VERSION_TABLES = (CURRENT, HISTORY, STATUS, REF_INDEX)
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -345,9 +346,6 @@ def resolve_sql(source: str, columns: list[Column], keep: tuple[str, ...] = ()) 
             sel.append(f"x.{c.name}")
     sel += [f"x.{k}" for k in (*keep, *_TRAILER_COLS)]
     return f"SELECT {', '.join(sel)} FROM {source} x " + " ".join(joins)
-
-
-REFERENCES = "harmonized.fhir_reference"
 
 
 def _record_refs(store: Store, name: str, spec: TableSpec, columns: list[Column]) -> None:
@@ -753,7 +751,7 @@ def type_report(store: Store, spec: EhrSpec | None = None) -> dict[str, dict[str
         d[status] += int(n)
         d["harmonized"] += int(harm)
     for payload_type, rule, n in store.con.execute("""
-        SELECT coalesce(TRY(json_extract_string(payload, '$.resourceType')), '(unparsable)'),
+        SELECT coalesce(TRY(json_extract_string(payload, '$.resourceType')), '(not a resource)'),
                rule, count(*)
         FROM governance.quarantine WHERE source_kind = 'fhir' GROUP BY ALL
     """).fetchall():

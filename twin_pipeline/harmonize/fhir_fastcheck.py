@@ -157,6 +157,7 @@ class FastValidator:
     def __init__(self, full: Callable[[dict[str, Any]], tuple[str, str] | None]):
         self.full = full
         self.shapes: dict[str, _Shape] = {}
+        self.enabled = True
         self.stats = {"shapes": 0, "fast": 0, "full": 0}
 
     def validate(

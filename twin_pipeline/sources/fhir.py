@@ -7,9 +7,12 @@ bindings the models record but do not enforce. Valid resources become rows of
 their position (``line:N``, ``entry:N``, ``file``). Bundle entries with ``request.method =
 DELETE`` become rows without payload so the deletion is kept.
 
-Validation is the expensive part (~8,000 resources/s per core with pydantic): resources whose
-exact content was validated before are not validated again, and large batches are spread over
-a process pool (``TWIN_FHIR_WORKERS``, default: all cores).
+Validation is the expensive part: the models run ~8,000 resources/s per core. The model
+decides every verdict, but it runs once per resource *shape*; resources of a known shape have
+their primitive values validated in bulk with the models' own field types
+(:mod:`twin_pipeline.harmonize.fhir_fastcheck`). NDJSON lines are parsed and validated in one
+pass, over a process pool for large chunks (``TWIN_FHIR_WORKERS``, default: all cores); exact
+copies of a record are checked once. Files are loaded in chunks of bounded size.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ CREATE TABLE IF NOT EXISTS {RAW_TABLE} (
     payload JSON
 )
 """
-PARALLEL_MIN = 50_000  # records to validate before the process pool is worth its cost
+PARALLEL_MIN = 20_000  # NDJSON lines in a chunk before the process pool is worth its cost
 #: Seconds per stage of the last :meth:`FhirReader.load` in this process (for benchmarks).
 LAST_PROFILE: dict[str, float] = {}
 CHUNK = 500
@@ -145,12 +148,13 @@ def validate_resource(resource: dict[str, Any]) -> tuple[str, str] | None:
     """Validate like :func:`validate_full`, through the shape cache of
     :mod:`twin_pipeline.harmonize.fhir_fastcheck` (same verdicts, far fewer model runs)."""
     global _FAST
-    if os.environ.get("TWIN_FHIR_FASTCHECK", "1") == "0":
-        return validate_full(resource)
     if _FAST is None:
         from twin_pipeline.harmonize.fhir_fastcheck import FastValidator
 
         _FAST = FastValidator(validate_full)
+        _FAST.enabled = os.environ.get("TWIN_FHIR_FASTCHECK", "1") != "0"
+    if not _FAST.enabled:
+        return validate_full(resource)
     rtype = resource.get("resourceType")
     if not isinstance(rtype, str) or not is_resource_type(rtype):
         return validate_full(resource)
@@ -161,11 +165,6 @@ def validate_resource(resource: dict[str, Any]) -> tuple[str, str] | None:
 def validation_stats() -> dict[str, int]:
     """Shapes compiled and resources validated fast / by the full model in this process."""
     return dict(_FAST.stats) if _FAST is not None else {}
-
-
-def _validate_texts(texts: Sequence[str]) -> list[tuple[str, str] | None]:
-    """Pool worker: validate JSON texts of resources."""
-    return [validate_resource(json.loads(t)) for t in texts]
 
 
 def _warm(_: int = 0) -> int:
@@ -210,14 +209,55 @@ def _workers() -> int:
         return os.cpu_count() or 1
 
 
-def validate_many(texts: Sequence[str]) -> list[tuple[str, str] | None]:
-    """Validate many resources, over the process pool when the batch is large."""
+def _meta_of(res: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    meta = res.get("meta")
+    m: dict[str, Any] = meta if isinstance(meta, dict) else {}
+    return res.get("resourceType"), res.get("id"), m.get("versionId"), m.get("lastUpdated")
+
+
+def _check_resource(res: Any) -> tuple[str, str] | None:
+    """Checks before the model: an object, a known resource type, an id."""
+    if not isinstance(res, dict):
+        return "unknown_resource_type", "not a JSON object"
+    rtype = res.get("resourceType")
+    if not isinstance(rtype, str) or not is_resource_type(rtype):
+        return (
+            "unknown_resource_type",
+            f"resourceType {rtype!r} is not a FHIR R4 resource"
+            if rtype is not None
+            else "no resourceType: not a FHIR resource",
+        )
+    if not res.get("id"):
+        return "missing_required", f"{rtype}.id: resource has no id"
+    return None
+
+
+_Verdict = tuple[tuple[str, str] | None, tuple[Any, Any, Any, Any] | None]
+
+
+def _process_text(text: str) -> _Verdict:
+    """Parse and validate one NDJSON line: (problem, (type, id, versionId, lastUpdated))."""
+    try:
+        res = json.loads(text)
+    except ValueError as exc:
+        return ("broken_json", f"invalid JSON: {exc}"), None
+    problem = _check_resource(res) or validate_resource(res)
+    return problem, _meta_of(res) if isinstance(res, dict) else None
+
+
+def _process_texts(texts: Sequence[str]) -> list[_Verdict]:
+    """Pool worker."""
+    return [_process_text(t) for t in texts]
+
+
+def process_many(texts: Sequence[str]) -> list[_Verdict]:
+    """:func:`_process_text` over many lines, spread over a process pool for large batches."""
     workers = _workers()
     if len(texts) < PARALLEL_MIN or workers < 2:
-        return _validate_texts(texts)
+        return _process_texts(texts)
     chunks = [texts[i : i + CHUNK] for i in range(0, len(texts), CHUNK)]
-    out: list[tuple[str, str] | None] = []
-    for part in _pool(workers).map(_validate_texts, chunks):
+    out: list[_Verdict] = []
+    for part in _pool(workers).map(_process_texts, chunks):
         out.extend(part)
     return out
 
@@ -237,6 +277,8 @@ class _Rec:
     method: str | None = None
     url: str | None = None
     problem: tuple[str, str] | None = None  # (rule, reason) found while reading
+    deferred: bool = False  # an NDJSON line not parsed yet (see _process_text)
+    meta: tuple[Any, Any, Any, Any] | None = None  # resourceType, id, versionId, lastUpdated
     _hash: str | None = None
 
     @property
@@ -307,6 +349,11 @@ def _records(f: SourceFile, text: str) -> Iterator[_Rec]:
     ordinal = 0
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
+            continue
+        if '"Bundle"' not in line:
+            # parsed and validated later, in one pass (maybe in a worker process)
+            yield _Rec(f"line:{n}", ordinal, line, None, deferred=True)
+            ordinal += 1
             continue
         try:
             obj = json.loads(line)
@@ -421,10 +468,7 @@ class FhirReader(SourceReader):
                     )
                     fs.quarantined += 1
                     continue
-                res = rec.resource or {}
-                meta_raw = res.get("meta")
-                meta: dict[str, Any] = meta_raw if isinstance(meta_raw, dict) else {}
-                rtype, rid = res.get("resourceType"), res.get("id")
+                rtype, rid, vid, updated = rec.meta or (None, None, None, None)
                 if rec.method == "DELETE":
                     rtype, rid = _id_from_url(rec.url)
                     if rtype is None:
@@ -437,8 +481,8 @@ class FhirReader(SourceReader):
                     ("record_hash", rhash),
                     ("resource_type", rtype),
                     ("resource_id", rid),
-                    ("version_id", meta.get("versionId")),
-                    ("last_updated", meta.get("lastUpdated")),
+                    ("version_id", vid),
+                    ("last_updated", updated),
                     ("bundle_type", rec.bundle_type),
                     ("bundle_id", rec.bundle_id),
                     ("full_url", rec.full_url),
@@ -475,10 +519,15 @@ class FhirReader(SourceReader):
             prof[key] = prof.get(key, 0.0) + dt
 
     def _check(self, batches: list[_FileBatch], store: Store) -> None:
-        """Set ``problem`` on every record that is not a valid FHIR R4 resource."""
-        todo: list[_Rec] = []
+        """Set ``problem`` (or the row metadata) on every record. Exact copies of a record
+        are checked once."""
+        deferred: dict[str, list[_Rec]] = {}
+        parsed: dict[str, list[_Rec]] = {}
         for batch in batches:
             for rec in batch.records:
+                if rec.deferred:
+                    deferred.setdefault(rec.text, []).append(rec)
+                    continue
                 if rec.problem is not None or rec.method == "DELETE":
                     if rec.method == "DELETE" and _id_from_url(rec.url)[0] is None:
                         rec.problem = (
@@ -487,51 +536,23 @@ class FhirReader(SourceReader):
                         )
                     continue
                 res = rec.resource
-                if res is None:
-                    rec.problem = ("unknown_resource_type", "not a JSON object")
-                    continue
-                rtype = res.get("resourceType")
-                if not isinstance(rtype, str) or not is_resource_type(rtype):
-                    rec.problem = (
-                        "unknown_resource_type",
-                        f"resourceType {rtype!r} is not a FHIR R4 resource"
-                        if rtype is not None
-                        else "no resourceType: not a FHIR resource",
-                    )
-                    continue
-                if not res.get("id"):
+                if isinstance(res, dict) and not res.get("id"):
                     uid = _id_from_url(rec.full_url)[1]
                     if uid:
                         res["id"] = uid  # POST entries are identified by their fullUrl
                         rec.text = _dumps(res)
                         rec._hash = None
-                    else:
-                        rec.problem = ("missing_required", f"{rtype}.id: resource has no id")
-                        continue
-                todo.append(rec)
-        if not todo:
-            return
-        hashes = [r.hash for r in todo]
-        seen: set[str] = set()
-        if store.table_exists(RAW_TABLE):
-            # Content validated on an earlier load needs no second validation.
-            got = store.con.execute(
-                f"SELECT DISTINCT record_hash FROM {RAW_TABLE} WHERE list_contains(?, record_hash)",
-                [sorted(set(hashes))],
-            ).fetchall()
-            seen = {r[0] for r in got}
-        first: dict[str, int] = {}
-        texts: list[str] = []
-        for rec, h in zip(todo, hashes, strict=True):
-            if h in seen or h in first:
-                continue
-            first[h] = len(texts)
-            texts.append(rec.text)
-        verdicts = validate_many(texts)
-        for rec, h in zip(todo, hashes, strict=True):
-            if h in seen:
-                continue
-            rec.problem = verdicts[first[h]]
+                parsed.setdefault(rec.text, []).append(rec)
+        texts = list(deferred)
+        for text, (problem, meta) in zip(texts, process_many(texts), strict=True):
+            for rec in deferred[text]:
+                rec.problem, rec.meta = problem, meta
+        for recs in parsed.values():
+            res = recs[0].resource
+            problem = _check_resource(res) or validate_resource(res)  # type: ignore[arg-type]
+            for rec in recs:
+                rec.problem = problem
+                rec.meta = _meta_of(res) if isinstance(res, dict) else None
 
 
 def _arrow_types() -> dict[str, Any]:

@@ -58,7 +58,7 @@ def _table_asset(name: str) -> dg.AssetsDefinition:
     def _asset(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.MaterializeResult:
         with governed_run(context, twin, inputs=[ehr.CURRENT, ehr.REF_INDEX]) as run:
             stats = ehr.build_table(run.store, name)
-            run.outputs(qualified)
+            run.outputs(qualified, ehr.REFERENCES)
             run.meta(
                 resources=stats.resources,
                 quarantined=stats.quarantined,
@@ -85,7 +85,8 @@ TABLE_KEYS = [dg.AssetKey(["harmonized", n]) for n in load_spec().tables]
 def dangling_reference(
     context: dg.AssetExecutionContext, twin: TwinResource
 ) -> dg.MaterializeResult:
-    with governed_run(context, twin, inputs=[ehr.CURRENT, ehr.REF_INDEX, ehr.STATUS]) as run:
+    inputs = [ehr.CURRENT, ehr.REF_INDEX, ehr.STATUS, ehr.REFERENCES]
+    with governed_run(context, twin, inputs=inputs) as run:
         n = ehr.build_dangling(run.store)
         unresolved = run.store.con.execute(
             f"SELECT count(*) FROM {ehr.DANGLING} WHERE NOT resolved"
