@@ -31,6 +31,7 @@ class Hospital:
     settings: Settings
     landing: Path
     run_id: str
+    failures: list[str]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,11 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> Hospital:
     settings = Settings.from_env(root / "home").ensure()
     KeyRing(settings.keys_dir).init()
     summary = run_pipeline(landing, settings, user="alice", role="data_engineer", ephemeral=True)
-    assert summary.success, summary.failures
-    return Hospital(settings, landing, summary.run_id)
+    # Lineage must be complete for whatever materialized, also when another stage's blocking
+    # check stops part of the graph; failed steps get OpenLineage FAIL events (checked below).
+    with Store.open(settings, read_only=True) as store:
+        assert store.table_exists("deid.observation"), summary.failures
+    return Hospital(settings, landing, summary.run_id, list(summary.failures))
 
 
 def _formal(rec: pm.ProvRecord) -> list[str]:
@@ -114,7 +118,8 @@ def test_signed_verified_and_reported(hospital: Hospital) -> None:
     events = openlineage.read_events(
         openlineage.events_path_for(hospital.settings, hospital.run_id)
     )
-    assert len(events) == n_acts
+    assert len(events) == n_acts + len(hospital.failures)
+    assert sum(e["eventType"] == "FAIL" for e in events) == len(hospital.failures)
     deid = [e for e in events if e["job"]["name"] == "deid/patient"]
     assert deid, [e["job"]["name"] for e in events]
     cl = deid[0]["outputs"][0]["facets"]["columnLineage"]["fields"]
