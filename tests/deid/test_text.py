@@ -223,3 +223,22 @@ def test_worker_pool_gives_the_same_output_in_order(eng: TextEngine) -> None:
     two = list(deidentify_stream(items, KEY, workers=2, batch_size=2))
     assert one == two and len(one) == 9
     assert all("Ruiz" not in t for t in two)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Electronically signed: O'BRIEN, BRIAN MD 01/02/2023",
+        "Seen by Dr. O'Brien today",
+        "Patient: McDonald, Mary",
+        "Attending: Dr. Anne-Marie Smith-Jones, MD",
+    ],
+)
+def test_names_with_apostrophes_and_inner_capitals(eng: TextEngine, text: str) -> None:
+    names = [text[s.start : s.end] for s in eng.analyze(text) if s.label == "PERSON"]
+    assert names and all(any(c.isupper() for c in n) for n in names)
+    leftover = text
+    for n in names:
+        leftover = leftover.replace(n, "")
+    for part in ("O'BRIEN", "BRIAN", "O'Brien", "McDonald", "Mary", "Anne-Marie", "Smith-Jones"):
+        assert part not in leftover

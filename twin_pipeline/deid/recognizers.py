@@ -116,7 +116,8 @@ _NOT_NAME = (
     r"Phone|Tel|Fax|Email|Address|Admitted|Discharged|Service|Location|Attending|Signed)(?![A-Za-z]))"
 )
 _NAME = (
-    rf"{_NOT_NAME}(?:[A-Z](?:[a-z]+|[a-z]{{1,2}}[A-Z][a-z]+)(?:['’\-][A-Za-z]+)*|[A-Z]{{2,}}(?:['’\-][A-Z]+)*"
+    rf"{_NOT_NAME}(?:[A-Z](?:[a-z]+|[a-z]{{1,2}}[A-Z][a-z]+|['’][A-Z][a-z]+)(?:['’\-][A-Za-z]+)*"
+    r"|[A-Z](?:[A-Z]+|['’][A-Z]{2,})(?:['’\-][A-Z]+)*"
     r"|[A-Z][a-z]+\d{1,3})(?![A-Za-z])"
 )
 _INITIAL = r"[A-Z]\.?(?![A-Za-z])"
