@@ -1,22 +1,21 @@
 """DICOM headers (kind ``dicom``): Part 10 files and DICOMweb QIDO-RS JSON results.
 
 Claims every file under ``pacs/`` and any ``*.dcm`` file. Part 10 files are read with pydicom
-without pixel data (``stop_before_pixels``); one row per file in ``raw.dicom_header`` with the
-header fields as columns, the whole header as DICOM JSON (``header_json``; bulk values above
-1 KiB left out) and the private tags apart (``private_json``) for de-identification. A file is
-quarantined when it is not DICOM, is truncated (the file ends before its last element does), or
-lacks a Study, Series or SOP Instance UID. ``pacs/**/*.json`` files are QIDO-RS results (a JSON
+with values above 1 KiB deferred (pixel data and other bulk values are never read, but their
+extent is known, which is how truncation is found); one row per file in ``raw.dicom_header``
+with the header fields as columns, the whole header as DICOM JSON (``header_json``, decoded
+from the raw bytes for plain VRs; bulk values left out) and the private tags apart
+(``private_json``) for de-identification. A file is quarantined when it is not DICOM, is
+truncated (it ends inside an element, a sequence lacks its delimiter, or uncompressed pixel data
+is shorter than the image), or lacks a Study, Series or SOP Instance UID. ``pacs/**/*.json`` files are QIDO-RS results (a JSON
 array of DICOM JSON objects, ``entry:N``), study, series or instance level.
 """
 
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import hashlib
 import json
-import multiprocessing
-import os
 import struct
 import warnings
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -127,22 +127,30 @@ def _check_truncated(path: Path, ds: Dataset) -> None:
             )
 
 
-def _check_native_pixels(ds: Dataset, ts: Any) -> None:
-    """Uncompressed pixel data shorter than rows x columns x samples x bits x frames."""
-    if ts is None or "PixelData" not in ds or getattr(ts, "is_compressed", True):
-        return
+def _json_int(header: dict[str, Any], tag: str) -> int | None:
+    item = header.get(tag) or {}
+    vals = item.get("Value") if isinstance(item, dict) else None
     try:
-        frames = int(ds.get("NumberOfFrames") or 1)
-        bits = int(ds.BitsAllocated)
-        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * frames
-        expected = (expected * bits + 7) // 8
-        if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
-            expected = expected // 3 * 2  # chroma subsampled: 2 samples per pixel on average
-        actual = _raw_length(ds, 0x7FE00010)
-        if actual is None:
-            return
-    except Exception:
+        return int(vals[0]) if vals else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_native_pixels(ds: Dataset, ts: Any, header: dict[str, Any]) -> None:
+    """Uncompressed pixel data shorter than rows x columns x samples x bits x frames."""
+    if ts is None or getattr(ts, "is_compressed", True):
         return
+    actual = _raw_length(ds, 0x7FE00010)
+    rows, cols = _json_int(header, "00280010"), _json_int(header, "00280011")
+    bits = _json_int(header, "00280100")
+    if actual is None or not rows or not cols or not bits:
+        return
+    frames = _json_int(header, "00280008") or 1
+    samples = _json_int(header, "00280002") or 1
+    expected = (rows * cols * samples * frames * bits + 7) // 8
+    pi = (header.get("00280004") or {}).get("Value") or [""]
+    if pi[0] == "YBR_FULL_422":
+        expected = expected // 3 * 2  # chroma subsampled: 2 samples per pixel on average
     if actual < expected:
         raise BadDicom(
             "truncated_dicom",
@@ -150,7 +158,7 @@ def _check_native_pixels(ds: Dataset, ts: Any) -> None:
         )
 
 
-def read_part10(path: Path) -> tuple[Dataset, str | None]:
+def read_part10(path: Path) -> tuple[Dataset, Any]:
     """The header of a Part 10 file (no pixels); raises :class:`BadDicom` with a rule."""
     with path.open("rb") as fh:
         head = fh.read(132)
@@ -179,10 +187,9 @@ def read_part10(path: Path) -> tuple[Dataset, str | None]:
                 raise
             # Without the DICM preamble, elements running past the end mean it is not DICOM.
             raise BadDicom("not_dicom", f"no DICM preamble and no valid data set ({exc})") from exc
-    _check_native_pixels(ds, ts)
     if not has_preamble and ts is None and "SOPClassUID" not in ds:
         raise BadDicom("not_dicom", "no DICM preamble and no DICOM identifying elements")
-    return ds, str(ts) if ts else None
+    return ds, ts
 
 
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
@@ -287,51 +294,33 @@ def _dataset_json(ds: Dataset, *, nested: bool = False) -> tuple[dict[str, Any],
     fast = cs in _FAST_CHARSETS and not nested
     encoding = "utf-8" if cs == "ISO_IR 192" else "latin-1"
     for tag, raw in list(ds._dict.items()):
-        if tag.group == 0x7FE0:
+        itag = int(tag)
+        if itag >> 16 == 0x7FE0:
             continue
-        key = f"{int(tag):08X}"
-        length = getattr(raw, "length", None)
-        raw_vr = getattr(raw, "VR", None)
-        deferred = getattr(raw, "value", 0) is None and isinstance(length, int) and length > 0
         item: dict[str, Any] | None = None
+        raw_vr = raw.VR
         try:
-            big = deferred or (
-                isinstance(length, int) and length != 0xFFFFFFFF and length > BULK_LIMIT
-            )
-            if big and str(raw_vr or "UN") in _BINARY_VRS:
-                item = {"vr": str(raw_vr or "UN")}  # bulk data: left out, never read
-            elif (
-                fast
-                and not deferred
-                and raw_vr
-                and raw_vr != "UN"  # explicit UN: pydicom resolves the dictionary VR
-                and type(raw).__name__ == "RawDataElement"
-            ):
-                item = _fast_raw_json(raw, str(raw_vr), little, encoding)
+            if type(raw) is RawDataElement:
+                value = raw.value
+                length = raw.length
+                vr = str(raw_vr) if raw_vr else "UN"
+                big = value is None or (length != 0xFFFFFFFF and length > BULK_LIMIT)
+                if big and vr in _BINARY_VRS:
+                    item = {"vr": vr}  # bulk data: left out, never read
+                elif fast and value is not None and raw_vr and vr != "UN":
+                    # (explicit UN goes to pydicom, which resolves the dictionary VR)
+                    item = _fast_raw_json(raw, vr, little, encoding)
             if item is None:
                 item = _element_json(ds[tag])
         except Exception as exc:  # a badly encoded value must not lose the header
             item = {"vr": str(raw_vr or "UN"), "error": type(exc).__name__}
-        (private if tag.is_private else public)[key] = item
+        (private if (itag >> 16) & 1 else public)[f"{itag:08X}"] = item
     return public, private
 
 
 def _json_dicts(ds: Dataset) -> tuple[dict[str, Any], dict[str, Any]]:
     """(public header, private tags) as DICOM JSON, without pixel or bulk data."""
     return _dataset_json(ds)
-
-
-def header_row(ds: Dataset, ts_uid: str | None) -> dict[str, Any]:
-    row: dict[str, Any] = {}
-    for col, kw in FIELDS:
-        try:
-            value = ds.get(kw)
-            value = value.value if hasattr(value, "value") else value
-        except Exception:
-            value = None
-        row[col] = _int(value) if col in INT_COLS else _text(value)
-    row["transfer_syntax_uid"] = ts_uid
-    return row
 
 
 def _qido_value(obj: dict[str, Any], keyword: str) -> Any:
@@ -362,10 +351,6 @@ def _level(row: dict[str, Any]) -> str:
     if row.get("series_instance_uid"):
         return "series"
     return "study"
-
-
-PARALLEL_MIN_FILES = 400
-PARALLEL_MAX_WORKERS = 4
 
 
 def _read_one(path: Path, rel: str) -> list[tuple[str, Any]]:
@@ -449,18 +434,9 @@ class DicomReader(SourceReader):
         return stats
 
     def _read_all(self, files: Sequence[SourceFile]) -> list[list[tuple[str, Any]]]:
-        """Parse every file; large batches are spread over worker processes."""
-        workers = min(PARALLEL_MAX_WORKERS, os.cpu_count() or 1)
-        if len(files) < PARALLEL_MIN_FILES or workers < 2:
-            return [_read_one(f.path, f.rel) for f in files]
-        ctx = multiprocessing.get_context("spawn")  # no fork of the DuckDB-holding process
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            chunk = max(16, len(files) // (workers * 8))
-            return list(
-                pool.map(
-                    _read_one, [f.path for f in files], [f.rel for f in files], chunksize=chunk
-                )
-            )
+        """Parse every file. (One process: a worker pool needs a ``__main__`` guard in every
+        caller and does not pay off on the two shared cores this runs on.)"""
+        return [_read_one(f.path, f.rel) for f in files]
 
     def _part10_path(self, path: Path) -> tuple[str, Any]:
         with warnings.catch_warnings():
@@ -470,12 +446,15 @@ class DicomReader(SourceReader):
 
     def _part10_quiet(self, path: Path) -> tuple[str, Any]:
         try:
-            ds, ts_uid = read_part10(path)
-            row = header_row(ds, ts_uid)
+            ds, ts = read_part10(path)
+            public, private = _json_dicts(ds)
+            _check_native_pixels(ds, ts, public)
+            # The columns come from the DICOM JSON just made (no second pydicom conversion).
+            row = qido_row(public)
+            row["transfer_syntax_uid"] = str(ts) if ts else None
             missing = [kw for col, kw in FIELDS[:4] if col != "sop_class_uid" and not row.get(col)]
             if missing:
                 raise BadDicom("missing_uid", f"header lacks {', '.join(missing)}")
-            public, private = _json_dicts(ds)
         except BadDicom as exc:
             return "file", exc
         return "file", (
