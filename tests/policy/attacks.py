@@ -108,6 +108,15 @@ UNIVERSAL: list[tuple[str, str, str]] = [
     ("checkpoint", "CHECKPOINT", "CHECKPOINT"),
     ("vacuum", "VACUUM", "VACUUM"),
     ("pivot_statement", "PIVOT deid.patient ON gender", "PIVOT"),
+    ("explain", "EXPLAIN SELECT 1", "EXPLAIN"),
+    ("explain_analyze", "EXPLAIN ANALYZE SELECT * FROM deid.patient", "EXPLAIN"),
+    # statements nested where a subquery belongs
+    ("nested_summarize", "SELECT * FROM (SUMMARIZE harmonized.patient)", "SUMMARIZE"),
+    ("nested_describe", "SELECT * FROM (DESCRIBE SELECT * FROM harmonized.patient)", "DESCRIBE"),
+    ("nested_show", "SELECT * FROM (SHOW TABLES)", "show"),
+    ("nested_pragma", "SELECT * FROM (PRAGMA table_info('harmonized.patient'))", "pragma"),
+    ("nested_call", "SELECT * FROM (CALL pragma_table_info('harmonized.patient'))", "call"),
+    ("nested_explain", "SELECT * FROM (EXPLAIN SELECT * FROM harmonized.patient)", "parsed"),
     # multiple statements, comments, quoting and case games, look-alikes
     ("two_selects", "SELECT 1; SELECT 2", "one statement"),
     ("select_then_drop", "SELECT 1; DROP TABLE deid.patient", "one statement"),
