@@ -277,8 +277,10 @@ def bench_watch(work: Path) -> dict[str, Any]:
             "SELECT count(*) FROM harmonized.telemetry_reading WHERE device_id = 'mon-new'"
         ).fetchone() or (0,)
     assert last.success and n_new == 1, (last.failures, n_new)
+    steps = {k: round(v, 2) for k, v in sorted(last.steps_s.items())}
     out = {
         "drop_to_queryable_s": round(latency, 2),
+        "round_steps_s": steps,
         "round_assets": len(last.selection),
         "round_wall_s": round(last.wall_s, 2),
         "baseline_one_dagster_run_of_lane_s": round(plain_run_s, 2),
@@ -291,6 +293,7 @@ def bench_watch(work: Path) -> dict[str, Any]:
         f"{out['ratio_vs_one_run']}x (goal <= 5 s)",
         flush=True,
     )
+    print(f"   watch round steps (s): {steps}", flush=True)
     return out
 
 

@@ -79,6 +79,7 @@ class WatchRound:
     wall_s: float
     success: bool
     failures: list[str] = field(default_factory=list)
+    steps_s: dict[str, float] = field(default_factory=dict)  # asset step -> seconds
 
 
 def watch(
@@ -121,6 +122,7 @@ def watch(
                 time.perf_counter() - t0,
                 summary.success,
                 summary.failures,
+                dict(summary.steps_s),
             )
             rounds.append(r)
             if on_round:

@@ -201,3 +201,30 @@ def test_invalid_telemetry_spec_is_config_error(tmp_path: Path) -> None:
     spec = load_telemetry_spec()
     assert spec.alias_map()["HR"] == "MDC_ECG_HEART_RATE"
     assert spec.alias_map()["8867-4"] == "MDC_ECG_HEART_RATE"
+
+
+def test_wfdb_parts_orphans_and_late_parts(
+    shared_data: Path, twin_home: Settings, tmp_path: Path
+) -> None:
+    landing = tmp_path / "landing"
+    (landing / "wfdb").mkdir(parents=True)
+    (landing / "wfdb" / "stray.dat").write_bytes(b"\x00\x01" * 10)
+    shutil.copy(shared_data / "wfdb" / "100.hea", landing / "wfdb" / "100.hea")
+    first = ingest(twin_home, landing)["wfdb"].stats.per_file
+    assert (first["wfdb/stray.dat"].records_in, first["wfdb/stray.dat"].quarantined) == (1, 1)
+    assert first["wfdb/100.hea"].quarantined == 1  # its signal file has not arrived yet
+    rules = dict(query(twin_home, "SELECT source_file, rule FROM governance.quarantine"))
+    assert rules == {"wfdb/stray.dat": "orphan_part", "wfdb/100.hea": "unreadable_record"}
+    # The parts arrive: the record is read again, whole.
+    for ext in ("dat", "atr"):
+        shutil.copy(shared_data / "wfdb" / f"100.{ext}", landing / "wfdb" / f"100.{ext}")
+    second = ingest(twin_home, landing)["wfdb"].stats.per_file
+    assert second["wfdb/100.hea"].loaded == 62 + 2274 and second["wfdb/100.hea"].balanced()
+    assert dict(query(twin_home, "SELECT source_file, rule FROM governance.quarantine")) == {
+        "wfdb/stray.dat": "orphan_part"
+    }
+    (n,) = query(
+        twin_home,
+        "SELECT count(*) FROM raw.wfdb_annotation WHERE source_file = 'wfdb/100.hea'",
+    )
+    assert n == (2274,)

@@ -49,6 +49,24 @@ def _h(*parts: Any) -> str:
     return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()
 
 
+def part_owner(part: Path) -> Path | None:
+    """The header (``.hea``) in the part's folder that refers to it, if any: a ``.dat`` named
+    on a signal line (multi-segment records name other files), an ``.atr`` by record name."""
+    for hea in sorted(part.parent.glob("*.hea")):
+        if part.suffix.lower() == ".atr":
+            if hea.stem == part.stem:
+                return hea
+            continue
+        try:
+            lines = hea.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        body = [ln for ln in lines if ln.strip() and not ln.startswith("#")][1:]
+        if any(ln.split()[0] == part.name for ln in body):
+            return hea
+    return None
+
+
 @register
 class WfdbReader(SourceReader):
     kind = "wfdb"
@@ -65,18 +83,37 @@ class WfdbReader(SourceReader):
         stats = LoadStats(self.kind)
         self.ensure_tables(store)
         headers: dict[str, SourceFile] = {}
+        orphans: list[QuarantineRow] = []
+        batch = {f.rel for f in files}
         for f in files:
             if f.rel.lower().endswith(".hea"):
                 headers[f.rel] = f
-            else:
-                stats.file(f.rel)  # a part: registered, counted with its record
-                hea = f.path.with_suffix(".hea")
-                rel = f.rel[: -len(f.path.suffix)] + ".hea"
-                if hea.is_file() and rel not in headers:
-                    # The part came after its header: read the whole record again.
-                    headers[rel] = SourceFile(
-                        hea, rel, self.kind, sha256_file(hea), hea.stat().st_size
+                continue
+            owner = part_owner(f.path)
+            fs = stats.file(f.rel)  # a part: registered, its samples count with its record
+            if owner is None:
+                fs.records_in += 1
+                fs.quarantined += 1
+                orphans.append(
+                    QuarantineRow(
+                        "read",
+                        RAW_TABLE,
+                        self.kind,
+                        f.rel,
+                        "file",
+                        "orphan_part",
+                        f"{f.rel}: no WFDB header in its folder refers to this file",
+                        None,
+                        lineage_key(f.sha256, "file", f.sha256),
                     )
+                )
+                continue
+            rel = str(Path(f.rel).parent / owner.name) if "/" in f.rel else owner.name
+            if rel not in headers and rel not in batch:
+                # The part came after its header: read the whole record again.
+                headers[rel] = SourceFile(
+                    owner, rel, self.kind, sha256_file(owner), owner.stat().st_size
+                )
         again = [rel for rel in headers if rel not in {f.rel for f in files}]
         if again:
             for table in self.raw_tables:
@@ -113,7 +150,7 @@ class WfdbReader(SourceReader):
                 continue
             fs.records_in += n
             fs.loaded += n
-        store.quarantine(bad)
+        store.quarantine(bad + orphans)
         return stats
 
     def _load_record(self, store: Store, hf: SourceFile, tz: str) -> int:
