@@ -10,7 +10,7 @@ import dagster as dg
 
 from tests.quality.fixtures import build_store
 from twin_pipeline.activity import activities
-from twin_pipeline.defs.quality import build_check, defined_asset_keys
+from twin_pipeline.defs.quality import build_checks, defined_asset_keys
 from twin_pipeline.defs.resources import TwinResource
 from twin_pipeline.paths import Settings
 from twin_pipeline.quality import load_suites
@@ -37,10 +37,10 @@ def _graph(twin_home: Settings, *, break_schema: bool) -> dg.Definitions:
     def deid_encounter() -> None:
         return None
 
-    checks = [build_check(suites[f"harmonized.{k.path[1]}"], keys) for k in keys]
+    checks = build_checks(list(suites.values()), keys)
     return dg.Definitions(
         assets=[harmonized, deid_encounter],
-        asset_checks=checks,
+        asset_checks=[checks],
         resources={"twin": TwinResource(twin_home=str(twin_home.home))},
     )
 
@@ -72,9 +72,13 @@ def test_checks_quarantine_rows_and_pass(twin_home: Settings) -> None:
         }
         assert {"encounter_end_after_start", "patient_gender_in_fhir_valueset"} <= rules
         acts = [a for a in activities(store) if a["params"].get("stage") == "quality"]
-        assert len(acts) == 2
-        for a in acts:
-            assert "governance.validation_result" in {o["table"] for o in a["outputs"]}
+        assert len(acts) == 1
+        (act,) = acts
+        assert set(act["inputs"]) == {"harmonized.patient", "harmonized.encounter"}
+        assert act["params"]["suites"][0] == "patient", "referenced tables are checked first"
+        outputs = {o["table"] for o in act["outputs"]}
+        assert {"governance.validation_result", "governance.quarantine"} <= outputs
+        assert {"harmonized.patient", "harmonized.encounter"} <= outputs
     assert (twin_home.data_docs_dir / "index.html").is_file()
     docs = (twin_home.data_docs_dir / "index.html").read_text()
     assert "encounter" in docs

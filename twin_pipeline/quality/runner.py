@@ -36,7 +36,7 @@ from twin_pipeline.store import QuarantineRow, Store
 
 STAGE = "quality"
 #: From this many rows on, ``engine="auto"`` pushes expectations down into DuckDB.
-SQL_MIN_ROWS = 10_000
+SQL_MIN_ROWS = 1_000
 _COLUMN_KWARGS = ("column", "column_A", "column_B")
 _LIST_KWARGS = ("column_list",)
 _NAIVE_TIME_TYPES = ("DATE", "TIMESTAMP", "TIMESTAMP_NS", "TIMESTAMP_MS", "TIMESTAMP_S")

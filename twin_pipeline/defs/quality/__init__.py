@@ -1,12 +1,14 @@
 """Data-quality gates: one Dagster asset check per expectation suite (``expectations/*.yaml``).
 
-A check runs its suite on the table its asset just wrote. Rows failing a row-level expectation
+The checks are the specs of one multi-asset check (one step, one store connection, one
+Data Docs render). A check runs its suite on the table its asset wrote. Rows failing a row-level expectation
 are quarantined (stage ``quality``) and removed inside the check's own store transaction, so
 they do not fail the table; the check fails only when an ``error`` expectation still fails
 afterwards (schema, conservation, a value that could not be evaluated). Suites with error
 expectations are *blocking*: de-identification and the twin wait for them and do not run on
-a failed gate. Each check run is recorded in the ledger as an activity whose outputs include
-``governance.validation_result``, so validations appear in lineage.
+a failed gate. Each run of the checks is recorded in the ledger as an activity whose inputs
+are the checked tables and whose outputs include ``governance.validation_result`` and
+``governance.quarantine``, so validations appear in lineage.
 
 Checks are only created for asset keys that some other stage defines (a check on an undefined
 asset would break loading the code location).
@@ -15,13 +17,22 @@ asset would break loading the code location).
 import importlib
 import pkgutil
 import uuid
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import dagster as dg
 
 from twin_pipeline import defs as defs_pkg
-from twin_pipeline.activity import ActivityRecord, code_version, record_activity, table_versions
+from twin_pipeline.activity import (
+    ActivityRecord,
+    code_version,
+    input_versions,
+    record_activity,
+    table_versions,
+)
 from twin_pipeline.defs.resources import TwinResource
+from twin_pipeline.errors import TwinPipelineError
 from twin_pipeline.quality.runner import SuiteRun, run_suite
 from twin_pipeline.quality.suite import Suite, load_suites
 
@@ -54,9 +65,9 @@ def _as_of() -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _metadata(run: SuiteRun) -> dict[str, dg.MetadataValue]:
+def _metadata(run: SuiteRun) -> dict[str, Any]:
     failed = [r for r in run.results if not r.passed]
-    md: dict[str, dg.MetadataValue] = {
+    md: dict[str, Any] = {
         "expectations": dg.MetadataValue.int(len(run.results)),
         "failed_expectations": dg.MetadataValue.int(len(failed)),
         "rows_before": dg.MetadataValue.int(run.rows_before),
@@ -64,6 +75,7 @@ def _metadata(run: SuiteRun) -> dict[str, dg.MetadataValue]:
         "quarantined_rows": dg.MetadataValue.int(run.quarantined_rows),
         "blocking_failures": dg.MetadataValue.json([r.expectation for r in run.blocking]),
         "warnings": dg.MetadataValue.json([r.expectation for r in run.warnings]),
+        "seconds": dg.MetadataValue.float(round(sum(run.timings.values()), 3)),
     }
     if failed:
         md["failures"] = dg.MetadataValue.md(
@@ -75,68 +87,147 @@ def _metadata(run: SuiteRun) -> dict[str, dg.MetadataValue]:
     return md
 
 
-def build_check(suite: Suite, existing: set[dg.AssetKey]) -> dg.AssetChecksDefinition:
+def _referenced(suite: Suite, existing: set[dg.AssetKey]) -> list[dg.AssetKey]:
+    refs = {
+        dg.AssetKey(str(e.kwargs["ref_table"]).split("."))
+        for e in suite.expectations
+        if e.type == "twin.foreign_key" and str(e.kwargs["ref_table"]) != suite.table
+    }
+    return sorted(refs & existing, key=lambda k: k.to_user_string())
+
+
+def check_name(suite: Suite) -> str:
+    return f"{suite.suite}_expectations"
+
+
+def _order(suites: Sequence[Suite]) -> list[Suite]:
+    """Referenced tables first, so rows quarantined there make their referrers orphans now."""
+    by_table = {s.table: s for s in suites}
+    done: list[Suite] = []
+    seen: set[str] = set()
+
+    def visit(s: Suite, stack: frozenset[str]) -> None:
+        if s.table in seen or s.table in stack:
+            return
+        for e in s.expectations:
+            ref = str(e.kwargs.get("ref_table", ""))
+            if e.type == "twin.foreign_key" and ref in by_table:
+                visit(by_table[ref], stack | {s.table})
+        seen.add(s.table)
+        done.append(s)
+
+    for s in sorted(suites, key=lambda x: x.table):
+        visit(s, frozenset())
+    return done
+
+
+def _result(suite: Suite, run: SuiteRun | None, error: str | None) -> dg.AssetCheckResult:
     key = dg.AssetKey(suite.asset_key)
-    deps = sorted(
-        {
-            dg.AssetKey(str(e.kwargs["ref_table"]).split("."))
-            for e in suite.expectations
-            if e.type == "twin.foreign_key" and str(e.kwargs["ref_table"]) != suite.table
-        }
-        & existing,
-        key=lambda k: k.to_user_string(),
+    name = check_name(suite)
+    if run is None:
+        return dg.AssetCheckResult(
+            asset_key=key,
+            check_name=name,
+            passed=False,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"error": dg.MetadataValue.text(error or "not evaluated")},
+        )
+    md = _metadata(run)
+    if run.blocking:
+        severity, passed = dg.AssetCheckSeverity.ERROR, False
+    elif run.warnings:
+        severity, passed = dg.AssetCheckSeverity.WARN, False
+    else:
+        severity, passed = dg.AssetCheckSeverity.ERROR, True
+    return dg.AssetCheckResult(
+        asset_key=key, check_name=name, passed=passed, severity=severity, metadata=md
     )
 
-    @dg.asset_check(
-        asset=key,
-        name=f"{suite.suite}_expectations",
-        description=f"Expectation suite `{suite.suite}` ({len(suite.expectations)} "
-        f"expectations): {suite.description}",
-        blocking=suite.has_errors,
-        additional_deps=deps or None,
-        metadata={"suite_file": f"expectations/{suite.suite}.yaml"},
+
+def build_checks(suites: Sequence[Suite], existing: set[dg.AssetKey]) -> dg.AssetChecksDefinition:
+    """One multi-asset check evaluating one check per suite.
+
+    Dagster runs it in as few steps as the asset graph allows (a step per group of assets
+    built together); each step opens the store once, runs its suites in reference order
+    (patients before the rows that point at them, so quarantine cascades in the same run),
+    records one activity in the ledger and renders Data Docs once. A check also waits for the
+    tables its foreign keys reference. Suites with error expectations are blocking.
+    """
+    chosen = [s for s in suites if dg.AssetKey(s.asset_key) in existing]
+    specs = [
+        dg.AssetCheckSpec(
+            check_name(s),
+            asset=dg.AssetKey(s.asset_key),
+            # Referenced tables must be built before referential integrity is checked.
+            additional_deps=_referenced(s, existing) or None,
+            description=f"Expectation suite `{s.suite}` ({len(s.expectations)} expectations, "
+            f"expectations/{s.suite}.yaml): {s.description}",
+            blocking=s.has_errors,
+            metadata={"suite_file": f"expectations/{s.suite}.yaml"},
+        )
+        for s in chosen
+    ]
+    by_check = {check_name(s): s for s in chosen}
+
+    @dg.multi_asset_check(
+        name="expectation_suites",
+        specs=specs,
+        can_subset=True,
+        description="Great Expectations suites over the harmonized tables: row failures are "
+        "quarantined, errors that remain block de-identification and the twin.",
     )
-    def _check(context: dg.AssetCheckExecutionContext, twin: TwinResource) -> dg.AssetCheckResult:
+    def expectation_suites(
+        context: dg.AssetCheckExecutionContext, twin: TwinResource
+    ) -> Iterator[dg.AssetCheckResult]:
+        selected = {k.name for k in context.selected_asset_check_keys}
+        todo = _order([by_check[n] for n in selected if n in by_check])
         run_id = context.op_execution_context.run_id
+        results: list[tuple[Suite, SuiteRun | None, str | None]] = []
         store = twin.open_store(run_id=run_id)
         started = datetime.now(UTC).isoformat()
         try:
             with store.transaction():
-                inputs = [suite.table]
-                record = ActivityRecord(
-                    activity_id=f"{run_id}:check:{suite.suite}:{uuid.uuid4().hex[:8]}",
-                    run_id=run_id,
-                    asset_key=f"{key.to_user_string()}:{suite.suite}_expectations",
-                    started_at=started,
-                    ended_at="",
-                    user=twin.user,
-                    role=twin.role,
-                    inputs=inputs,
-                    input_versions=table_versions(store, inputs),
-                    params={"suite": suite.suite, "stage": "quality"},
-                    code_version=code_version(),
-                    informed_by=[key.to_user_string()],
+                tables = [s.table for s in todo if store.table_exists(s.table)]
+                before = {tv.table: tv for tv in input_versions(store, tables)}
+                for suite in todo:
+                    try:
+                        results.append((suite, run_suite(store, suite, as_of=_as_of()), None))
+                    except TwinPipelineError as exc:
+                        results.append((suite, None, str(exc)))
+                changed = [r.table for _, r, _ in results if r is not None and r.quarantined_rows]
+                outputs = table_versions(store, [*changed, "governance.quarantine", RESULT_TABLE])
+                unchanged = [before[t] for t in tables if t not in changed and t in before]
+                record_activity(
+                    store,
+                    ActivityRecord(
+                        activity_id=f"{run_id}:quality:{uuid.uuid4().hex[:8]}",
+                        run_id=run_id,
+                        asset_key="governance/validation_result",
+                        started_at=started,
+                        ended_at=datetime.now(UTC).isoformat(),
+                        user=twin.user,
+                        role=twin.role,
+                        inputs=tables,
+                        input_versions=list(before.values()),
+                        outputs=[*outputs, *unchanged],
+                        params={
+                            "stage": "quality",
+                            "suites": [s.suite for s in todo],
+                            "blocking": sorted(
+                                r.suite for _, r, _ in results if r is not None and r.blocking
+                            ),
+                        },
+                        code_version=code_version(),
+                        informed_by=[t.replace(".", "/", 1) for t in tables],
+                    ),
                 )
-                run = run_suite(store, suite, as_of=_as_of())
-                record.outputs = table_versions(
-                    store, [suite.table, "governance.quarantine", RESULT_TABLE]
-                )
-                record.ended_at = datetime.now(UTC).isoformat()
-                record_activity(store, record)
         finally:
             store.close()
         _render_docs(twin)
-        if run.blocking:
-            return dg.AssetCheckResult(
-                passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata=_metadata(run)
-            )
-        if run.warnings:
-            return dg.AssetCheckResult(
-                passed=False, severity=dg.AssetCheckSeverity.WARN, metadata=_metadata(run)
-            )
-        return dg.AssetCheckResult(passed=True, metadata=_metadata(run))
+        for suite, run, error in results:
+            yield _result(suite, run, error)
 
-    return _check
+    return expectation_suites
 
 
 def _render_docs(twin: TwinResource) -> None:
@@ -146,13 +237,12 @@ def _render_docs(twin: TwinResource) -> None:
     gxa.build_data_docs(twin.settings().data_docs_dir)
 
 
-def build_checks() -> list[dg.AssetChecksDefinition]:
+def _all_checks() -> list[dg.AssetChecksDefinition]:
     existing = defined_asset_keys()
-    return [
-        build_check(suite, existing)
-        for suite in load_suites().values()
-        if dg.AssetKey(suite.asset_key) in existing
-    ]
+    suites = list(load_suites().values())
+    if not any(dg.AssetKey(s.asset_key) in existing for s in suites):
+        return []
+    return [build_checks(suites, existing)]
 
 
-defs = dg.Definitions(asset_checks=build_checks())
+defs = dg.Definitions(asset_checks=_all_checks())
