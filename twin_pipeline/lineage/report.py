@@ -237,12 +237,12 @@ def _validation_section(store: Store) -> str:
         if prov_build.table_kind(t) != prov_build.VALIDATION_RESULT:
             continue
         cols = [c for c, _ in store.columns(t)]
+        parts.append(f"<h3>{html.escape(t)} ({store.row_count(t):,} rows)</h3>")
+        if set(cols) >= _SUITE_COLUMNS:
+            parts.append(_suite_summary(store, t))
+            continue
         rows = store.con.execute(f"SELECT * FROM {t} LIMIT {MAX_ROWS}").fetchall()
-        shown = [[_cell(v) for v in r] for r in rows]
-        parts.append(
-            f"<h3>{html.escape(t)} ({store.row_count(t):,} rows)</h3>"
-            + _table(cols, shown, "validation")
-        )
+        parts.append(_table(cols, [[_cell(v) for v in r] for r in rows], "validation"))
     q = store.con.execute(
         "SELECT stage, table_name, rule, count(*) FROM governance.quarantine "
         "GROUP BY ALL ORDER BY 4 DESC, 1, 2, 3 LIMIT 100"
@@ -250,6 +250,53 @@ def _validation_section(store: Store) -> str:
     parts.append("<h3>Quarantine by stage, table and rule</h3>")
     parts.append(_table(["stage", "table", "rule", "records"], [list(r) for r in q], "quarantine"))
     return "\n".join(parts)
+
+
+_SUITE_COLUMNS = frozenset(
+    {"suite", "table_name", "expectation", "severity", "passed", "failed_rows", "quarantined_rows"}
+)
+
+
+def _suite_summary(store: Store, table: str) -> str:
+    """Outcome per suite (latest result of each expectation), then every failed expectation."""
+    order = "created_at" if any(c == "created_at" for c, _ in store.columns(table)) else "rowid"
+    latest = (
+        f"SELECT * FROM {table} QUALIFY row_number() OVER "
+        f"(PARTITION BY suite, expectation ORDER BY {order} DESC) = 1"
+    )
+    per_suite = store.con.execute(
+        f"SELECT suite, table_name, count(*), count(*) FILTER (passed), "
+        f"count(*) FILTER (NOT passed AND severity = 'error'), "
+        f"count(*) FILTER (NOT passed AND severity <> 'error'), "
+        f"coalesce(sum(failed_rows), 0), coalesce(sum(quarantined_rows), 0) "
+        f"FROM ({latest}) GROUP BY ALL ORDER BY 5 DESC, 6 DESC, 1"
+    ).fetchall()
+    failed = store.con.execute(
+        f"SELECT suite, expectation, severity, failed_rows, quarantined_rows "
+        f"FROM ({latest}) WHERE NOT passed ORDER BY severity, suite, expectation LIMIT 200"
+    ).fetchall()
+    return (
+        _table(
+            [
+                "suite",
+                "table",
+                "expectations",
+                "passed",
+                "failed (error)",
+                "failed (warning)",
+                "failed rows",
+                "quarantined rows",
+            ],
+            [list(r) for r in per_suite],
+            "validation",
+        )
+        + "<h3>Failed expectations</h3>"
+        + _table(
+            ["suite", "expectation", "severity", "failed rows", "quarantined rows"],
+            [list(r) for r in failed],
+            "validation-failed",
+        )
+    )
 
 
 def _cell(v: Any) -> str:
