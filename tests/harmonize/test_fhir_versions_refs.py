@@ -191,3 +191,46 @@ def test_broken_bundle_file_is_one_quarantined_record(ehr_env: Ehr) -> None:
     ehr_env.run()
     assert ehr_env.quarantine() == {("ehr/bundles/broken.json", "file"): "broken_json"}
     assert ehr_env.rows("SELECT count(*) FROM harmonized.patient") == [(1,)]
+
+
+@pytest.mark.parametrize(
+    ("reference", "patient_id", "dangling"),
+    [
+        ("Patient/p7", "p7", [("Patient/p7", False)]),  # unresolved: id kept, flagged
+        ("Group/g1", None, [("Group/g1", False)]),  # not a patient: no patient_id
+        ("#contained-patient", None, []),  # contained: never dangling
+        (
+            "urn:uuid:9d3c0000-0000-4000-8000-000000000000",
+            "9d3c0000-0000-4000-8000-000000000000",
+            [("urn:uuid:9d3c0000-0000-4000-8000-000000000000", False)],
+        ),
+    ],
+)
+def test_reference_forms_fill_the_target_column_only_for_the_target_type(
+    ehr_env: Ehr, reference: str, patient_id: str | None, dangling: list[tuple[str, bool]]
+) -> None:
+    ehr_env.ndjson("ehr/Encounter.ndjson", [_encounter("e1", reference)])
+    ehr_env.run()
+    assert ehr_env.rows("SELECT patient_id FROM harmonized.encounter") == [(patient_id,)]
+    assert ehr_env.rows("SELECT reference, resolved FROM harmonized.dangling_reference") == dangling
+
+
+def test_put_entry_without_id_takes_the_id_from_the_request_url(ehr_env: Ehr) -> None:
+    res = patient("ignored", None, None, "Put")
+    del res["id"]
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:7f000000-0000-4000-8000-000000000001",
+                "resource": res,
+                "request": {"method": "PUT", "url": "Patient/mrn-77"},
+            }
+        ],
+    }
+    ehr_env.write("ehr/bundles/put.json", json.dumps(bundle))
+    ehr_env.run()
+    assert ehr_env.rows("SELECT patient_id, family_name FROM harmonized.patient") == [
+        ("mrn-77", "Put")
+    ]

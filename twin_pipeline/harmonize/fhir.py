@@ -340,7 +340,15 @@ def resolve_sql(source: str, columns: list[Column], keep: tuple[str, ...] = ()) 
     for c in columns:
         if c.kind == "ref":
             a = f"ref_{c.name}"
-            sel.append(f"coalesce({a}.resource_id, fhir_ref_fallback_id(x.{c.name})) AS {c.name}")
+            t = _q(str(c.target))
+            # only a reference to the column's target type fills it (subject: Group/1 is no
+            # patient); an unresolved Type/id or urn:uuid still gives its id
+            sel.append(
+                f"CASE WHEN {a}.resource_type = {t} THEN {a}.resource_id "
+                f"WHEN {a}.ref IS NULL AND (x.{c.name} LIKE {t} || '/%' "
+                f"OR x.{c.name} LIKE 'urn:uuid:%') THEN fhir_ref_fallback_id(x.{c.name}) "
+                f"END AS {c.name}"
+            )
             joins.append(f"LEFT JOIN {REF_INDEX} {a} ON {a}.ref = x.{c.name}")
         else:
             sel.append(f"x.{c.name}")
@@ -370,7 +378,7 @@ def _record_refs(store: Store, name: str, spec: TableSpec, columns: list[Column]
         SELECT {_q(name)}, {_q(spec.resource)}, _rid, e.col, e.reference, e.key, e.target,
                source_file, lineage_key
         FROM (SELECT x.*, unnest([{items}]) AS e FROM _x x)
-        WHERE e.reference IS NOT NULL
+        WHERE e.reference IS NOT NULL AND NOT starts_with(e.reference, '#')  -- contained
     """)
 
 

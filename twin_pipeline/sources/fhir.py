@@ -537,9 +537,11 @@ class FhirReader(SourceReader):
                     continue
                 res = rec.resource
                 if isinstance(res, dict) and not res.get("id"):
-                    uid = _id_from_url(rec.full_url)[1]
+                    # PUT Type/id names the resource; a POST is identified by its fullUrl
+                    put = _id_from_url(rec.url) if rec.method == "PUT" else (None, None)
+                    uid = put[1] or _id_from_url(rec.full_url)[1]
                     if uid:
-                        res["id"] = uid  # POST entries are identified by their fullUrl
+                        res["id"] = uid
                         rec.text = _dumps(res)
                         rec._hash = None
                 parsed.setdefault(rec.text, []).append(rec)

@@ -56,9 +56,11 @@ def _table_asset(name: str) -> dg.AssetsDefinition:
         ),
     )
     def _asset(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.MaterializeResult:
-        with governed_run(context, twin, inputs=[ehr.CURRENT, ehr.REF_INDEX]) as run:
+        # also refreshes this table's rows of the work table harmonized.fhir_reference (not
+        # hashed here: dangling_reference records its version as an input)
+        with governed_run(context, twin, inputs=[ehr.CURRENT, ehr.REF_INDEX, ehr.RAW]) as run:
             stats = ehr.build_table(run.store, name)
-            run.outputs(qualified, ehr.REFERENCES)
+            run.outputs(qualified)
             run.meta(
                 resources=stats.resources,
                 quarantined=stats.quarantined,
