@@ -95,3 +95,26 @@ def test_report_renders_in_chromium(built_copy: Built, tmp_path: Path, chromium:
         fill = np.array(_hex_rgb(COLORS[kind][0]))
         hits = int((np.abs(flat - fill).sum(axis=1) <= 6).sum())
         assert hits > 500, f"{kind} nodes not visible in the screenshot ({hits} pixels)"
+
+
+def test_report_summarises_expectation_suites(built_copy: Built, tmp_path: Path) -> None:
+    from twin_pipeline.lineage.report import build_report
+    from twin_pipeline.store import Store
+
+    with Store.open(built_copy.settings) as store:
+        store.con.execute(
+            """CREATE TABLE governance.validation_result AS SELECT * FROM (VALUES
+            ('r1', 'obs', 'harmonized.obs', 'value_not_null', 'error', FALSE, 3, 3, TIMESTAMPTZ '2026-01-01'),
+            ('r2', 'obs', 'harmonized.obs', 'value_not_null', 'error', TRUE, 0, 0, TIMESTAMPTZ '2026-01-02'),
+            ('r2', 'obs', 'harmonized.obs', 'unit_known', 'warning', FALSE, 2, 0, TIMESTAMPTZ '2026-01-02'),
+            ('r2', 'pat', 'harmonized.pat', 'id_unique', 'error', TRUE, 0, 0, TIMESTAMPTZ '2026-01-02')
+            ) AS t(run_id, suite, table_name, expectation, severity, passed, failed_rows,
+                   quarantined_rows, created_at)"""
+        )
+        page = build_report(store)
+    section = page[page.index("governance.validation_result (") : page.index("Access log")]
+    cells = re.findall(r"<td>([^<]*)</td>", section)
+    # latest outcome per expectation: value_not_null now passes, unit_known fails as a warning
+    assert cells[:8] == ["obs", "harmonized.obs", "2", "1", "0", "1", "2", "0"]
+    failed = section[section.index("Failed expectations") :]
+    assert "unit_known" in failed and "value_not_null" not in failed
