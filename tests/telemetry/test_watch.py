@@ -102,3 +102,25 @@ def test_watch_round_makes_new_file_queryable_without_rereading(
     assert len(after) == 2
     (files,) = query(twin_home, "SELECT count(*) FROM governance.telemetry_state")
     assert files == (2,)
+
+
+def test_twin_watch_cli_once_on_empty_landing(twin_home: Settings, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "empty").mkdir()
+    out = subprocess.run(
+        [sys.executable, "-m", "twin_pipeline", "watch", str(tmp_path / "empty"), "--once"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "nothing new" in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "twin_pipeline", "watch", "--scope", "nope", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
