@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -186,9 +187,8 @@ _JSON_PARSE_SQL = f"""
 
 def _stage_lines(con: duckdb.DuckDBPyConnection, f: SourceFile) -> None:
     """``_tele_one(n, line)``: the file's non-blank lines with their true 1-based numbers."""
-    data = f.path.read_bytes()
     path = str(f.path).replace("'", "''")
-    if b"\r" in data or b"\x1f" in data:
+    if _has_byte(f.path, (b"\r", b"\x1f")):
         # Exact split (slower): read_csv treats a lone CR as a line break.
         src = f"""
             SELECT n, rtrim(line, chr(13)) AS line FROM (
@@ -215,6 +215,15 @@ def _stage_lines(con: duckdb.DuckDBPyConnection, f: SourceFile) -> None:
         FROM ({src}) WHERE line IS NOT NULL AND trim(line) <> ''
         """
     )
+
+
+def _has_byte(path: Path, needles: tuple[bytes, ...], chunk: int = 1 << 20) -> bool:
+    """True if the file contains any of the single bytes in ``needles`` (read in chunks)."""
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            if any(n in block for n in needles):
+                return True
+    return False
 
 
 def _csv_parse_sql(con: duckdb.DuckDBPyConnection, f: SourceFile) -> str | None:
