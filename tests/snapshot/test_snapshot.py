@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import prov.model as pm
@@ -12,10 +13,11 @@ import pytest
 
 from twin_pipeline.audit import access_events, verify_all
 from twin_pipeline.errors import AccessDenied, ConfigError
+from twin_pipeline.keys import KeyRing
 from twin_pipeline.lineage import prov_build
 from twin_pipeline.paths import Settings
 from twin_pipeline.policy import Gateway
-from twin_pipeline.snapshot import create_snapshot, verify
+from twin_pipeline.snapshot import SnapshotResult, create_snapshot, verify
 from twin_pipeline.store import Store
 
 from .conftest import (
@@ -25,7 +27,26 @@ from .conftest import (
     RAW_IDENTIFIERS,
     RELEASED,
     SUPPRESSED,
+    build_store,
 )
+
+
+@dataclass
+class Shared:
+    settings: Settings
+    out: Path
+    result: SnapshotResult
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Shared:
+    """One store and one default snapshot for the tests that only read them."""
+    root = tmp_path_factory.mktemp("shared_snapshot")
+    settings = Settings.from_env(root / "home").ensure()
+    KeyRing(settings.keys_dir).init()
+    build_store(settings)
+    out = root / "snap"
+    return Shared(settings, out, create_snapshot("researcher", out, settings=settings))
 
 
 def _table(out: Path, name: str) -> list[dict[str, object]]:
@@ -38,9 +59,9 @@ def _manifest(out: Path) -> dict[str, object]:
     return doc
 
 
-def test_snapshot_contents_and_manifest(snap_home: Settings, tmp_path: Path) -> None:
-    out = tmp_path / "snap"
-    result = create_snapshot("researcher", out, settings=snap_home)
+def test_snapshot_contents_and_manifest(shared: Shared) -> None:
+    out = shared.out
+    result = shared.result
     assert verify(out).ok
     m = _manifest(out)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
@@ -105,9 +126,8 @@ def test_reproducible_bytes(snap_home: Settings, tmp_path: Path, cohort_file: Pa
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
 
 
-def test_k_anonymity_holds_over_released_values(snap_home: Settings, tmp_path: Path) -> None:
-    out = tmp_path / "snap"
-    create_snapshot("researcher", out, settings=snap_home)
+def test_k_anonymity_holds_over_released_values(shared: Shared) -> None:
+    out = shared.out
     patients = _table(out, "patient")
     assert "birth_year" not in patients[0] and "postal_code" not in patients[0]
     classes = Counter((p["age_band"], p["gender"], p["zip3"]) for p in patients)
@@ -131,9 +151,8 @@ def test_k_anonymity_holds_over_released_values(snap_home: Settings, tmp_path: P
     assert {r["series_instance_uid"] for r in _table(out, "imaging_instance")} == series
 
 
-def test_rows_are_ordered_by_lineage_key(snap_home: Settings, tmp_path: Path) -> None:
-    out = tmp_path / "snap"
-    create_snapshot("researcher", out, settings=snap_home)
+def test_rows_are_ordered_by_lineage_key(shared: Shared) -> None:
+    out = shared.out
     obs = _table(out, "observation")
     keys = [(r["lineage_key"], r["observation_id"]) for r in obs]
     assert keys == sorted(keys)
@@ -164,9 +183,8 @@ def test_small_cohort_is_suppressed_entirely(snap_home: Settings, tmp_path: Path
     assert verify(tmp_path / "snap").ok
 
 
-def test_no_raw_identifier_in_any_file(snap_home: Settings, tmp_path: Path) -> None:
-    out = tmp_path / "snap"
-    create_snapshot("researcher", out, settings=snap_home)
+def test_no_raw_identifier_in_any_file(shared: Shared) -> None:
+    out = shared.out
     texts = []
     for path in out.rglob("*"):
         if path.suffix == ".parquet":
@@ -178,11 +196,11 @@ def test_no_raw_identifier_in_any_file(snap_home: Settings, tmp_path: Path) -> N
         assert ident not in blob
 
 
-def test_audit_and_lineage_records(snap_home: Settings, tmp_path: Path) -> None:
-    out = tmp_path / "snap"
-    r = create_snapshot("researcher", out, settings=snap_home)
+def test_audit_and_lineage_records(shared: Shared) -> None:
+    out = shared.out
+    r = shared.result
     m = _manifest(out)
-    with Store.open(snap_home) as store:
+    with Store.open(shared.settings) as store:
         events = access_events(store)
         snap_events = [e for e in events if e.get("action") == "snapshot"]
         assert len(snap_events) == 1
@@ -222,10 +240,9 @@ def test_audit_and_lineage_records(snap_home: Settings, tmp_path: Path) -> None:
         assert expected <= derived
 
 
-def test_snapshot_rows_match_the_gateway(snap_home: Settings, tmp_path: Path) -> None:
-    out = tmp_path / "snap"
-    create_snapshot("researcher", out, settings=snap_home)
-    with Gateway(snap_home) as gw:
+def test_snapshot_rows_match_the_gateway(shared: Shared) -> None:
+    out = shared.out
+    with Gateway(shared.settings) as gw:
         loc = gw.query("researcher", "SELECT * FROM deid.location ORDER BY lineage_key")
         enc = gw.query(
             "researcher", "SELECT encounter_id FROM deid.encounter WHERE patient_id LIKE 'dA%'"
