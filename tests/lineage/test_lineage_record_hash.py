@@ -90,3 +90,34 @@ def test_binary_file_and_missing_record(tmp_path: Path) -> None:
     nd.write_bytes(b'{"a":1}\n')
     assert record_candidates(nd, "line:9") == {}
     assert record_candidates(nd, "entry:3") == {}
+
+
+def test_reader_hook_re_reads_binary_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader whose record hash is computed after parsing re-reads it through its hook."""
+    from collections.abc import Sequence
+    from typing import ClassVar
+
+    from twin_pipeline.lineage import trace
+    from twin_pipeline.sources import READERS, LoadStats, SourceFile, SourceReader
+    from twin_pipeline.store import Store
+
+    class BinReader(SourceReader):
+        kind: ClassVar[str] = "lineage_test_bin"
+
+        def matches(self, rel: str) -> bool:
+            return rel.endswith(".bin")
+
+        def load(self, files: Sequence[SourceFile], store: Store) -> LoadStats:
+            return LoadStats(self.kind)
+
+        def record_hashes(self, path: Path, position: str) -> set[str] | None:
+            return {sha(path.read_bytes()[4:])} if position == "file" else None
+
+    monkeypatch.setitem(READERS, BinReader.kind, BinReader)
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"\x00\x01\xfe\xffheader")
+    got = trace._reader_candidates(BinReader.kind, f, "file")
+    assert got is not None and sha(b"header") in got.values()
+    assert trace._reader_candidates("no-such-kind", f, "file") is None

@@ -296,9 +296,25 @@ def record_candidates(path: Path, position: str) -> dict[str, str] | None:
     return _digests(forms)
 
 
+def _reader_candidates(kind: str, path: Path, position: str) -> dict[str, str] | None:
+    """Ask the file's own reader to re-read the record (``SourceReader.record_hashes``)."""
+    from twin_pipeline.sources import load_readers
+
+    reader = load_readers().get(kind)
+    if reader is None:
+        return None
+    try:
+        hashes = reader.record_hashes(path, position)
+    except Exception as exc:  # a reader failing to re-read is a finding, not a crash
+        return {f"{kind} reader failed: {type(exc).__name__}": ""}
+    if hashes is None:
+        return None
+    return {f"{kind} reader #{i}": h for i, h in enumerate(sorted(hashes))}
+
+
 def _source(store: Store, raw: dict[str, Any], key: str) -> Source:
     reg = store.con.execute(
-        "SELECT sha256, abs_path, size_bytes FROM governance.source_file WHERE path = ?",
+        "SELECT sha256, abs_path, size_bytes, kind FROM governance.source_file WHERE path = ?",
         [raw["source_file"]],
     ).fetchone()
     if reg is None:
@@ -326,6 +342,8 @@ def _source(store: Store, raw: dict[str, Any], key: str) -> Source:
 
     src.file_sha256_ok = sha256_file(path) == src.sha256
     candidates = record_candidates(path, src.position)
+    if candidates is None:
+        candidates = _reader_candidates(str(reg[3] or ""), path, src.position)
     if candidates is None:
         src.note = f"record at {src.position!r} cannot be re-read from the file; file hash checked"
         return src

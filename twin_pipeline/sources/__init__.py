@@ -85,6 +85,13 @@ class SourceReader(ABC):
     def ensure_tables(self, store: Store) -> None:  # noqa: B027 - optional hook
         """Create this reader's raw tables if they do not exist yet."""
 
+    def record_hashes(self, path: Path, position: str) -> set[str] | None:
+        """Optional hook for lineage verification (``twin lineage trace``): the record hash(es)
+        the record at ``position`` of ``path`` gets when read again, or None if this reader
+        cannot re-read one record. Line-based and JSON layouts are re-read generically; readers
+        whose record hash is computed after parsing (e.g. a DICOM header) can implement this."""
+        return None
+
 
 READERS: dict[str, type[SourceReader]] = {}
 
