@@ -37,14 +37,29 @@ def _twin_in_process(
 
 
 def test_simulate_is_a_governed_materialization_with_lineage(
-    twin_home: Settings, capsys: pytest.CaptureFixture[str]
+    twin_home: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with Store.open(twin_home) as store, store.transaction():
         synthetic.create_hospital(store, 80, seed=2, days=28)
     landing = twin_home.home / "landing"
     landing.mkdir()
-    graph = run_pipeline(landing, twin_home, selection=["twin/node", "twin/edge"])
+    monkeypatch.setenv("TWIN_AS_OF", "2024-01-10T12:00:00+00:00")
+    graph = run_pipeline(
+        landing, twin_home, selection=["twin/node", "twin/edge", "twin/state_scanner"]
+    )
     assert graph.success, graph.failures
+    with Store.open(twin_home, read_only=True) as store:
+        day_rows = store.con.execute(
+            "SELECT DISTINCT day, as_of FROM twin.twin.state_scanner"
+        ).fetchall()
+        studies = store.con.execute(
+            "SELECT count(*) FROM harmonized.imaging_study WHERE CAST(started AS DATE) = DATE '2024-01-10'"
+        ).fetchone()
+        today = store.con.execute(
+            "SELECT sum(studies_today) FROM twin.twin.state_scanner"
+        ).fetchone()
+    assert [str(r[0]) for r in day_rows] == ["2024-01-10"]
+    assert studies is not None and today is not None and today[0] == studies[0] > 0
 
     out = _twin("simulate", "add_ct_scanner", "--json", "--replications", "3")
     assert out.returncode == 0, out.stderr

@@ -1,6 +1,7 @@
 """Twin assets: the graph (``twin/node``, ``twin/edge``), current state per twin, and what-if
 simulation runs (``twin/simulation_result``), each a governed, lineage-recorded run."""
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -98,6 +99,15 @@ def twin_edge(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.Mater
     return run.result()
 
 
+def _as_of() -> datetime | None:
+    """``TWIN_AS_OF`` (ISO-8601) pins "now" for state; default: the latest time in the data."""
+    raw = dg.EnvVar("TWIN_AS_OF").get_value("") or ""
+    if not raw:
+        return None
+    parsed = datetime.fromisoformat(raw)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
 def _state_asset(  # type: ignore[no-untyped-def]
     name: str, builder, description: str, reads: tuple[str, ...] = ()
 ) -> dg.AssetsDefinition:
@@ -113,7 +123,8 @@ def _state_asset(  # type: ignore[no-untyped-def]
         model = load_model()
         with governed_run(context, twin, inputs=["twin.node", "twin.edge"]) as run:
             ensure_graph_tables(run.store)
-            rep = builder(run.store, model)
+            rep = builder(run.store, model, _as_of())
+            run.record.params["as_of"] = rep.as_of.isoformat() if rep.as_of else None
             run.record.inputs.extend(t for t in rep.inputs if t not in run.record.inputs)
             run.outputs(f"twin.{name}")
             run.meta(
