@@ -63,24 +63,40 @@ def ingest_files(store: Store, reader: SourceReader, files: Sequence[SourceFile]
             )
         stats = reader.load(todo, store) if todo else LoadStats(reader.kind)
         now = datetime.now(UTC)
-        for f in todo:
-            fs = stats.file(f.rel)
-            store.con.execute(
-                "INSERT OR REPLACE INTO governance.source_file VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [
-                    f.rel,
-                    str(f.path),
-                    f.kind,
-                    f.sha256,
-                    f.size,
-                    fs.records_in,
-                    fs.loaded,
-                    fs.quarantined,
-                    now,
-                    store.run_id,
-                ],
-            )
+        if todo:
+            _register_files(store, todo, stats, now)
     return IngestResult(reader.kind, len(files), len(todo), stats)
+
+
+def _register_files(
+    store: Store, todo: Sequence[SourceFile], stats: LoadStats, now: datetime
+) -> None:
+    """Register the loaded files in one Arrow batch (one statement per file took a minute for
+    2,000 DICOM files)."""
+    import pyarrow as pa
+
+    per = [stats.file(f.rel) for f in todo]
+    batch = pa.table(
+        {
+            "path": pa.array([f.rel for f in todo], pa.string()),
+            "abs_path": pa.array([str(f.path) for f in todo], pa.string()),
+            "kind": pa.array([f.kind for f in todo], pa.string()),
+            "sha256": pa.array([f.sha256 for f in todo], pa.string()),
+            "size_bytes": pa.array([f.size for f in todo], pa.int64()),
+            "records_in": pa.array([fs.records_in for fs in per], pa.int64()),
+            "records_loaded": pa.array([fs.loaded for fs in per], pa.int64()),
+            "records_quarantined": pa.array([fs.quarantined for fs in per], pa.int64()),
+            "first_seen": pa.array([now] * len(todo), pa.timestamp("us", tz="UTC")),
+            "run_id": pa.array([store.run_id] * len(todo), pa.string()),
+        }
+    )
+    store.con.register("_source_file_batch", batch)
+    try:
+        store.con.execute(
+            "INSERT OR REPLACE INTO governance.source_file SELECT * FROM _source_file_batch"
+        )
+    finally:
+        store.con.unregister("_source_file_batch")
 
 
 def quarantine_unclaimed(store: Store, landing: Path) -> int:
