@@ -99,6 +99,7 @@ def test_scenario_changes_are_applied(graph_store: tuple[Store, GraphReport]) ->
         > 1.6 * mr["baseline"]["throughput_per_day"]["mean"]
     )
     assert mr["scenario"]["mean_wait_min"]["mean"] > 5 * mr["baseline"]["mean_wait_min"]["mean"]
+    assert r["baseline_unserved"] == 0 and r["scenario_unserved"] >= 0
     beds = r["stations"]["beds"]
     assert beds["scenario_setup"]["servers"] == 4
     assert beds["scenario"]["utilization"]["mean"] > beds["baseline"]["utilization"]["mean"]

@@ -343,6 +343,13 @@ def _print_simulation(r: dict[str, Any]) -> None:
     print(
         f"  utilization            baseline {_fmt(r['baseline_utilization'], 3)}  scenario {_fmt(r['scenario_utilization'], 3)}"
     )
+    for arm in ("baseline", "scenario"):
+        left = r.get(f"{arm}_unserved") or 0
+        if left > 0:
+            print(
+                f"  note: {arm}: {_fmt(left)} patients per replication still waiting at the "
+                "horizon; mean waits leave them out, so they understate the queue"
+            )
     print("  per station (baseline -> scenario):")
     for name, st in r.get("stations", {}).items():
         b, s = st["baseline"], st.get("scenario") or {}

@@ -356,6 +356,9 @@ def run_simulation(
         scenario_wait_min_ci95=pd_["scenario"]["mean_wait_min"]["ci95"],
         baseline_utilization=pd_["baseline"]["utilization"]["mean"],
         scenario_utilization=pd_["scenario"]["utilization"]["mean"],
+        # Patients still queued at the horizon: their waits are not in the means above.
+        baseline_unserved=pd_["baseline"]["unserved"]["mean"],
+        scenario_unserved=pd_["scenario"]["unserved"]["mean"],
         events=events,
         events_per_s=round(events / wall, 1) if wall > 0 else None,
         wall_s=round(wall, 3),
