@@ -43,11 +43,11 @@ class Ehr:
     def copy_fixtures(self) -> None:
         shutil.copytree(FIXTURES, self.landing, dirs_exist_ok=True)
 
-    def run(self) -> dict[str, ehr.TableStats]:
+    def run(self, *, force: bool = False) -> dict[str, ehr.TableStats]:
         reader = load_readers()["fhir"]
         with Store.open(self.settings) as store:
             ingest_files(store, reader, files_of_kind(self.landing, "fhir"))
-            return ehr.build_all(store)
+            return ehr.build_all(store, force=force)
 
     def store(self) -> Store:
         return Store.open(self.settings)

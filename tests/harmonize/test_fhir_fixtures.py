@@ -189,10 +189,17 @@ def test_conservation_balances_per_file(loaded: Ehr) -> None:
 
 def test_rerun_on_same_files_changes_nothing(ehr_env: Ehr) -> None:
     ehr_env.copy_fixtures()
-    ehr_env.run()
+    first = ehr_env.run()
     before = ehr_env.hashes()
     q_before = ehr_env.quarantine()
-    ehr_env.run()
+    # unchanged inputs: the rebuild is skipped and reports the same figures
+    again = ehr_env.run()
+    assert {k: (v.rows, v.quarantined, v.reasons) for k, v in again.items()} == {
+        k: (v.rows, v.quarantined, v.reasons) for k, v in first.items()
+    }
+    assert ehr_env.hashes() == before
+    # a forced full rebuild from the same raw rows gives the same content hashes
+    ehr_env.run(force=True)
     assert ehr_env.hashes() == before
     assert ehr_env.quarantine() == q_before
 

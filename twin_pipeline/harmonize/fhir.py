@@ -20,11 +20,14 @@ hashes). The steps, each one function and one Dagster asset:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from twin_pipeline.harmonize.fhir_spec import Column, EhrSpec, TableSpec, load_spec
+from twin_pipeline.harmonize.fhir_spec import EHR_SPEC, Column, EhrSpec, TableSpec, load_spec
 from twin_pipeline.harmonize.units import UnitError, linear_conversion, normalize_unit
 from twin_pipeline.store import QuarantineRow, Store
 
@@ -83,13 +86,66 @@ def _macros(store: Store) -> None:
     )
 
 
+# -- skipping unchanged rebuilds -----------------------------------------------------------
+
+BUILDS = "harmonized.fhir_build"  # step -> fingerprint of the inputs it was built from
+
+
+@functools.cache
+def _code_fingerprint() -> str:
+    """The mapping code and spec: a change to either rebuilds everything."""
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in (
+        here / "fhir.py",
+        here / "fhir_spec.py",
+        here / "units.py",
+        here.parent / "sources" / "fhir.py",
+        EHR_SPEC,
+    ):
+        h.update(f.read_bytes() if f.exists() else b"")
+    return h.hexdigest()
+
+
+def inputs_fingerprint(store: Store) -> str:
+    """What every EHR table is a function of: the FHIR source files (path, sha256), the raw
+    row count, the code and the spec. Deterministic, so the same data gives the same
+    ``harmonized.fhir_build`` in any store."""
+    row = store.con.execute(
+        "SELECT coalesce(string_agg(path || ':' || sha256, ',' ORDER BY path), '') "
+        "FROM governance.source_file WHERE kind = 'fhir'"
+    ).fetchone()
+    n = store.row_count(RAW) if store.table_exists(RAW) else -1
+    material = f"{row[0] if row else ''}|{n}|{_code_fingerprint()}"
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def _unchanged(store: Store, step: str, tables: Iterable[str]) -> bool:
+    if not store.table_exists(BUILDS) or not all(store.table_exists(t) for t in tables):
+        return False
+    row = store.con.execute(f"SELECT fingerprint FROM {BUILDS} WHERE step = ?", [step]).fetchone()
+    return row is not None and row[0] == inputs_fingerprint(store)
+
+
+def _built(store: Store, step: str) -> None:
+    store.con.execute(
+        f"CREATE TABLE IF NOT EXISTS {BUILDS} (step VARCHAR PRIMARY KEY, fingerprint VARCHAR)"
+    )
+    store.con.execute(
+        f"INSERT OR REPLACE INTO {BUILDS} VALUES (?, ?)", [step, inputs_fingerprint(store)]
+    )
+
+
 # -- 1. versions ---------------------------------------------------------------------------
 
 
-def build_versions(store: Store) -> dict[str, int]:
-    """Current version, history, record status and reference index, from raw. Idempotent."""
+def build_versions(store: Store, *, force: bool = False) -> dict[str, int]:
+    """Current version, history, record status and reference index, from raw. Idempotent;
+    skipped when its inputs did not change since the last build (``force`` rebuilds)."""
     con = store.con
     _macros(store)
+    if not force and _unchanged(store, "versions", VERSION_TABLES):
+        return _status_counts(store)
     if not store.table_exists(RAW):
         from twin_pipeline.sources.fhir import DDL
 
@@ -197,8 +253,15 @@ def build_versions(store: Store) -> dict[str, int]:
     """)
     for t in ("_fhir_ranked", "_fhir_deleted"):
         con.execute(f"DROP TABLE IF EXISTS {t}")
-    counts = dict(con.execute(f"SELECT status, count(*) FROM {STATUS} GROUP BY ALL").fetchall())
     con.execute("DROP TABLE IF EXISTS _fhir_raw")
+    _built(store, "versions")
+    return _status_counts(store)
+
+
+def _status_counts(store: Store) -> dict[str, int]:
+    counts = dict(
+        store.con.execute(f"SELECT status, count(*) FROM {STATUS} GROUP BY ALL").fetchall()
+    )
     return {str(k): int(v) for k, v in counts.items()}
 
 
@@ -386,15 +449,22 @@ def table_sql(spec: TableSpec) -> str:
     return resolve_sql(f"({extract_sql(spec)})", spec.columns)
 
 
-def build_table(store: Store, name: str, spec: EhrSpec | None = None) -> TableStats:
-    """Rebuild ``harmonized.<name>`` from the current versions. Needs :func:`build_versions`."""
+def build_table(
+    store: Store, name: str, spec: EhrSpec | None = None, *, force: bool = False
+) -> TableStats:
+    """Rebuild ``harmonized.<name>`` from the current versions. Needs :func:`build_versions`.
+    Skipped when its inputs did not change since the last build (``force`` rebuilds)."""
     spec = spec or load_spec()
     tspec = spec.tables[name]
     _macros(store)
     qualified = f"harmonized.{name}"
+    if not force and _unchanged(store, name, (qualified, REFERENCES)):
+        return _table_stats(store, name)
     store.clear_quarantine("harmonize", qualified)
     if name == "observation":
-        return _build_observation(store, spec)
+        stats = _build_observation(store, spec)
+        _built(store, name)
+        return stats
     con = store.con
     con.execute(f"CREATE OR REPLACE TEMP TABLE _x AS {extract_sql(tspec)}")
     _record_refs(store, name, tspec, tspec.columns)
@@ -403,17 +473,34 @@ def build_table(store: Store, name: str, spec: EhrSpec | None = None) -> TableSt
         f"ORDER BY {tspec.key}"
     )
     con.execute("DROP TABLE IF EXISTS _x")
-    n = store.row_count(qualified)
-    return TableStats(qualified, rows=n, resources=n)
+    _built(store, name)
+    return _table_stats(store, name)
 
 
-def build_all(store: Store, spec: EhrSpec | None = None) -> dict[str, TableStats]:
+def _table_stats(store: Store, name: str) -> TableStats:
+    qualified = f"harmonized.{name}"
+    stats = TableStats(qualified, rows=store.row_count(qualified))
+    row = store.con.execute(f"SELECT count(DISTINCT lineage_key) FROM {qualified}").fetchone()
+    stats.resources = int(row[0]) if row else 0
+    for rule, n in store.con.execute(
+        "SELECT rule, count(*) FROM governance.quarantine WHERE stage = 'harmonize' "
+        "AND table_name = ? GROUP BY ALL",
+        [qualified],
+    ).fetchall():
+        stats.reasons[str(rule)] = int(n)
+        stats.quarantined += int(n)
+    return stats
+
+
+def build_all(
+    store: Store, spec: EhrSpec | None = None, *, force: bool = False
+) -> dict[str, TableStats]:
     """Versions, every table and the dangling references, in the caller's transaction."""
     spec = spec or load_spec()
     with store.transaction():
-        build_versions(store)
-        out = {name: build_table(store, name, spec) for name in spec.tables}
-        build_dangling(store, spec)
+        build_versions(store, force=force)
+        out = {name: build_table(store, name, spec, force=force) for name in spec.tables}
+        build_dangling(store, spec, force=force)
     return out
 
 
@@ -602,23 +689,20 @@ def _build_observation(store: Store, spec: EhrSpec) -> TableStats:
     store.quarantine(qrows)
     for t in ("_obs", "_obs_rows", "_obs_conv", "_obs_vocab", "_obs_final"):
         con.execute(f"DROP TABLE IF EXISTS {t}")
-    stats = TableStats("harmonized.observation", quarantined=len(qrows))
-    stats.rows = store.row_count("harmonized.observation")
-    row = con.execute("SELECT count(DISTINCT lineage_key) FROM harmonized.observation").fetchone()
-    stats.resources = int(row[0]) if row else 0
-    for q in qrows:
-        stats.reasons[q.rule] = stats.reasons.get(q.rule, 0) + 1
-    return stats
+    return _table_stats(store, "observation")
 
 
 # -- 3. dangling references ------------------------------------------------------------------
 
 
-def build_dangling(store: Store, spec: EhrSpec | None = None) -> int:
-    """Rebuild ``harmonized.dangling_reference`` (from, to, resolved) for every ref column."""
+def build_dangling(store: Store, spec: EhrSpec | None = None, *, force: bool = False) -> int:
+    """Rebuild ``harmonized.dangling_reference`` (from, to, resolved) for every ref column.
+    Needs the tables (they record their references); skipped when nothing changed."""
     spec = spec or load_spec()
     con = store.con
     _macros(store)
+    if not force and _unchanged(store, "dangling", (DANGLING,)):
+        return store.row_count(DANGLING)
     tables = "[" + ", ".join(_q(n) for n in spec.tables) + "]"
     if not store.table_exists(REFERENCES):
         con.execute(
@@ -648,6 +732,7 @@ def build_dangling(store: Store, spec: EhrSpec | None = None) -> int:
           AND (ix.resource_id IS NULL OR ta.first_seen > fs.first_seen)
         ORDER BY ALL
     """)
+    _built(store, "dangling")
     return store.row_count(DANGLING)
 
 
