@@ -212,7 +212,13 @@ def bench_dicom(work: Path, n_files: int) -> dict[str, Any]:
 
 def bench_watch(work: Path) -> dict[str, Any]:
     from twin_pipeline.defs.runner import run_pipeline
-    from twin_pipeline.watch import WatchRound, landing_snapshot, selection_for, watch
+    from twin_pipeline.watch import (
+        WatchRound,
+        landing_snapshot,
+        materialized_at,
+        selection_for,
+        watch,
+    )
 
     landing = work / "watch_landing"
     shutil.rmtree(landing, ignore_errors=True)
@@ -257,6 +263,7 @@ def bench_watch(work: Path) -> dict[str, Any]:
             + "\n"
         )
         dropped["t"] = time.perf_counter()
+        dropped["epoch"] = time.time()
         tmp.rename(new)
 
     th = threading.Thread(target=drop, daemon=True)
@@ -271,7 +278,9 @@ def bench_watch(work: Path) -> dict[str, Any]:
     )
     th.join()
     end, last = rounds[-1]
-    latency = end - dropped["t"]
+    latency = end - dropped["t"]  # to the end of the whole round (PROV signing, status, ...)
+    committed = materialized_at(home, last.run_id).get("harmonized/telemetry_reading")
+    queryable = committed - dropped["epoch"] if committed else latency
     with Store.open(home, read_only=True) as store:
         (n_new,) = store.con.execute(
             "SELECT count(*) FROM harmonized.telemetry_reading WHERE device_id = 'mon-new'"
@@ -279,17 +288,19 @@ def bench_watch(work: Path) -> dict[str, Any]:
     assert last.success and n_new == 1, (last.failures, n_new)
     steps = {k: round(v, 2) for k, v in sorted(last.steps_s.items())}
     out = {
-        "drop_to_queryable_s": round(latency, 2),
+        "drop_to_queryable_s": round(queryable, 2),
+        "drop_to_round_end_s": round(latency, 2),
         "round_steps_s": steps,
         "round_assets": len(last.selection),
         "round_wall_s": round(last.wall_s, 2),
         "baseline_one_dagster_run_of_lane_s": round(plain_run_s, 2),
-        "ratio_vs_one_run": round(latency / plain_run_s, 2),
+        "ratio_vs_one_run": round(queryable / plain_run_s, 2),
         "goal_s": 5.0,
     }
     print(
-        f"   watch: file drop -> queryable in {latency:.2f} s ({len(last.selection)} assets in "
-        f"the round) vs one Dagster run of the same lane {plain_run_s:.2f} s -> ratio "
+        f"   watch: file drop -> queryable (harmonized.telemetry_reading committed) in "
+        f"{queryable:.2f} s, round over after {latency:.2f} s ({len(last.selection)} assets) "
+        f"vs one Dagster run of the same lane {plain_run_s:.2f} s -> ratio "
         f"{out['ratio_vs_one_run']}x (goal <= 5 s)",
         flush=True,
     )

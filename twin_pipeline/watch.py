@@ -80,6 +80,7 @@ class WatchRound:
     success: bool
     failures: list[str] = field(default_factory=list)
     steps_s: dict[str, float] = field(default_factory=dict)  # asset step -> seconds
+    run_id: str = ""
 
 
 def watch(
@@ -123,6 +124,7 @@ def watch(
                 summary.success,
                 summary.failures,
                 dict(summary.steps_s),
+                summary.run_id,
             )
             rounds.append(r)
             if on_round:
@@ -132,3 +134,18 @@ def watch(
         if once or (max_rounds is not None and len(rounds) >= max_rounds):
             return rounds
         time.sleep(interval)
+
+
+def materialized_at(settings: Settings, run_id: str) -> dict[str, float]:
+    """Epoch seconds at which each asset of a run was materialized (its data committed)."""
+    import dagster as dg
+
+    from twin_pipeline.defs.runner import dagster_instance
+
+    instance = dagster_instance(settings)
+    out: dict[str, float] = {}
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
+        event = entry.dagster_event
+        if event is not None and event.asset_key is not None:
+            out[event.asset_key.to_user_string()] = entry.timestamp
+    return out
