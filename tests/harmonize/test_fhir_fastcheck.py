@@ -136,3 +136,38 @@ def test_fast_path_is_used_for_a_known_shape() -> None:
     fast.validate(res, model, _check_bindings)
     fast.validate(copy.deepcopy(res), model, _check_bindings)
     assert fast.stats == {"shapes": 1, "fast": 1, "full": 1}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=200),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+            lambda inner: (
+                st.lists(inner, max_size=4)
+                | st.dictionaries(
+                    st.sampled_from(["resourceType", "id", "status", "code", "meta", "x"]),
+                    inner,
+                    max_size=5,
+                )
+            ),
+            max_leaves=12,
+        ).map(json.dumps),
+    )
+)
+def test_any_ndjson_line_gets_a_verdict_never_an_exception(line: str) -> None:
+    from twin_pipeline.sources.fhir import _process_text
+
+    problem, meta = _process_text(line)
+    if problem is None:
+        # only a valid resource passes, and then its type and id are known
+        assert meta is not None and meta[0] and meta[1]
+    else:
+        assert problem[0] in {
+            "broken_json",
+            "unknown_resource_type",
+            "missing_required",
+            "validation_failed",
+            "bad_timestamp",
+        }

@@ -234,3 +234,19 @@ def test_put_entry_without_id_takes_the_id_from_the_request_url(ehr_env: Ehr) ->
     assert ehr_env.rows("SELECT patient_id, family_name FROM harmonized.patient") == [
         ("mrn-77", "Put")
     ]
+
+
+def test_twin_ehr_report_cli(ehr_env: Ehr, capsys: pytest.CaptureFixture[str]) -> None:
+    from twin_pipeline.cli import main
+
+    ehr_env.ndjson("ehr/Patient.ndjson", [patient("p1", None, None, "A")])
+    ehr_env.write("ehr/Observation.ndjson", '{"resourceType": "Observation"\n')
+    ehr_env.run()
+    assert main(["ehr", "report", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["types"]["Patient"]["harmonized"] == 1
+    assert doc["types"]["(not a resource)"]["reasons"] == {"broken_json": 1}
+    assert {f["file"]: f["balanced"] for f in doc["files"]} == {
+        "ehr/Observation.ndjson": True,
+        "ehr/Patient.ndjson": True,
+    }
