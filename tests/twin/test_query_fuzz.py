@@ -5,6 +5,7 @@ Values in property filters are bound as parameters, so quotes and SQL in them ar
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,7 @@ def test_arbitrary_text_parses_or_raises_query_error(text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def empty_graph(tmp_path_factory: pytest.TempPathFactory) -> Store:
+def empty_graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     home: Path = tmp_path_factory.mktemp("fuzz_home")
     s = Settings.from_env(home).ensure()
     KeyRing(s.keys_dir).init()
@@ -66,7 +67,8 @@ def empty_graph(tmp_path_factory: pytest.TempPathFactory) -> Store:
     store.con.execute(
         "INSERT INTO twin.twin.edge VALUES ('A/1', 'r', 'B/2', 'A', 'B', NULL, NULL, 't', NULL)"
     )
-    return store
+    yield store
+    store.close()
 
 
 @given(pattern)
