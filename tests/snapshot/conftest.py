@@ -79,6 +79,7 @@ def build_store(settings: Settings) -> None:
             "CREATE TABLE deid.encounter AS SELECT 'e-' || p.patient_id || '-' || j AS "
             "encounter_id, p.patient_id, 'finished' AS status, "
             "TIMESTAMPTZ '2025-03-01 08:00:00+00' + to_days(j) AS period_start, "
+            "to_hours(4 + j) AS length, "
             "false AS deleted, 'lk-e-' || p.patient_id || '-' || j AS lineage_key, 1 AS key_version "
             "FROM deid.patient p, range(3) r(j)"
         )

@@ -91,6 +91,10 @@ def test_snapshot_contents_and_manifest(shared: Shared) -> None:
         assert t["source_version"]["run_id"] == FIXTURE_RUN
         assert {"name", "type"} <= set(t["schema"][0])
     assert m["source_run_ids"] == [FIXTURE_RUN]
+    # INTERVAL has no Parquet type: exported as text
+    enc_types = {f["name"]: f["type"] for f in tables["deid.encounter"]["schema"]}
+    assert enc_types["length"] == "string" and enc_types["period_start"] == "timestamp[us, tz=UTC]"
+    assert _table(out, "encounter")[0]["length"] in {"04:00:00", "05:00:00", "06:00:00"}
     assert "policies/snapshot.yaml" in m["policy_versions"]  # type: ignore[operator]
     assert "policies/roles.yaml" in m["policy_versions"]  # type: ignore[operator]
     kv = m["key_versions"]

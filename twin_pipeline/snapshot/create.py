@@ -55,6 +55,9 @@ from twin_pipeline.snapshot.writer import write_parquet, writer_id
 from twin_pipeline.store import Store
 
 BATCH_ROWS = 131_072
+# DuckDB types Parquet cannot hold as such (or only as DuckDB-specific extension types): exported
+# as their text form, e.g. INTERVAL '3 days'.
+AS_TEXT = frozenset({"INTERVAL", "UHUGEINT", "VARINT", "BIGNUM", "TIME WITH TIME ZONE", "TIMETZ"})
 _IDS = "(SELECT unnest(CAST(? AS VARCHAR[])))"
 
 
@@ -444,6 +447,7 @@ def _export_table(
     released_names: list[str] = []
     generalized = {q.source: q for q in qis} if plan.relation == patient_table else {}
     done: set[str] = set()
+    types = dict(plan.columns)
     for c in names:
         q = generalized.get(c)
         if q is not None:
@@ -454,6 +458,9 @@ def _export_table(
             done.add(q.name)
         elif c in {x.name for x in generalized.values()} and c not in generalized:
             continue  # a column named like a generalized field would shadow it
+        elif types[c].upper() in AS_TEXT:
+            items.append(f"CAST(__t.{ident(c)} AS VARCHAR) AS {ident(c)}")
+            released_names.append(c)
         else:
             items.append(f"__t.{ident(c)}")
             released_names.append(c)
