@@ -47,6 +47,9 @@ def test_sensor_requests_runs_for_new_files_only(
     assert isinstance(second, dg.SensorResult)
     assert second.run_requests[0].tags["twin/new_files"] == "1"  # type: ignore[index]
     assert second.run_requests[0].run_key != first.run_requests[0].run_key  # type: ignore[index]
+    assert first.run_requests[0].asset_selection is None  # type: ignore[index]  # catch-up
+    keys = {k.to_user_string() for k in second.run_requests[0].asset_selection or []}  # type: ignore[index]
+    assert {"raw/telemetry", "harmonized/telemetry_reading"} <= keys and "raw/fhir" not in keys
     cursor = json.loads(second.cursor or "{}")
     assert set(cursor) == {"telemetry/a.ndjson", "telemetry/b.ndjson"}
     assert all(len(v["sha256"]) == 64 for v in cursor.values())

@@ -11,7 +11,7 @@ from twin_pipeline.defs.common import governed_run
 from twin_pipeline.defs.resources import TwinResource
 from twin_pipeline.harmonize import devices as D
 from twin_pipeline.harmonize import telemetry as T
-from twin_pipeline.watch import changed_files, landing_snapshot
+from twin_pipeline.watch import changed_files, landing_snapshot, selection_for
 
 RAW_KEYS = [dg.AssetKey(["raw", k]) for k in ("telemetry", "hl7v2", "wfdb")]
 EHR = {
@@ -148,11 +148,16 @@ def landing_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.
     import hashlib
 
     run_key = hashlib.sha256(digest.encode()).hexdigest()[:32]
+    # First evaluation: the whole graph (catch-up); later: what the new files feed.
+    selection = (
+        [dg.AssetKey(k.split("/")) for k in selection_for(new, "harmonized")] if known else None
+    )
     return dg.SensorResult(
         run_requests=[
             dg.RunRequest(
                 run_key=run_key,
                 tags={"twin/new_files": str(len(new)), "twin/landing": landing},
+                asset_selection=selection,
             )
         ],
         cursor=json.dumps(snap, sort_keys=True),
