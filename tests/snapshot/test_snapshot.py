@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from twin_pipeline.audit import access_events, verify_all
-from twin_pipeline.errors import AccessDenied, ConfigError
+from twin_pipeline.errors import AccessDenied, ConfigError, PolicyViolation
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.lineage import prov_build
-from twin_pipeline.paths import Settings
+from twin_pipeline.paths import POLICIES_DIR, Settings
 from twin_pipeline.policy import Gateway
 from twin_pipeline.snapshot import SnapshotResult, create_snapshot, verify
 from twin_pipeline.store import Store
@@ -297,3 +298,29 @@ def test_output_folder_not_overwritten(snap_home: Settings, tmp_path: Path) -> N
     assert (out / "keep.txt").read_text() == "mine"
     create_snapshot("researcher", out, settings=snap_home, force=True)
     assert not (out / "keep.txt").exists() and verify(out).ok
+
+
+def test_masked_patient_key_is_refused(snap_home: Settings, tmp_path: Path) -> None:
+    """A role whose mask hides patient_id cannot export: rows could not be tied to the released
+    patients (fail closed rather than export nothing or everything)."""
+    from twin_pipeline.policy import load_policies
+
+    pdir = tmp_path / "policies"
+    shutil.copytree(POLICIES_DIR, pdir)
+    roles = (pdir / "roles.yaml").read_text()
+    anchor = "        columns: [birth_date]\n        mask: year_only\n"
+    assert anchor in roles
+    roles = roles.replace(
+        anchor,
+        anchor + '      - tables: ["deid.*"]\n        columns: [patient_id]\n        mask: hash\n',
+    )
+    (pdir / "roles.yaml").write_text(roles)
+    with pytest.raises(PolicyViolation, match="masks patient_id"):
+        create_snapshot(
+            "researcher",
+            tmp_path / "s",
+            settings=snap_home,
+            policies=load_policies(pdir),
+            policies_dir=pdir,
+        )
+    assert not (tmp_path / "s").exists()

@@ -90,6 +90,9 @@ CASES: list[tuple[str, Callable[[Path], None], str]] = [
         "extra.parquet: not in",
     ),
     ("swapped key", _resign_with_other_key, "public_key.pem: fingerprint"),
+    ("manifest not JSON", lambda o: (o / "manifest.json").write_text("{"), "not JSON"),
+    ("manifest removed", lambda o: (o / "manifest.json").unlink(), "manifest.json: missing"),
+    ("key removed", lambda o: (o / "public_key.pem").unlink(), "public key missing"),
 ]
 
 
@@ -157,3 +160,8 @@ def test_cli_create_and_denied(
     assert rc == 3
     assert "twin: denied:" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    report = verify(tmp_path / "nowhere")
+    assert not report.ok and "not a snapshot folder" in report.problems[0]

@@ -300,6 +300,19 @@ def create_snapshot(
         for rel, plan in plans.items():
             plan.sql, plan.masks, plan.filters = gw.policy_relation(role_name, role, rel)
             plan.visible = visible[rel]
+        # Rows reach released patients through these columns: a mask on one would silently
+        # drop (or wrongly keep) rows, so refuse instead.
+        for rel in sorted(reads):
+            masks = gw.policy_relation(role_name, role, rel)[1]
+            keys = {pt.key} | {link.key for r, link in spolicy.links.items() if link.via == rel}
+            if rel in spolicy.links:
+                keys.add(spolicy.links[rel].key)
+            masked = sorted(k for k in keys if k in masks)
+            if masked:
+                raise PolicyViolation(
+                    f"role {role_name} masks {', '.join(masked)} of {rel} ({masks[masked[0]]}); "
+                    "rows cannot be linked to released patients, refusing to export"
+                )
         con = store.con
 
         # -- released patients ---------------------------------------------------------------
