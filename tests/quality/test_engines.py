@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.quality.fixtures import build_store
 from twin_pipeline.keys import KeyRing
@@ -101,3 +104,147 @@ def test_uncompilable_expectations_fall_back_to_gx() -> None:
         compile_expectation("expect_column_values_to_not_be_null", {"column": "x"}, cols)
         is not None
     )
+
+
+PROPERTY_SUITE = {
+    "suite": "prop",
+    "table": "harmonized.prop",
+    "description": "random tables: both engines must agree",
+    "expectations": [
+        {
+            "name": "a_not_null",
+            "type": "expect_column_values_to_not_be_null",
+            "kwargs": {"column": "a"},
+            "severity": "error",
+            "why": "property test",
+        },
+        {
+            "name": "a_in_set",
+            "type": "expect_column_values_to_be_in_set",
+            "kwargs": {"column": "a", "value_set": ["p", "q"]},
+            "severity": "error",
+            "why": "property test",
+        },
+        {
+            "name": "x_between_for_p",
+            "type": "expect_column_values_to_be_between",
+            "kwargs": {
+                "column": "x",
+                "min_value": 0,
+                "max_value": 10,
+                "strict_max": True,
+                "row_condition": 'a=="p" or y.isnull()',
+                "condition_parser": "pandas",
+            },
+            "severity": "error",
+            "why": "property test",
+        },
+        {
+            "name": "a_unique",
+            "type": "expect_column_values_to_be_unique",
+            "kwargs": {"column": "a"},
+            "severity": "error",
+            "why": "property test",
+        },
+        {
+            "name": "ax_unique",
+            "type": "expect_compound_columns_to_be_unique",
+            "kwargs": {"column_list": ["a", "x"]},
+            "severity": "error",
+            "why": "property test",
+        },
+        {
+            "name": "x_ge_y",
+            "type": "expect_column_pair_values_a_to_be_greater_than_b",
+            "kwargs": {
+                "column_A": "x",
+                "column_B": "y",
+                "or_equal": True,
+                "ignore_row_if": "either_value_is_missing",
+            },
+            "severity": "error",
+            "why": "property test",
+        },
+        {
+            "name": "a_y_pairs",
+            "type": "expect_column_pair_values_to_be_in_set",
+            "kwargs": {
+                "column_A": "a",
+                "column_B": "y",
+                "value_pairs_set": [["p", 1.0], ["q", 2.0]],
+            },
+            "severity": "error",
+            "why": "property test",
+        },
+        {
+            "name": "x_max",
+            "type": "expect_column_max_to_be_between",
+            "kwargs": {"column": "x", "max_value": 5},
+            "severity": "warning",
+            "why": "property test",
+        },
+    ],
+}
+cell_a = st.one_of(st.none(), st.sampled_from(["p", "q", "r"]))
+cell_n = st.one_of(st.none(), st.sampled_from([-1.0, 0.0, 1.0, 2.0, 9.5, 10.0, 11.0]))
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(rows=st.lists(st.tuples(cell_a, cell_n, cell_n), min_size=1, max_size=12))
+def test_engines_agree_on_random_tables(dirty_store: Store, rows: list[tuple[object, ...]]) -> None:
+    from twin_pipeline.quality import runner
+    from twin_pipeline.quality.suite import Suite
+
+    suite = Suite.model_validate(PROPERTY_SUITE)
+    con = dirty_store.con
+    con.execute("CREATE OR REPLACE TABLE harmonized.prop (a VARCHAR, x DOUBLE, y DOUBLE)")
+    con.executemany("INSERT INTO harmonized.prop VALUES (?, ?, ?)", rows)
+    now = datetime.now(UTC)
+    specs = suite.expectations
+    gx = runner._run_gx(dirty_store, suite, specs, now=now, as_of=now, push_down=False)
+    sql = runner._run_gx(dirty_store, suite, specs, now=now, as_of=now, push_down=True)
+    for name, out in gx.items():
+        got = sql[name]
+        assert (got.success, got.unexpected, sorted(got.index)) == (
+            out.success,
+            out.unexpected,
+            sorted(out.index),
+        ), (name, rows)
+
+
+def test_data_docs_render_both_engines_without_row_values(
+    dirty_store: Store, tmp_path: Path
+) -> None:
+    from twin_pipeline.quality import gx as gxa
+
+    suites = load_suites()
+    run_suite(
+        dirty_store,
+        suites["harmonized.encounter"],
+        as_of=AS_OF,
+        quarantine=False,
+        record=False,
+        engine="gx",
+    )
+    run_suite(
+        dirty_store,
+        suites["harmonized.observation"],
+        as_of=AS_OF,
+        quarantine=False,
+        record=False,
+        engine="sql",
+    )
+    index = gxa.build_data_docs(tmp_path / "docs")
+    assert index.is_file()
+    pages = {
+        p.relative_to(tmp_path / "docs").as_posix(): p.read_text()
+        for p in (tmp_path / "docs").rglob("*.html")
+    }
+    assert any(k.startswith("validations/encounter/") for k in pages)
+    assert any(k.startswith("validations/observation/") for k in pages)
+    text = "\n".join(pages.values())
+    assert "encounter_class_in_actcode_valueset" in text or "class_code" in text
+    # planted bad values (an unknown class code, an unknown LOINC code) never reach the docs
+    assert "XYZ" not in text and "99999-9" not in text

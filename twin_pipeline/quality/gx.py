@@ -103,90 +103,67 @@ def build_suite(name: str, expectations: list[Any]) -> Any:
     return suite
 
 
-def validate(
-    suite_name: str,
-    expectations: list[Any],
-    df: Any,
-    *,
-    run_name: str,
-    pushed_down: list[tuple[Any, GXOutcome]] | None = None,
-) -> list[GXOutcome]:
-    """Validate ``df`` (indexed by row id) against the expectations; return per-name outcomes.
+@dataclass
+class PushedDown:
+    """An expectation evaluated in DuckDB: what GX needs to show it in Data Docs."""
 
-    ``pushed_down`` are expectations already evaluated in SQL (:mod:`.sqlengine`); they are
-    added to the stored GX validation result so Data Docs show the whole suite.
+    type_name: str
+    kwargs: dict[str, Any]
+    meta: dict[str, Any]
+    outcome: GXOutcome
+
+
+def validate(
+    suite_name: str, expectations: list[Any], df: Any, *, run_name: str
+) -> list[GXOutcome]:
+    """Validate ``df`` (indexed by row id) against GX expectations; per-name outcomes.
+
+    The (sanitized) GX result is kept for Data Docs under this suite and run.
     """
     gx = _gx()
-    from great_expectations.core.expectation_validation_result import (
-        ExpectationSuiteValidationResult,
-        ExpectationValidationResult,
-    )
     from great_expectations.core.run_identifier import RunIdentifier
-    from great_expectations.data_context.types.resource_identifiers import (
-        ExpectationSuiteIdentifier,
-        ValidationResultIdentifier,
-    )
 
     ctx = context()
-    pushed_down = pushed_down or []
     run_id = RunIdentifier(run_name=run_name, run_time=datetime.now(UTC))
     with _LOCK:
-        outcomes: list[GXOutcome] = []
-        result = None
-        if expectations:
-            ds = ctx.data_sources.get("twin")
-            try:
-                asset = ds.get_asset(suite_name)
-            except LookupError:
-                asset = ds.add_dataframe_asset(suite_name)
-            try:
-                batch_def = asset.get_batch_definition("whole")
-            except (KeyError, LookupError, ValueError):
-                batch_def = asset.add_batch_definition_whole_dataframe("whole")
-            # Replace the stored suite and validation definition with this run's.
-            with contextlib.suppress(Exception):  # not there yet
-                ctx.validation_definitions.delete(suite_name)
-            with contextlib.suppress(Exception):  # not there yet
-                ctx.suites.delete(suite_name)
-            suite = ctx.suites.add(build_suite(suite_name, expectations))
-            vd = ctx.validation_definitions.add(
-                gx.ValidationDefinition(name=suite_name, data=batch_def, suite=suite)
-            )
-            result = vd.run(
-                batch_parameters={"dataframe": df},
-                result_format={"result_format": "COMPLETE", "partial_unexpected_count": 0},
-                run_id=run_id,
-            )
-            outcomes = [_outcome(r, len(df)) for r in result.results]
-        extra = [
-            ExpectationValidationResult(
-                success=o.success,
-                expectation_config=e.configuration,
-                result=_summary(o),
-                exception_info={
-                    "raised_exception": o.error is not None,
-                    "exception_message": o.error,
-                    "exception_traceback": None,
-                },
-            )
-            for e, o in pushed_down
-        ]
-        if result is None:
-            result = ExpectationSuiteValidationResult(
-                success=all(o.success for _, o in pushed_down),
-                results=extra,
-                suite_name=suite_name,
-                meta={"run_id": run_id, "engine": "duckdb"},
-            )
-            key = ValidationResultIdentifier(
-                ExpectationSuiteIdentifier(name=suite_name), run_id, "__duckdb__"
-            )
-            ctx.validation_results_store.set(key, result)
-        else:
-            result.results.extend(extra)
-            result.success = result.success and all(o.success for _, o in pushed_down)
-        _sanitize_and_keep(ctx, suite_name, result)
-    return outcomes + [o for _, o in pushed_down]
+        ds = ctx.data_sources.get("twin")
+        try:
+            asset = ds.get_asset(suite_name)
+        except LookupError:
+            asset = ds.add_dataframe_asset(suite_name)
+        try:
+            batch_def = asset.get_batch_definition("whole")
+        except (KeyError, LookupError, ValueError):
+            batch_def = asset.add_batch_definition_whole_dataframe("whole")
+        # Replace the stored suite and validation definition with this run's.
+        with contextlib.suppress(Exception):  # not there yet
+            ctx.validation_definitions.delete(suite_name)
+        with contextlib.suppress(Exception):  # not there yet
+            ctx.suites.delete(suite_name)
+        suite = ctx.suites.add(build_suite(suite_name, expectations))
+        vd = ctx.validation_definitions.add(
+            gx.ValidationDefinition(name=suite_name, data=batch_def, suite=suite)
+        )
+        result = vd.run(
+            batch_parameters={"dataframe": df},
+            result_format={"result_format": "COMPLETE", "partial_unexpected_count": 0},
+            run_id=run_id,
+        )
+        outcomes = [_outcome(r, len(df)) for r in result.results]
+        # GX stored the raw result (with row values); we keep a sanitized copy instead.
+        store = ctx.validation_results_store
+        for key in store.list_keys():
+            if key.expectation_suite_identifier.name == suite_name and key.run_id == run_id:
+                store.remove_key(key)
+        _sanitize(result)
+        _STATE.setdefault("results", {})[(suite_name, run_name)] = result
+    return outcomes
+
+
+def remember(suite_name: str, run_name: str, pushed: list[PushedDown]) -> None:
+    """Keep expectations evaluated in DuckDB for Data Docs (no GX import needed)."""
+    with _LOCK:
+        _STATE.setdefault("pushed", {}).setdefault((suite_name, run_name), []).extend(pushed)
 
 
 def _summary(o: GXOutcome) -> dict[str, Any]:
@@ -198,8 +175,57 @@ def _summary(o: GXOutcome) -> dict[str, Any]:
         "unexpected_count": o.unexpected,
         "unexpected_percent": pct,
         "unexpected_percent_total": pct,
-        "partial_unexpected_list": [],
     }
+
+
+def _store_pending(ctx: Any) -> list[Any]:
+    """Turn this process's pending results into stored GX validation results; their keys."""
+    from great_expectations.core.expectation_validation_result import (
+        ExpectationSuiteValidationResult,
+        ExpectationValidationResult,
+    )
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.resource_identifiers import (
+        ExpectationSuiteIdentifier,
+        ValidationResultIdentifier,
+    )
+
+    results: dict[tuple[str, str], Any] = _STATE.pop("results", {})
+    pushed: dict[tuple[str, str], list[PushedDown]] = _STATE.pop("pushed", {})
+    keys = []
+    for suite_run in sorted(set(results) | set(pushed)):
+        suite_name, run_name = suite_run
+        extra = [
+            ExpectationValidationResult(
+                success=p.outcome.success,
+                expectation_config=build_expectation(p.type_name, p.kwargs, p.meta).configuration,
+                result=_summary(p.outcome),
+                exception_info={
+                    "raised_exception": p.outcome.error is not None,
+                    "exception_message": p.outcome.error,
+                    "exception_traceback": None,
+                },
+            )
+            for p in pushed.get(suite_run, [])
+        ]
+        result = results.get(suite_run)
+        if result is None:
+            run_id = RunIdentifier(run_name=run_name, run_time=datetime.now(UTC))
+            result = ExpectationSuiteValidationResult(
+                success=all(e.success for e in extra),
+                results=extra,
+                suite_name=suite_name,
+                meta={"run_id": run_id, "engine": "duckdb"},
+            )
+        else:
+            result.results.extend(extra)
+            result.success = bool(result.success) and all(e.success for e in extra)
+        key = ValidationResultIdentifier(
+            ExpectationSuiteIdentifier(name=suite_name), result.meta["run_id"], "twin"
+        )
+        ctx.validation_results_store.set(key, result)
+        keys.append(key)
+    return keys
 
 
 def _outcome(r: Any, n_rows: int) -> GXOutcome:
@@ -228,8 +254,8 @@ def _outcome(r: Any, n_rows: int) -> GXOutcome:
     )
 
 
-def _sanitize_and_keep(ctx: Any, suite_name: str, result: Any) -> None:
-    """Drop row values from the stored result (Data Docs must not show patient data)."""
+def _sanitize(result: Any) -> None:
+    """Drop row values from a result (Data Docs must not show patient data)."""
     for r in result.results:
         if r.result:
             for key in _VALUE_KEYS:
@@ -241,12 +267,6 @@ def _sanitize_and_keep(ctx: Any, suite_name: str, result: Any) -> None:
                     v["exception_traceback"] = None
             if "exception_traceback" in r.exception_info:
                 r.exception_info["exception_traceback"] = None
-    store = ctx.validation_results_store
-    run_name = result.meta["run_id"].run_name
-    for key in store.list_keys():
-        if key.expectation_suite_identifier.name == suite_name and key.run_id.run_name == run_name:
-            store.set(key, result)
-            _STATE.setdefault("pending", []).append(key)
 
 
 def build_data_docs(target: Path) -> Path:
@@ -258,7 +278,7 @@ def build_data_docs(target: Path) -> Path:
     ctx = context()
     target.mkdir(parents=True, exist_ok=True)
     with _LOCK:
-        pending = _STATE.pop("pending", [])
+        pending = _store_pending(ctx)
         incremental = _STATE.get("docs_dir") == str(target)
         if not incremental:
             with contextlib.suppress(Exception):  # no site yet

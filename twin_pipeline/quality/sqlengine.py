@@ -197,15 +197,11 @@ def compile_expectation(
         )
     if type_name.startswith("expect_column_pair_"):
         a, b = q(str(kw["column_A"])), q(str(kw["column_B"]))
-        ignore = kw.get("ignore_row_if", "both_values_are_missing")
-        if ignore == "both_values_are_missing":
-            skip = f"({a} IS NULL AND {b} IS NULL)"
-        elif ignore == "either_value_is_missing":
-            skip = f"({a} IS NULL OR {b} IS NULL)"
-        elif ignore == "neither":
-            skip = "FALSE"
-        else:
+        # GX's pandas pair metrics skip rows with a missing value in ways that differ by
+        # expectation; only the explicit "either_value_is_missing" is pushed down.
+        if kw.get("ignore_row_if") != "either_value_is_missing":
             return None
+        skip = f"({a} IS NULL OR {b} IS NULL)"
         if type_name == "expect_column_pair_values_a_to_be_greater_than_b":
             op = ">=" if kw.get("or_equal") else ">"
             return Compiled("map", domain, f"NOT coalesce({a} {op} {b}, FALSE)", ignore=skip)

@@ -16,6 +16,7 @@ asset would break loading the code location).
 
 import importlib
 import pkgutil
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -185,6 +186,7 @@ def build_checks(suites: Sequence[Suite], existing: set[dg.AssetKey]) -> dg.Asse
         results: list[tuple[Suite, SuiteRun | None, str | None]] = []
         store = twin.open_store(run_id=run_id)
         started = datetime.now(UTC).isoformat()
+        t0 = time.perf_counter()
         try:
             with store.transaction():
                 tables = [s.table for s in todo if store.table_exists(s.table)]
@@ -212,6 +214,7 @@ def build_checks(suites: Sequence[Suite], existing: set[dg.AssetKey]) -> dg.Asse
                         outputs=[*outputs, *unchanged],
                         params={
                             "stage": "quality",
+                            "seconds": round(time.perf_counter() - t0, 3),
                             "suites": [s.suite for s in todo],
                             "blocking": sorted(
                                 r.suite for _, r, _ in results if r is not None and r.blocking
