@@ -319,6 +319,10 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return "n/a" if v is None else f"{v:,.{digits}g}"
 
 
+def _ci(pair: list[float] | None) -> str:
+    return "n/a" if not pair else f"{_fmt(pair[0])} to {_fmt(pair[1])}"
+
+
 def _print_simulation(r: dict[str, Any]) -> None:
     print(f"scenario {r['scenario']}: {r.get('description', '')}")
     print(
@@ -331,11 +335,11 @@ def _print_simulation(r: dict[str, Any]) -> None:
     print(f"  historical throughput  {_fmt(r['historical_throughput'])} {unit}")
     print(
         f"  baseline throughput    {_fmt(r['baseline_throughput'])} {unit} "
-        f"(95% CI {r['baseline_throughput_ci95']}); error vs history {_fmt(r['baseline_error_pct'], 3)}%"
+        f"(95% CI {_ci(r['baseline_throughput_ci95'])}); error vs history {_fmt(r['baseline_error_pct'], 3)}%"
     )
     print(
         f"  scenario throughput    {_fmt(r['scenario_throughput'])} {unit} "
-        f"(95% CI {r['scenario_throughput_ci95']})"
+        f"(95% CI {_ci(r['scenario_throughput_ci95'])})"
     )
     print(
         f"  mean wait (min)        baseline {_fmt(r['baseline_wait_min'])}  scenario {_fmt(r['scenario_wait_min'])}"
