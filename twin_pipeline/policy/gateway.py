@@ -181,7 +181,7 @@ class Gateway:
             raise StoreError(
                 "no store yet: run `twin run` first", path=str(self.settings.store_path)
             )
-        store = Store.open(self.settings)
+        store = Store.open(self.settings, private=True)  # its settings get locked
         try:
             ledger.ensure(store)
             con = store.con
@@ -474,13 +474,18 @@ class Gateway:
 
 
 class _Watchdog:
-    """One thread per gateway that interrupts the running query when its time is up
-    (a thread per query would cost more than the rest of the gateway)."""
+    """One thread per gateway that interrupts the running query when its time is up.
+
+    A thread per query would cost more than the rest of the gateway, and so would waking this
+    one for every query: it sleeps until the earliest deadline it knows of and is woken only
+    when a new deadline is earlier than that (in steady use, about once per time limit).
+    """
 
     def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
         self._con = con
         self._cond = threading.Condition()
         self._deadline: float | None = None
+        self._wake_at: float | None = None  # when the thread will look again (None: never)
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="twin-gateway-watchdog", daemon=True)
         self._thread.start()
@@ -488,7 +493,8 @@ class _Watchdog:
     def arm(self, seconds: float) -> None:
         with self._cond:
             self._deadline = time.monotonic() + seconds
-            self._cond.notify()
+            if self._wake_at is None or self._wake_at > self._deadline:
+                self._cond.notify()
 
     def disarm(self) -> None:
         with self._cond:
@@ -504,10 +510,12 @@ class _Watchdog:
         with self._cond:
             while not self._stopped:
                 if self._deadline is None:
+                    self._wake_at = None
                     self._cond.wait()
                     continue
                 remaining = self._deadline - time.monotonic()
                 if remaining > 0:
+                    self._wake_at = self._deadline
                     self._cond.wait(remaining)
                     continue
                 self._deadline = None
