@@ -11,7 +11,7 @@ from twin_pipeline.store import Store
 from twin_pipeline.twin import synthetic
 from twin_pipeline.twin.fit import fit_history
 from twin_pipeline.twin.graph import GraphReport
-from twin_pipeline.twin.scenario import FitConfig, Scenario, load_scenario
+from twin_pipeline.twin.scenario import SCENARIOS_DIR, FitConfig, Scenario, load_scenario
 from twin_pipeline.twin.sim import erlang_c, erlang_c_wait, summarize
 from twin_pipeline.twin.simulate import NOTICE, make_chart, run_simulation
 
@@ -233,3 +233,15 @@ def test_demand_shift_moves_arrivals_between_hours(graph_store: tuple[Store, Gra
     assert mr["scenario"]["throughput_per_day"]["mean"] == pytest.approx(
         mr["baseline"]["throughput_per_day"]["mean"], rel=0.1
     )
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SCENARIOS_DIR.glob("*.yaml")))
+def test_every_shipped_scenario_runs(name: str, graph_store: tuple[Store, GraphReport]) -> None:
+    store, _ = graph_store
+    sc, path, sha = load_scenario(name)
+    r = run_simulation(store, sc, scenario_path=str(path), scenario_sha256=sha, replications=2)
+    assert r["status"] == "ok" and r["scenario"] == name
+    assert r["notes"] == [] or all("ignored" not in n for n in r["notes"]), r["notes"]
+    if sc.explicit is None:
+        assert r["baseline_error_pct"] < 10
+    assert r["scenario_throughput"] > 0
