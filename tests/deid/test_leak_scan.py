@@ -140,3 +140,14 @@ def test_deid_notes_keep_clinical_content(hospital_run: dict[str, Any]) -> None:
             for r in store.con.execute("SELECT note_text FROM deid.document_reference").fetchall()
         ]
     assert notes and all("mg" in n or "Vitals" in n or "HPI" in n for n in notes)
+
+
+def test_blocking_leak_check_passes_on_the_full_run(hospital_run: dict[str, Any]) -> None:
+    from twin_pipeline.deid.leaks import leak_check
+    from twin_pipeline.deid.policy import load_policy
+
+    policy = load_policy()
+    with Store.open(hospital_run["settings"]) as store:
+        reports = [leak_check(store, policy, t) for t in policy.released_tables()]
+    assert sum(r.checked_columns for r in reports) > 20
+    assert [h for r in reports for h in r.hits] == []

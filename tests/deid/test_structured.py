@@ -178,3 +178,37 @@ def test_dicom_uids_consistent_across_series_and_instances(store: Store) -> None
     assert (i[6] - s[5]).total_seconds() == 60
     cols = [c for c, _ in store.columns("deid.imaging_series")]
     assert "station_name" not in cols and "device_serial" not in cols
+
+
+def test_leak_check_passes_on_deid_output_and_catches_planted_leaks(store: Store) -> None:
+    from twin_pipeline.deid.leaks import leak_check
+
+    policy = load_policy()
+    for t in ("patient", "document_reference"):
+        deidentify_table(store, policy, t)
+        rep = leak_check(store, policy, t)
+        assert rep.passed, rep.hits
+        assert rep.checked_columns > 0
+    store.con.execute("UPDATE deid.patient SET state = '10000002'")  # an MRN kept verbatim
+    assert not leak_check(store, policy, "patient").passed
+    store.con.execute(
+        "UPDATE deid.document_reference SET note_text = note_text || ' Seen with QUINN.'"
+    )
+    hits = leak_check(store, policy, "document_reference").hits
+    assert any("note_text" in h and "word" in h for h in hits)
+    assert all("Quinn" not in h and "10000002" not in h for h in hits)  # no PHI in the report
+
+
+def test_table_without_person_gets_written(store: Store) -> None:
+    store.con.execute(
+        "CREATE TABLE harmonized.location AS SELECT 'loc1' AS location_id, 'Ward A' AS name, "
+        "'active' AS status, 'WARD' AS type_code, 'Ward' AS type_display, 'wa' AS physical_type, "
+        "NULL::VARCHAR AS part_of_id, 'org1' AS managing_organization_id, 'Worcester' AS city, "
+        "'MA' AS state, 42.1 AS latitude, -71.8 AS longitude, '1' AS version_id, "
+        "TIMESTAMPTZ '2024-01-01 00:00:00+00' AS last_updated, FALSE AS deleted, "
+        "'ehr/l.json' AS source_file, 'entry:1' AS source_position, 'lk20' AS lineage_key"
+    )
+    res = deidentify_table(store, load_policy(), "location")
+    assert res.status == "written" and res.rows == 1
+    cols = {c for c, _ in store.columns("deid.location")}
+    assert {"city", "latitude", "longitude"}.isdisjoint(cols) and "name" in cols

@@ -112,12 +112,12 @@ def _person_join(rule: TableRule, store: Store) -> tuple[str, str]:
     """(person expression, join clause) over alias ``s``."""
     p = rule.person
     if p is None:
-        return "NULL", ""
+        return "CAST(NULL AS VARCHAR)", ""
     if p.via_table is None:
         return f"CAST(s.{_q(p.column)} AS VARCHAR)", ""
     via = f"harmonized.{p.via_table}"
     if not store.table_exists(via):
-        return "NULL", ""
+        return "CAST(NULL AS VARCHAR)", ""
     key = _q(p.via_key or p.column)
     return (
         "CAST(__p.patient AS VARCHAR)",

@@ -17,6 +17,7 @@ import dagster as dg
 from twin_pipeline import defs as defs_pkg
 from twin_pipeline.defs.common import governed_run
 from twin_pipeline.defs.resources import TwinResource
+from twin_pipeline.deid.leaks import leak_check
 from twin_pipeline.deid.policy import load_policy
 from twin_pipeline.deid.structured import deidentify_table
 from twin_pipeline.errors import PolicyViolation
@@ -75,6 +76,37 @@ def _deid_asset(
     return _asset
 
 
+def _leak_check(table: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=dg.AssetKey(["deid", table]),
+        name="no_raw_identifiers",
+        blocking=True,
+        description=f"deid.{table} holds no raw patient identifier (MRN, SSN, phone, email, "
+        "address, name, patient id) verbatim, and its free text none of the row's own "
+        "patient's; blocks anything downstream of a leaking table.",
+    )
+    def _check(twin: TwinResource) -> dg.AssetCheckResult:
+        store = twin.open_store()
+        try:
+            rep = leak_check(store, load_policy(), table)
+        finally:
+            store.close()
+        return dg.AssetCheckResult(
+            passed=rep.passed,
+            metadata={
+                "checked_columns": rep.checked_columns,
+                "hits": len(rep.hits),
+                "where": dg.MetadataValue.json(rep.hits[:20]),
+            },
+        )
+
+    return _check
+
+
+def build_checks() -> list[dg.AssetChecksDefinition]:
+    return [_leak_check(name) for name, rule in load_policy().tables.items() if rule.release]
+
+
 def build_assets() -> list[dg.AssetsDefinition]:
     policy = load_policy()
     upstream = _upstream_keys()
@@ -84,4 +116,4 @@ def build_assets() -> list[dg.AssetsDefinition]:
     ]
 
 
-defs = dg.Definitions(assets=build_assets())
+defs = dg.Definitions(assets=build_assets(), asset_checks=build_checks())
