@@ -194,6 +194,8 @@ def create_snapshot(
     )
     command = f"twin snapshot create (cohort {name})"
     keyring = KeyRing(settings.keys_dir)
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError("output folder is not empty (use --force to replace it)", path=str(out))
 
     gw = _ExportGateway(settings, policies=access)
     with gw:
