@@ -84,6 +84,14 @@ def _cohort_text(cohort: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
+def _link_text(link: str) -> str:
+    if link == "reference":
+        return "a reference table (no patient data; exported whole)"
+    if link.startswith("via "):
+        return f"linked to patients {link}"
+    return f"linked to patients by {link}"
+
+
 def render(body: Mapping[str, Any], policies_dir: Path = POLICIES_DIR) -> str:
     """Markdown dataset card for a manifest ``body``."""
     rules = deid_rules(policies_dir)
@@ -135,7 +143,7 @@ def render(body: Mapping[str, Any], policies_dir: Path = POLICIES_DIR) -> str:
             "",
             f"### `{t['table']}`",
             "",
-            f"{t['rows']} rows, linked to patients by {t['patient_link']}. "
+            f"{t['rows']} rows, {_link_text(t['patient_link'])}. "
             f"Source version: {t['source_version']['rows']} rows, content hash "
             f"`{t['source_version']['content_hash'][:16]}`.",
             "",
