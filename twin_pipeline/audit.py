@@ -125,7 +125,7 @@ class VerifyReport:
         }
 
 
-def verify_all(store: Store, *, tables: bool = False) -> VerifyReport:
+def verify_all(store: Store, *, tables: bool = False, deep: bool = False) -> VerifyReport:
     """Recompute the ledger hash chain and verify every signed PROV bundle.
 
     Problems are listed in order: the chain's first bad entry first, then bundle problems, then
@@ -143,9 +143,35 @@ def verify_all(store: Store, *, tables: bool = False) -> VerifyReport:
     bundles, problems = storage.verify_bundles(store)
     report.bundles = bundles
     report.problems.extend(Problem(rec, msg) for rec, msg in problems)
+    if deep:
+        report.problems.extend(bundle_drift(store))
     if tables:
         report.problems.extend(table_drift(store))
     return report
+
+
+def bundle_drift(store: Store) -> list[Problem]:
+    """Bundles whose PROV is not what the run's ledger activity records give (a fragment changed
+    before the run was signed)."""
+    from twin_pipeline.activity import activities
+    from twin_pipeline.lineage import prov_build, storage
+
+    out = []
+    for b in storage.bundles(store):
+        recs = activities(store, b.run_id)
+        if not recs:
+            continue
+        stored = prov_build.canonical_records(prov_build.from_json(b.prov_json))
+        rebuilt = prov_build.canonical_records(prov_build.build_document(recs))
+        if stored != rebuilt:
+            extra = rebuilt ^ stored
+            out.append(
+                Problem(
+                    f"governance.prov_bundle run {b.run_id}",
+                    f"PROV differs from the run's ledger activity records ({len(extra)} records)",
+                )
+            )
+    return out
 
 
 # Tables written by many stages between their recorded versions (not drift when they differ).

@@ -163,7 +163,9 @@ CASES: list[Callable[[Store], tuple[int, str]]] = [
 def test_untouched_store_verifies(built: Built) -> None:
     with Store.open(built.settings, read_only=True) as store:
         report = verify_all(store)
+        thorough = verify_all(store, deep=True, tables=True)
     assert report.ok, report.to_dict()
+    assert thorough.ok, thorough.to_dict()
     assert report.bundles == 2
     assert report.ledger_entries >= 12
 
@@ -225,3 +227,30 @@ def test_table_changed_outside_the_pipeline_is_named(
     assert report.first_bad is not None and report.first_bad.record == "deid.lt_observation"
     assert main(["audit", "verify", "--tables"]) == 1
     assert "first bad record: deid.lt_observation" in capsys.readouterr().out
+
+
+def test_fragment_changed_before_signing_is_found_by_deep_verify(
+    built_copy: Built, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from twin_pipeline.keys import KeyRing
+    from twin_pipeline.lineage import runs, storage
+
+    rid = built_copy.run_ids[0]
+    with Store.open(built_copy.settings) as store:
+        store.con.execute(
+            "UPDATE governance.prov_activity SET prov_json = replace(prov_json, 'alice', 'mallory') "
+            "WHERE run_id = ?",
+            [rid],
+        )
+        storage.store_bundle(
+            store, rid, runs.run_json(store, rid), KeyRing(built_copy.settings.keys_dir)
+        )
+        storage.seal(store)
+        assert verify_all(store).ok  # validly signed, but not what the ledger says
+        report = verify_all(store, deep=True)
+    assert not report.ok
+    assert report.first_bad is not None
+    assert report.first_bad.record == f"governance.prov_bundle run {rid}"
+    assert "differs from the run's ledger activity records" in report.first_bad.problem
+    assert main(["audit", "verify", "--deep"]) == 1
+    capsys.readouterr()

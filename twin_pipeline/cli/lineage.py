@@ -59,6 +59,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="also check every table still has the content its last materialization recorded",
     )
+    v.add_argument(
+        "--deep",
+        action="store_true",
+        help="also rebuild each run's PROV from its ledger activity records and compare",
+    )
     v.set_defaults(func=cmd_verify)
     a.set_defaults(func=_help(a))
 
@@ -197,7 +202,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from twin_pipeline.audit import verify_all
 
     with _open() as store:
-        report = verify_all(store, tables=args.tables)
+        report = verify_all(store, tables=args.tables, deep=args.deep)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif report.ok:
