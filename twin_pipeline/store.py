@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -128,6 +129,69 @@ def _attach_waiting(con: duckdb.DuckDBPyConnection, sql: str) -> None:
             time.sleep(0.05)
 
 
+def _attach(con: duckdb.DuckDBPyConnection, path: Path, key: str, read_only: bool) -> None:
+    ro = ", READ_ONLY" if read_only else ""
+    try:
+        _attach_waiting(con, f"ATTACH '{path}' AS {CATALOG} (ENCRYPTION_KEY '{key}'{ro})")
+        con.execute(f"USE {CATALOG}")
+    except duckdb.Error as exc:
+        msg = str(exc).split("\n")[0]
+        if "encrypt" in msg.lower() or "key" in msg.lower():
+            msg = f"cannot open store (wrong or missing store key?): {msg}"
+        raise StoreError(msg, path=str(path)) from exc
+
+
+class _SharedConnection:
+    """One in-memory DuckDB per process with httpfs loaded once (loading it costs ~0.4 s).
+
+    The store file is attached while at least one :class:`Store` uses it and detached when the
+    last one closes, so the file lock is still held only while an asset (or a query) works and
+    other processes get in between. Each Store gets its own cursor (its own transaction).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._base: duckdb.DuckDBPyConnection | None = None
+        self._refs = 0
+        self._path: Path | None = None
+        self._read_only = False
+        self._pid = 0
+
+    def acquire(self, path: Path, key: str, read_only: bool) -> duckdb.DuckDBPyConnection | None:
+        """A cursor on the shared connection with ``path`` attached, or None to go private."""
+        if os.environ.get("TWIN_SHARED_CONNECTION", "1") == "0":
+            return None
+        with self._lock:
+            if self._pid != os.getpid():  # forked child: never reuse the parent's handle
+                self._base, self._refs, self._path, self._pid = None, 0, None, os.getpid()
+            if self._base is None:
+                base = duckdb.connect(":memory:")
+                base.execute(f"LOAD '{httpfs_extension_path()}'")
+                self._base = base
+            if self._refs == 0:
+                _attach(self._base, path, key, read_only)
+                self._path, self._read_only = path, read_only
+            elif self._path != path or (self._read_only and not read_only):
+                return None
+            self._refs += 1
+            cur = self._base.cursor()
+            cur.execute(f"USE {CATALOG}")
+            return cur
+
+    def release(self) -> None:
+        with self._lock:
+            self._refs -= 1
+            if self._refs <= 0 and self._base is not None:
+                self._refs = 0
+                with contextlib.suppress(duckdb.Error):
+                    self._base.execute("USE memory")
+                    self._base.execute(f"DETACH {CATALOG}")
+                self._path = None
+
+
+_SHARED = _SharedConnection()
+
+
 @dataclass
 class QuarantineRow:
     stage: str
@@ -174,6 +238,8 @@ class Store:
     read_only: bool = False
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     _tx_depth: int = 0
+    _shared: bool = False
+    _closed: bool = False
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -184,37 +250,48 @@ class Store:
         read_only: bool = False,
         run_id: str | None = None,
         config: Mapping[str, Any] | None = None,
+        private: bool = False,
     ) -> Store:
+        """Open the store. ``private`` (or any ``config``) gives a connection of its own, not
+        the process-wide one: needed by anything that changes connection settings (the query
+        gateway locks its configuration)."""
         settings = (settings or Settings.from_env()).ensure()
         key = _keyring_store_key(settings)
-        con = duckdb.connect(":memory:", config=dict(config or {}))
-        try:
-            con.execute(f"LOAD '{httpfs_extension_path()}'")
-            ro = ", READ_ONLY" if read_only else ""
-            if read_only and not settings.store_path.exists():
-                raise StoreError(
-                    "no store yet: run `twin run` first", path=str(settings.store_path)
-                )
-            _attach_waiting(
-                con, f"ATTACH '{settings.store_path}' AS {CATALOG} (ENCRYPTION_KEY '{key}'{ro})"
-            )
-            con.execute(f"USE {CATALOG}")
-        except duckdb.Error as exc:
-            con.close()
-            msg = str(exc).split("\n")[0]
-            if "encrypt" in msg.lower() or "key" in msg.lower():
-                msg = f"cannot open store (wrong or missing store key?): {msg}"
-            raise StoreError(msg, path=str(settings.store_path)) from exc
-        store = cls(settings=settings, con=con, read_only=read_only)
+        if read_only and not settings.store_path.exists():
+            raise StoreError("no store yet: run `twin run` first", path=str(settings.store_path))
+        shared = (
+            None if (config or private) else _SHARED.acquire(settings.store_path, key, read_only)
+        )
+        if shared is not None:
+            store = cls(settings=settings, con=shared, read_only=read_only)
+            store._shared = True
+        else:
+            con = duckdb.connect(":memory:", config=dict(config or {}))
+            try:
+                con.execute(f"LOAD '{httpfs_extension_path()}'")
+                _attach(con, settings.store_path, key, read_only)
+            except BaseException:
+                con.close()
+                raise
+            store = cls(settings=settings, con=con, read_only=read_only)
         if run_id:
             store.run_id = run_id
         if not read_only:
-            store.ensure_schema()
+            try:
+                store.ensure_schema()
+            except BaseException:
+                store.close()
+                raise
         return store
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         with contextlib.suppress(Exception):
             self.con.close()
+        if self._shared:
+            _SHARED.release()
 
     def __enter__(self) -> Store:
         return self
