@@ -26,6 +26,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--as-of", help="ISO-8601 time freshness is measured against")
     run.add_argument("--no-quarantine", action="store_true", help="report only, change nothing")
     run.add_argument("--no-docs", action="store_true", help="do not render Data Docs")
+    run.add_argument(
+        "--engine",
+        choices=["auto", "gx", "sql"],
+        default="auto",
+        help="gx: validate everything in Great Expectations; sql/auto: push down into DuckDB",
+    )
     run.set_defaults(func=cmd_run)
 
     s = qsub.add_parser("suites", help="list the suites and their expectations")
@@ -100,6 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             as_of=as_of,
             quarantine=not args.no_quarantine,
             docs_dir=None if args.no_docs else settings.data_docs_dir,
+            engine=args.engine,
         )
     for run in runs:
         status = "ok" if run.passed else "BLOCKED"
