@@ -105,12 +105,25 @@ def _print_summary(status: dict[str, Any], wall_s: float, run_id: str, failures:
 def cmd_status(args: argparse.Namespace) -> int:
     with Store.open(Settings.from_env(), read_only=True) as store:
         status = store.status()
+        if store.table_exists("harmonized.fhir_record_status"):
+            from twin_pipeline.harmonize.fhir import conservation
+
+            files = conservation(store)  # per FHIR file: in = harmonized + quarantined + ...
+            status["conservation"] = {
+                "fhir": {
+                    "files": len(files),
+                    "balanced": sum(1 for f in files if f["balanced"]),
+                    "unbalanced": [f["file"] for f in files if not f["balanced"]],
+                }
+            }
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
         for name, info in status["tables"].items():
             print(f"{name:45s} {info['rows']:>10,}  {info['hash'][:16]}")
         print(f"quarantine: {status['quarantine']['total']:,}")
+        for kind, c in status.get("conservation", {}).items():
+            print(f"conservation ({kind}): {c['balanced']}/{c['files']} files balance")
     return 0
 
 

@@ -759,8 +759,11 @@ def conservation(store: Store, spec: EhrSpec | None = None) -> list[dict[str, An
         WITH files AS (
             SELECT path, records_in FROM governance.source_file WHERE kind = 'fhir'
         ), mk AS ({_mapped_keys_sql(spec, store)}),
-        hq AS (SELECT DISTINCT lineage_key FROM governance.quarantine WHERE stage = 'harmonize'
-               AND source_kind = 'fhir'),
+        -- quarantined after raw: by harmonization (units, codes, values) or by a data-quality
+        -- expectation that removed the row from its table
+        hq AS (SELECT DISTINCT lineage_key FROM governance.quarantine
+               WHERE stage IN ('harmonize', 'quality') AND source_kind = 'fhir'
+               AND lineage_key IS NOT NULL),
         st AS (
             SELECT s.source_file,
                    count(*) FILTER (WHERE s.status = 'current' AND mk.lineage_key IS NOT NULL)
@@ -843,10 +846,15 @@ def type_report(store: Store, spec: EhrSpec | None = None) -> dict[str, dict[str
         d["raw"] += int(n)
         d[status] += int(n)
         d["harmonized"] += int(harm)
-    for payload_type, rule, n in store.con.execute("""
-        SELECT coalesce(TRY(json_extract_string(payload, '$.resourceType')), '(not a resource)'),
-               rule, count(*)
-        FROM governance.quarantine WHERE source_kind = 'fhir' GROUP BY ALL
+    for payload_type, rule, n in store.con.execute(f"""
+        SELECT coalesce(s.resource_type, TRY(json_extract_string(q.payload, '$.resourceType')),
+                        '(not a resource)'),
+               q.rule, count(DISTINCT q.source_file || '|' || q.position)
+        FROM governance.quarantine q
+        LEFT JOIN (SELECT DISTINCT lineage_key, resource_type FROM {STATUS}) s
+               ON s.lineage_key = q.lineage_key
+        WHERE q.source_kind = 'fhir' AND q.stage IN ('read', 'harmonize', 'quality')
+        GROUP BY ALL
     """).fetchall():
         d = out.setdefault(
             payload_type,
