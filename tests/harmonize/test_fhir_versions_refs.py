@@ -250,3 +250,41 @@ def test_twin_ehr_report_cli(ehr_env: Ehr, capsys: pytest.CaptureFixture[str]) -
         "ehr/Observation.ndjson": True,
         "ehr/Patient.ndjson": True,
     }
+
+
+def test_rows_removed_by_quality_quarantine_still_balance(
+    ehr_env: Ehr, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from twin_pipeline.cli import main
+    from twin_pipeline.store import QuarantineRow
+
+    ehr_env.ndjson(
+        "ehr/Patient.ndjson", [patient("p1", None, None, "A"), patient("p2", None, None, "B")]
+    )
+    ehr_env.run()
+    with ehr_env.store() as store, store.transaction():
+        (lk,) = store.con.execute(
+            "SELECT lineage_key FROM harmonized.patient WHERE patient_id = 'p2'"
+        ).fetchone()
+        # what a blocking data-quality expectation does to a failing row
+        store.con.execute("DELETE FROM harmonized.patient WHERE lineage_key = ?", [lk])
+        store.quarantine(
+            [
+                QuarantineRow(
+                    "quality",
+                    "harmonized.patient",
+                    "fhir",
+                    "ehr/Patient.ndjson",
+                    "line:2",
+                    "some_expectation",
+                    "failed",
+                    None,
+                    lk,
+                )
+            ]
+        )
+        (report,) = ehr.conservation(store)
+    assert (report["harmonized"], report["quarantined"], report["balanced"]) == (1, 1, True)
+    assert main(["status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["conservation"]["fhir"] == {"files": 1, "balanced": 1, "unbalanced": []}
