@@ -83,9 +83,14 @@ def sql_day_offset(patient_sql: str, max_days: int = MAX_SHIFT_DAYS) -> str:
     return f"CAST(-(1 + (CAST(('0x' || left({h}, 15)) AS BIGINT) % {int(max_days)})) AS INTEGER)"
 
 
-def sql_dicom_uid(value_sql: str) -> str:
-    """SQL expression: the 2.25 UID of a DICOM UID, same as :func:`dicom_uid`."""
-    h = sql_hmac_hex(value_sql, "dicom-uid")
+def sql_uid_from_hex(h: str) -> str:
+    """SQL expression: ``2.25.<integer of the first 32 hex digits of h>``."""
     hi = f"CAST(CAST(('0x' || substr({h}, 1, 16)) AS UBIGINT) AS UHUGEINT)"
     lo = f"CAST(CAST(('0x' || substr({h}, 17, 16)) AS UBIGINT) AS UHUGEINT)"
     return f"'{UID_ROOT}' || CAST({hi} * CAST(18446744073709551616 AS UHUGEINT) + {lo} AS VARCHAR)"
+
+
+def sql_dicom_uid(value_sql: str) -> str:
+    """SQL expression: the 2.25 UID of a DICOM UID, same as :func:`dicom_uid` (the HMAC is
+    spelled twice; :func:`sql_uid_from_hex` over a computed column avoids that)."""
+    return sql_uid_from_hex(sql_hmac_hex(value_sql, "dicom-uid"))

@@ -187,15 +187,16 @@ def deidentify_table(
             name = r.rename or col
             if r.action in ("pseudonymize", "uid"):
                 m = f"__m{i}"
-                mapped = (
-                    keyed.sql_pseudonym("v", r.domain or col, r.length)
-                    if r.action == "pseudonymize"
-                    else keyed.sql_dicom_uid("v")
-                )
-                ctes.append(
-                    f"{m} AS (SELECT v, {mapped} AS p FROM "
-                    f"(SELECT DISTINCT {_q(col)} AS v FROM __src WHERE {_q(col)} IS NOT NULL))"
-                )
+                distinct = f"SELECT DISTINCT {_q(col)} AS v FROM __src WHERE {_q(col)} IS NOT NULL"
+                if r.action == "pseudonymize":
+                    mapped = keyed.sql_pseudonym("v", r.domain or col, r.length)
+                    ctes.append(f"{m} AS (SELECT v, {mapped} AS p FROM ({distinct}))")
+                else:  # one HMAC per UID, then its two 64-bit halves
+                    h = keyed.sql_hmac_hex("v", "dicom-uid")
+                    ctes.append(
+                        f"{m} AS (SELECT v, {keyed.sql_uid_from_hex('h')} AS p FROM "
+                        f"(SELECT v, {h} AS h FROM ({distinct})))"
+                    )
                 joins.append(f"LEFT JOIN {m} ON {m}.v = s.{_q(col)}")
                 expr = f"{m}.p"
             if r.action == "redact_text":
