@@ -22,6 +22,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        return _report(args)
+    except BrokenPipeError:  # `twin ehr report | head`
+        import os
+        import sys
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _report(args: argparse.Namespace) -> int:
     from twin_pipeline.harmonize import fhir as ehr
 
     with Store.open(Settings.from_env(), read_only=True) as store:
