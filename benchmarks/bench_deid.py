@@ -148,8 +148,16 @@ def bench_structured(workdir: Path, rows: int) -> dict[str, Any]:
     exprs = []
     for c in cols:
         t = types.get(c, "VARCHAR")
+        # Shape of real observations: 10,000 patients, ~20 observations per encounter,
+        # one in ten from a device (500 devices); observation ids unique.
         if c == "patient_id":
             exprs.append(f"'patient-' || CAST(i % 10000 AS VARCHAR) AS {c}")
+        elif c == "encounter_id":
+            exprs.append(f"'encounter-' || CAST(i // 20 AS VARCHAR) AS {c}")
+        elif c == "device_id":
+            exprs.append(
+                f"CASE WHEN i % 10 = 0 THEN 'device-' || CAST(i % 500 AS VARCHAR) END AS {c}"
+            )
         elif t == "TIMESTAMPTZ":
             exprs.append(f"TIMESTAMPTZ '2024-01-01 00:00:00+00' + to_seconds(i) AS {c}")
         elif t == "DOUBLE":
