@@ -248,3 +248,34 @@ def test_cli_report_json(
         check=True,
     ).stdout
     assert "observation_heart_rate_plausible" in text and "patient_id_not_null" not in text
+
+
+def test_cli_run_and_suites(twin_home: Settings, store: Store) -> None:
+    build_store(store)
+    store.close()
+    env_run = [sys.executable, "-m", "twin_pipeline", "quality"]
+    dry = subprocess.run(
+        [*env_run, "run", "--table", "harmonized.patient", "--no-quarantine", "--no-docs"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert dry.returncode == 0, dry.stderr  # row failures are not blocking
+    assert "patient" in dry.stdout and "rows         6 ->         6" in dry.stdout
+    real = subprocess.run(
+        [*env_run, "run", "--table", "harmonized.patient", "--as-of", "2024-01-02"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert real.returncode == 0, real.stderr
+    assert "rows         6 ->         2" in real.stdout
+    assert (twin_home.data_docs_dir / "index.html").is_file()
+    bad = subprocess.run(
+        [*env_run, "run", "--table", "harmonized.nope"], capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 2 and "no suite for harmonized.nope" in bad.stderr
+    listing = subprocess.run(
+        [*env_run, "suites"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "harmonized.telemetry_reading" in listing and "telemetry_spo2_plausible" in listing

@@ -23,7 +23,7 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     evaluated_rows BIGINT,
     failed_rows BIGINT,          -- failing rows (table-level checks: failing items)
     quarantined_rows BIGINT,     -- rows moved to governance.quarantine (stage quality)
-    action VARCHAR,              -- none | quarantined | recorded | blocked
+    action VARCHAR,              -- none | quarantined | would_quarantine | recorded | blocked
     observed VARCHAR,
     created_at TIMESTAMPTZ
 )

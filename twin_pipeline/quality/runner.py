@@ -380,8 +380,9 @@ def _result(
     passed = out.success
     if passed:
         action = "none"
-    elif spec.row_level and quarantine and not out.error:
-        action = "quarantined"
+    elif spec.row_level and not out.error:
+        # Dry runs (no quarantine) report what quarantine would take out, not a block.
+        action = "quarantined" if quarantine else "would_quarantine"
     elif spec.severity == "error":
         action = "blocked"
     else:
