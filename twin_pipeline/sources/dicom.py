@@ -138,7 +138,10 @@ def _json_int(header: dict[str, Any], tag: str) -> int | None:
 
 def _check_native_pixels(ds: Dataset, ts: Any, header: dict[str, Any]) -> None:
     """Uncompressed pixel data shorter than rows x columns x samples x bits x frames."""
-    if ts is None or getattr(ts, "is_compressed", True):
+    try:
+        if ts is None or ts.is_compressed:
+            return
+    except ValueError:  # a UID that is not a transfer syntax: the extent cannot be computed
         return
     actual = _raw_length(ds, 0x7FE00010)
     rows, cols = _json_int(header, "00280010"), _json_int(header, "00280011")
@@ -455,14 +458,18 @@ class DicomReader(SourceReader):
             missing = [kw for col, kw in FIELDS[:4] if col != "sop_class_uid" and not row.get(col)]
             if missing:
                 raise BadDicom("missing_uid", f"header lacks {', '.join(missing)}")
+            return "file", (
+                row,
+                json.dumps(public, sort_keys=True),
+                json.dumps(private, sort_keys=True) if private else None,
+                "part10",
+            )
         except BadDicom as exc:
             return "file", exc
-        return "file", (
-            row,
-            json.dumps(public, sort_keys=True),
-            json.dumps(private, sort_keys=True) if private else None,
-            "part10",
-        )
+        except Exception as exc:  # malformed headers raise many types deep inside pydicom
+            return "file", BadDicom(
+                "unreadable_dicom", f"header cannot be decoded ({type(exc).__name__}: {exc})"[:500]
+            )
 
     def _qido_path(self, path: Path) -> list[tuple[str, Any]]:
         try:
@@ -479,7 +486,17 @@ class DicomReader(SourceReader):
             if not isinstance(obj, dict):
                 out.append((pos, BadDicom("broken_json", "entry is not a DICOM JSON object")))
                 continue
-            row = qido_row(obj)
+            try:
+                row = qido_row(obj)
+                # text values must be encodable (JSON escapes can hold lone surrogates)
+                for value in row.values():
+                    if isinstance(value, str):
+                        value.encode()
+            except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
+                out.append(
+                    (pos, BadDicom("broken_json", f"entry is not valid DICOM JSON ({exc})"[:500]))
+                )
+                continue
             if not row.get("study_instance_uid"):
                 out.append((pos, BadDicom("missing_uid", "entry lacks StudyInstanceUID")))
                 continue

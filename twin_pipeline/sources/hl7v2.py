@@ -159,12 +159,11 @@ class Hl7v2Reader(SourceReader):
                         )
                     )
                     continue
-                msg_readings = self._readings(msg, f, position, spec, aliases)
-                readings.extend(msg_readings)
-                obx = [s for s in msg if str(s[0]) == "OBX"]
-                pid = [s for s in msg if str(s[0]) == "PID"]
-                rows.append(
-                    (
+                try:
+                    msg_readings = self._readings(msg, f, position, spec, aliases)
+                    obx = [s for s in msg if str(s[0]) == "OBX"]
+                    pid = [s for s in msg if str(s[0]) == "PID"]
+                    row = (
                         lk,
                         f.rel,
                         position,
@@ -183,7 +182,25 @@ class Hl7v2Reader(SourceReader):
                         len(msg_readings),
                         text,
                     )
-                )
+                except Exception as exc:  # parsed, but a segment cannot be read
+                    fs.quarantined += 1
+                    bad.append(
+                        QuarantineRow(
+                            "read",
+                            MESSAGE_TABLE,
+                            self.kind,
+                            f.rel,
+                            position,
+                            "unparseable_message",
+                            f"{f.rel} [{position}]: HL7 v2 segments cannot be read "
+                            f"({type(exc).__name__}: {exc})"[:500],
+                            text,
+                            lk,
+                        )
+                    )
+                    continue
+                readings.extend(msg_readings)
+                rows.append(row)
                 fs.loaded += 1
         if rows:
             store.con.executemany(
@@ -223,6 +240,8 @@ class Hl7v2Reader(SourceReader):
                     value = float(_field(seg, 5).strip())
                 except ValueError:
                     continue
+                if value != value or value in (float("inf"), float("-inf")):
+                    continue  # NaN / infinity: not a reading (the message keeps the value)
                 stamp = _comp(seg, 14, 0) or obr_time or _comp(msh, 7, 0)
                 ts = parse_dtm(stamp, spec.default_timezone)
                 if ts is None:

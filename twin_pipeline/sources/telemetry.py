@@ -14,7 +14,9 @@ and WFDB readers share (column ``source_kind`` says which reader wrote a row).
 
 from __future__ import annotations
 
+import codecs
 import csv
+import hashlib
 import io
 import re
 from collections.abc import Iterable, Sequence
@@ -160,13 +162,15 @@ class TelemetryReader(SourceReader):
         con = store.con
         con.execute(f"CREATE OR REPLACE TEMP TABLE _tele_checked ({_CHECKED_COLS})")
         for f in files:
-            _stage_lines(con, f)
+            if not _stage_lines(con, f):
+                continue  # the whole file was quarantined (not UTF-8 text)
             parsed = _csv_parse_sql(con, f) if f.rel.lower().endswith(".csv") else _JSON_PARSE_SQL
             if parsed:
                 _classify(store, spec, parsed, f)
             con.execute("DROP VIEW IF EXISTS _tele_one")
             con.execute("DROP TABLE IF EXISTS _tele_raw")
             con.execute("DROP TABLE IF EXISTS _tele_py")
+            con.execute("DROP TABLE IF EXISTS _tele_lines")
         _insert_checked(store)
         _file_stats(store, files, stats)
         return stats
@@ -185,10 +189,23 @@ _JSON_PARSE_SQL = f"""
 """
 
 
-def _stage_lines(con: duckdb.DuckDBPyConnection, f: SourceFile) -> None:
-    """``_tele_one(n, line)``: the file's non-blank lines with their true 1-based numbers."""
+def _stage_lines(con: duckdb.DuckDBPyConnection, f: SourceFile) -> bool:
+    """``_tele_one(n, line)``: the file's non-blank lines with their true 1-based numbers.
+
+    DuckDB refuses a whole file over one byte that is not UTF-8 (and the refusal would abort
+    the caller's transaction), so the file is checked first: a UTF-16/32 file (byte-order
+    mark) is quarantined whole, and a file with invalid UTF-8 goes through a line-by-line
+    Python split that quarantines only the bad lines. Returns False when nothing is left to
+    parse."""
     path = str(f.path).replace("'", "''")
-    if _has_byte(f.path, (b"\r", b"\x1f")):
+    check = inspect_file(f.path)
+    if check.wide_bom:
+        _quarantine_file(con, f, check.wide_bom)
+        return False
+    if not check.utf8:
+        _stage_lines_python(con, f)
+        src = "SELECT n, line FROM _tele_lines"
+    elif check.special:
         # Exact split (slower): read_csv treats a lone CR as a line break.
         src = f"""
             SELECT n, rtrim(line, chr(13)) AS line FROM (
@@ -215,15 +232,105 @@ def _stage_lines(con: duckdb.DuckDBPyConnection, f: SourceFile) -> None:
         FROM ({src}) WHERE line IS NOT NULL AND trim(line) <> ''
         """
     )
+    return True
 
 
-def _has_byte(path: Path, needles: tuple[bytes, ...], chunk: int = 1 << 20) -> bool:
-    """True if the file contains any of the single bytes in ``needles`` (read in chunks)."""
+@dataclass(frozen=True)
+class FileCheck:
+    """What one pass over a telemetry file found."""
+
+    special: bool  # a carriage return or unit separator (needs the exact line split)
+    utf8: bool  # the whole file is valid UTF-8
+    wide_bom: str | None  # "UTF-16" / "UTF-32" when the file starts with such a byte-order mark
+
+
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def inspect_file(path: Path, chunk: int = 1 << 20) -> FileCheck:
+    """One chunked pass: line-break oddities, UTF-8 validity and a UTF-16/32 byte-order mark."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    special, utf8, wide = False, True, None
     with path.open("rb") as fh:
+        first = True
         while block := fh.read(chunk):
-            if any(n in block for n in needles):
-                return True
-    return False
+            if first:
+                wide = next((name for bom, name in _WIDE_BOMS if block.startswith(bom)), None)
+                first = False
+            if not special and (b"\r" in block or b"\x1f" in block):
+                special = True
+            # ASCII needs no decoding unless a multi-byte sequence is pending from the last block
+            if utf8 and not (block.isascii() and not decoder.getstate()[0]):
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError:
+                    utf8 = False
+    if utf8:
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            utf8 = False
+    return FileCheck(special, utf8, wide)
+
+
+def _stage_lines_python(con: duckdb.DuckDBPyConnection, f: SourceFile) -> None:
+    """``_tele_lines(n, line)`` from a file that is not all UTF-8: each line decoded on its own;
+    a line that is not UTF-8 goes to ``_tele_checked`` as ``bad_encoding`` (its record hash is
+    the md5 of its bytes, as for every line), the others are parsed like any line."""
+    good_n: list[int] = []
+    good: list[str] = []
+    bad: list[tuple[object, ...]] = []
+    for n, raw in enumerate(f.path.read_bytes().split(b"\n"), start=1):
+        raw = raw.rstrip(b"\r")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            payload = raw.decode("utf-8", "backslashreplace")
+            bad.append(
+                (
+                    f.rel,
+                    f.sha256,
+                    f"line:{n}",
+                    hashlib.md5(raw, usedforsecurity=False).hexdigest(),
+                    "bad_encoding",
+                    f"invalid byte at offset {exc.start} of the line",
+                    payload,
+                )
+            )
+            continue
+        good_n.append(n)
+        good.append(text)
+    batch = pa.table({"n": pa.array(good_n, pa.int64()), "line": pa.array(good, pa.string())})
+    con.register("_tele_lines_batch", batch)
+    try:
+        con.execute("CREATE OR REPLACE TEMP TABLE _tele_lines AS SELECT * FROM _tele_lines_batch")
+    finally:
+        con.unregister("_tele_lines_batch")
+    if bad:
+        con.executemany(
+            "INSERT INTO _tele_checked (source_file, file_sha, position, record_hash, rule, "
+            "ts_text, payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            bad,
+        )
+
+
+def _quarantine_file(con: duckdb.DuckDBPyConnection, f: SourceFile, encoding: str) -> None:
+    """A UTF-16/32 file: one quarantined record (``file``) naming the encoding."""
+    con.execute(
+        "INSERT INTO _tele_checked (source_file, file_sha, position, record_hash, rule, "
+        "ts_text, payload) VALUES (?, ?, 'file', ?, 'bad_encoding', ?, NULL)",
+        [
+            f.rel,
+            f.sha256,
+            f.sha256,
+            f"the file is {encoding} encoded (byte-order mark); telemetry files must be UTF-8",
+        ],
+    )
 
 
 def _csv_parse_sql(con: duckdb.DuckDBPyConnection, f: SourceFile) -> str | None:
@@ -232,7 +339,10 @@ def _csv_parse_sql(con: duckdb.DuckDBPyConnection, f: SourceFile) -> str | None:
     if head is None:
         return None
     header_n, header = int(head[0]), str(head[1])
-    names = [h.strip().lower() for h in next(csv.reader([header]))]
+    try:
+        names = [h.strip().lower() for h in next(csv.reader([header]), [])]
+    except csv.Error:
+        names = []
     idx = {name: names.index(name) for name in FIELDS if name in names}
     width = len(names)
     quoted = con.execute(
@@ -323,7 +433,8 @@ def _insert_checked(store: Store) -> None:
         "WHEN 'bad_value' THEN 'value is missing or not a number' "
         "WHEN 'bad_timestamp' THEN 'timestamp ' || coalesce(ts_text, '') || ' cannot be read' "
         "WHEN 'unknown_metric' THEN 'metric ' || coalesce(metric, '') || "
-        "' is not in the telemetry vocabulary' END"
+        "' is not in the telemetry vocabulary' "
+        "WHEN 'bad_encoding' THEN 'not UTF-8 text: ' || coalesce(ts_text, '?') END"
     )
     con.execute(
         f"""
