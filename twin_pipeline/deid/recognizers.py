@@ -644,9 +644,12 @@ class DenyListRecognizer(EntityRecognizer):  # type: ignore[misc]
     the verb "rose"); adjacent parts joined by a space, comma or initial merge into one span.
     """
 
-    def __init__(self, terms: DenyTerms, name: str = "deny_list"):
+    def __init__(self, terms: DenyTerms, name: str = "deny_list", min_parts: int = 1):
         self.terms = terms
         self._rec_name = name
+        # Staff lists use min_parts=2: a lone staff surname ("Ward") is too often a plain word;
+        # titled mentions ("Dr. Ward") are caught by the title patterns instead.
+        self._min_parts = min_parts
         tokens = name_tokens(terms.names)
         variants: set[str] = set()
         for t in tokens:
@@ -687,10 +690,12 @@ class DenyListRecognizer(EntityRecognizer):  # type: ignore[misc]
             for s, e in spans:
                 if merged and _JOIN.match(text[merged[-1][1] : s]):
                     merged[-1][1] = e
+                    merged[-1][2] += 1
                 else:
-                    merged.append([s, e])
-            for s, e in merged:
-                out.append(_result("PERSON", s, e, 0.95, "name", self._rec_name))
+                    merged.append([s, e, 1])
+            for s, e, parts in merged:
+                if parts >= self._min_parts:
+                    out.append(_result("PERSON", s, e, 0.95, "name", self._rec_name))
         for entity, rx in self._other:
             for m in rx.finditer(text):
                 out.append(_result(entity, m.start(), m.end(), 0.95, "value", self._rec_name))

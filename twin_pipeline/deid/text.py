@@ -311,7 +311,9 @@ class TextEngine:
     def set_staff(self, names: Iterable[str]) -> None:
         """Clinician names known from the structured record: a deny-list for every note."""
         terms = DenyTerms(names=tuple(n for n in names if n))
-        self.staff = None if terms.is_empty() else DenyListRecognizer(terms, name="staff_list")
+        self.staff = (
+            None if terms.is_empty() else DenyListRecognizer(terms, name="staff_list", min_parts=2)
+        )
 
     # -- recognition --------------------------------------------------------------------------
     def _pattern_spans(self, text: str, ctx: NoteContext) -> list[Span]:
