@@ -12,6 +12,7 @@ from twin_pipeline.sources import (
     LoadStats,
     SourceFile,
     SourceReader,
+    StatCache,
     discover,
     load_readers,
     new_files,
@@ -37,9 +38,15 @@ class IngestResult:
         }
 
 
-def files_of_kind(landing: Path, kind: str) -> list[SourceFile]:
+def files_of_kind(landing: Path, kind: str, store: Store | None = None) -> list[SourceFile]:
+    """The landed files of ``kind`` (only those are hashed). With ``store``, hashes of files
+    whose size and mtime are unchanged come from ``governance.file_stat_cache``, and new ones
+    are remembered there (inside the caller's transaction)."""
     readers = load_readers()
-    files, _ = discover(landing, readers)
+    cache = StatCache.load(store) if store is not None else None
+    files, _ = discover(landing, readers, kinds={kind}, cache=cache)
+    if store is not None and cache is not None:
+        cache.save(store)
     return [f for f in files if f.kind == kind]
 
 
@@ -102,7 +109,7 @@ def _register_files(
 def quarantine_unclaimed(store: Store, landing: Path) -> int:
     """Files no reader claims, or that cannot be read, are quarantined whole with a reason,
     so nothing landed is silently ignored. Re-evaluated every run (a fixed file drops out)."""
-    s = scan(landing, load_readers())
+    s = scan(landing, load_readers(), kinds=())  # unclaimed and unreadable only: no hashing
     rows = [
         QuarantineRow(
             stage="read",

@@ -11,7 +11,7 @@ import hashlib
 import importlib
 import pkgutil
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -135,8 +135,65 @@ class Scan:
     unreadable: dict[str, str]  # rel path -> reason
 
 
-def scan(landing: Path, readers: dict[str, SourceReader]) -> Scan:
-    """Walk ``landing`` (sorted). Unreadable files are reported with a reason, never skipped."""
+STAT_CACHE_TABLE = "governance.file_stat_cache"
+STAT_CACHE_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {STAT_CACHE_TABLE} (abs_path VARCHAR PRIMARY KEY, "
+    "size_bytes BIGINT, mtime_ns BIGINT, sha256 VARCHAR)"
+)
+
+
+@dataclass
+class StatCache:
+    """(size, mtime_ns) -> sha256 of files already hashed, so an unchanged file is not read
+    again on every run (a changed size or mtime forces a re-hash). Keyed by absolute path."""
+
+    known: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+    fresh: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, store: Store) -> StatCache:
+        if not store.table_exists(STAT_CACHE_TABLE):
+            return cls()
+        rows = store.con.execute(
+            f"SELECT abs_path, size_bytes, mtime_ns, sha256 FROM {STAT_CACHE_TABLE}"
+        ).fetchall()
+        return cls({r[0]: (int(r[1]), int(r[2]), str(r[3])) for r in rows})
+
+    def sha256(self, path: Path) -> tuple[str, int]:
+        """(sha256, size) of ``path``, from the cache when size and mtime are unchanged."""
+        st = path.stat()
+        key = str(path)
+        hit = self.known.get(key)
+        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            return hit[2], st.st_size
+        digest = sha256_file(path)
+        self.fresh[key] = (st.st_size, st.st_mtime_ns, digest)
+        return digest, st.st_size
+
+    def save(self, store: Store) -> None:
+        """Remember the hashes computed since :meth:`load` (inside the caller's transaction)."""
+        if not self.fresh:
+            return
+        store.con.execute(STAT_CACHE_DDL)
+        store.con.executemany(
+            f"INSERT OR REPLACE INTO {STAT_CACHE_TABLE} VALUES (?, ?, ?, ?)",
+            [(k, *v) for k, v in sorted(self.fresh.items())],
+        )
+        self.known.update(self.fresh)
+        self.fresh.clear()
+
+
+def scan(
+    landing: Path,
+    readers: dict[str, SourceReader],
+    *,
+    kinds: Collection[str] | None = None,
+    cache: StatCache | None = None,
+) -> Scan:
+    """Walk ``landing`` (sorted). Unreadable files are reported with a reason, never skipped.
+
+    ``kinds``: hash and return only files of these kinds (the others are only checked to be
+    readable); ``cache``: reuse hashes of files whose size and mtime are unchanged."""
     if not landing.is_dir():
         raise ConfigError("landing folder does not exist", path=str(landing))
     result = Scan([], [], {})
@@ -155,8 +212,15 @@ def scan(landing: Path, readers: dict[str, SourceReader]) -> Scan:
             result.unclaimed.append(rel)
             continue
         try:
-            digest = sha256_file(path)
-            size = path.stat().st_size
+            if kinds is not None and kind not in kinds:
+                with path.open("rb") as fh:  # readable? (not hashed: not asked for)
+                    fh.read(1)
+                continue
+            if cache is not None:
+                digest, size = cache.sha256(path)
+            else:
+                digest = sha256_file(path)
+                size = path.stat().st_size
         except OSError as exc:
             result.unreadable[rel] = f"cannot read file: {exc.strerror or exc}"
             continue
@@ -164,9 +228,16 @@ def scan(landing: Path, readers: dict[str, SourceReader]) -> Scan:
     return result
 
 
-def discover(landing: Path, readers: dict[str, SourceReader]) -> tuple[list[SourceFile], list[str]]:
-    """Every readable source file under ``landing`` (sorted), and the paths no reader claims."""
-    s = scan(landing, readers)
+def discover(
+    landing: Path,
+    readers: dict[str, SourceReader],
+    *,
+    kinds: Collection[str] | None = None,
+    cache: StatCache | None = None,
+) -> tuple[list[SourceFile], list[str]]:
+    """Every readable source file under ``landing`` (sorted; of ``kinds`` only when given),
+    and the paths no reader claims."""
+    s = scan(landing, readers, kinds=kinds, cache=cache)
     return s.found, s.unclaimed
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import struct
 import warnings
 from collections.abc import Sequence
@@ -96,6 +97,9 @@ class BadDicom(Exception):
     def __init__(self, rule: str, detail: str) -> None:
         super().__init__(detail)
         self.rule = rule
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (results come back from workers)
+        return (BadDicom, (self.rule, str(self)))
 
 
 def _text(value: Any) -> str | None:
@@ -267,7 +271,7 @@ def _fast_raw_json(raw: Any, vr: str, little: bool, encoding: str) -> dict[str, 
         return {"vr": vr, "Value": parts}
     code = _STRUCT.get(vr)
     if code is not None:
-        size = struct.calcsize(code)
+        size = struct.calcsize("<" + code)  # standard sizes (native "l" is 8 bytes)
         if len(data) % size:
             return None
         fmt = ("<" if little else ">") + code * (len(data) // size)
@@ -356,6 +360,16 @@ def _level(row: dict[str, Any]) -> str:
     return "study"
 
 
+POOL_MIN_FILES = 256
+
+
+def _workers() -> int:
+    try:
+        return max(0, int(os.environ.get("TWIN_DICOM_WORKERS", "2")))
+    except ValueError:
+        return 2
+
+
 def _read_one(path: Path, rel: str) -> list[tuple[str, Any]]:
     """The records of one landed file (picklable: runs in worker processes)."""
     reader = DicomReader()
@@ -437,9 +451,34 @@ class DicomReader(SourceReader):
         return stats
 
     def _read_all(self, files: Sequence[SourceFile]) -> list[list[tuple[str, Any]]]:
-        """Parse every file. (One process: a worker pool needs a ``__main__`` guard in every
-        caller and does not pay off on the two shared cores this runs on.)"""
-        return [_read_one(f.path, f.rel) for f in files]
+        """Parse every file: in this process for small batches, in a pool of worker processes
+        (``TWIN_DICOM_WORKERS``, default 2) from ``POOL_MIN_FILES`` files on. Workers come from
+        a fork server that has imported this module (no fork of a process holding DuckDB
+        threads); a pool that cannot start falls back to one process."""
+        workers = _workers()
+        if workers < 2 or len(files) < POOL_MIN_FILES:
+            return [_read_one(f.path, f.rel) for f in files]
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        try:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload([__name__])
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                chunk = max(16, len(files) // (workers * 8))
+                return list(
+                    pool.map(
+                        _read_one,
+                        [f.path for f in files],
+                        [f.rel for f in files],
+                        chunksize=chunk,
+                    )
+                )
+        except (OSError, RuntimeError, ValueError) as exc:  # no pool here: one process
+            warnings.warn(
+                f"DICOM worker pool unavailable ({exc}); reading in one process", stacklevel=2
+            )
+            return [_read_one(f.path, f.rel) for f in files]
 
     def _part10_path(self, path: Path) -> tuple[str, Any]:
         with warnings.catch_warnings():

@@ -20,7 +20,7 @@ def _raw_asset(reader: SourceReader) -> dg.AssetsDefinition:
     def _asset(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.MaterializeResult:
         landing = twin.landing_dir()
         with governed_run(context, twin, params={"landing": str(landing)}) as run:
-            files = files_of_kind(landing, reader.kind)
+            files = files_of_kind(landing, reader.kind, run.store)
             result = ingest_files(run.store, reader, files)
             for rel, fs in result.stats.per_file.items():
                 if not fs.balanced():
