@@ -4,6 +4,7 @@ compare, chart, and store the result in ``twin.simulation_run`` / ``twin.simulat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -400,6 +401,10 @@ def save_result(store: Store, result: dict[str, Any], *, snapshot: str, chart: s
             mean DOUBLE, ci_low DOUBLE, ci_high DOUBLE, n BIGINT)"""
     )
     sid = sim_id(result, snapshot)
+    if chart:
+        # stored relative to TWIN_HOME: the same twin gives the same row wherever it lives
+        with contextlib.suppress(ValueError):
+            chart = Path(chart).resolve().relative_to(store.settings.home).as_posix()
     con.execute(f"DELETE FROM {RUN_TABLE} WHERE sim_id = ?", [sid])
     con.execute(f"DELETE FROM {METRIC_TABLE} WHERE sim_id = ?", [sid])
     con.execute(
@@ -439,7 +444,10 @@ def load_result(store: Store, sid: str) -> dict[str, Any] | None:
         return None
     doc: dict[str, Any] = json.loads(row[0])
     doc["sim_id"] = sid
-    doc["chart"] = row[1]
+    chart = row[1]
+    if chart and not Path(chart).is_absolute():
+        chart = str(store.settings.home / chart)
+    doc["chart"] = chart
     return doc
 
 
