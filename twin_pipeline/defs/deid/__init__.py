@@ -18,7 +18,7 @@ from twin_pipeline import defs as defs_pkg
 from twin_pipeline.defs.common import governed_run
 from twin_pipeline.defs.resources import TwinResource
 from twin_pipeline.deid.leaks import leak_check
-from twin_pipeline.deid.policy import load_policy
+from twin_pipeline.deid.policy import TableRule, load_policy
 from twin_pipeline.deid.structured import deidentify_table
 from twin_pipeline.errors import PolicyViolation
 
@@ -39,9 +39,19 @@ def _upstream_keys() -> set[dg.AssetKey]:
     return keys
 
 
-def _deid_asset(
-    table: str, released: bool, note: str, upstream: set[dg.AssetKey]
-) -> dg.AssetsDefinition:
+def _reads(table: str, rule: TableRule) -> list[str]:
+    """Harmonized tables a deid asset reads: its own, the person lookup, and the deny-lists."""
+    reads = [table]
+    if rule.person is not None and rule.person.via_table:
+        reads.append(rule.person.via_table)
+    if any(c.action == "redact_text" for c in rule.columns.values()):
+        reads += ["patient", "practitioner", "document_reference"]
+    return list(dict.fromkeys(reads))
+
+
+def _deid_asset(table: str, rule: TableRule, upstream: set[dg.AssetKey]) -> dg.AssetsDefinition:
+    released, note = rule.release, rule.reason or ""
+    reads = _reads(table, rule) if released else [table]
     what = (
         f"`harmonized.{table}` de-identified under policies/deid.yaml: person ids pseudonymized "
         "(keyed HMAC), dates shifted per patient, quasi-identifiers generalized, free text "
@@ -52,7 +62,7 @@ def _deid_asset(
 
     @dg.asset(
         key=dg.AssetKey(["deid", table]),
-        deps=[k for k in [dg.AssetKey(["harmonized", table])] if k in upstream],
+        deps=[k for k in (dg.AssetKey(["harmonized", t]) for t in reads) if k in upstream],
         group_name="deid",
         kinds={"duckdb", "python"},
         owners=["team:privacy"],
@@ -60,7 +70,7 @@ def _deid_asset(
     )
     def _asset(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.MaterializeResult:
         policy = load_policy()
-        with governed_run(context, twin, inputs=[f"harmonized.{table}"]) as run:
+        with governed_run(context, twin, inputs=[f"harmonized.{t}" for t in reads]) as run:
             try:
                 result = deidentify_table(run.store, policy, table)
             except PolicyViolation as exc:
@@ -110,10 +120,7 @@ def build_checks() -> list[dg.AssetChecksDefinition]:
 def build_assets() -> list[dg.AssetsDefinition]:
     policy = load_policy()
     upstream = _upstream_keys()
-    return [
-        _deid_asset(name, rule.release, rule.reason or "", upstream)
-        for name, rule in policy.tables.items()
-    ]
+    return [_deid_asset(name, rule, upstream) for name, rule in policy.tables.items()]
 
 
 defs = dg.Definitions(assets=build_assets(), asset_checks=build_checks())
