@@ -24,6 +24,7 @@ import json
 import os
 import re
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -61,6 +62,59 @@ CHUNK_BYTES = 64 << 20  # files are read, validated and inserted in chunks of th
 _NAME_RE = re.compile(r"^([A-Z][A-Za-z]+)(?:[._-][^/]*)?\.(?:ndjson|json)(?:\.gz)?$")
 _URL_TAIL = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
 _DATE_ERRORS = ("Date value", "DateTime value", "Instant value", "Time value")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes kept by errors="surrogateescape"
+
+
+def _loads(text: str, surrogates: bool = True) -> Any:
+    """``json.loads`` for JSON as FHIR means it: a ``ValueError`` for anything that is not
+    storable JSON text (NaN/Infinity, nesting too deep to walk and, with ``surrogates``,
+    unpaired UTF-16 surrogates; Bundle entries are checked for those one by one)."""
+    try:
+        obj = json.loads(text, parse_constant=_no_constant)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
+    if surrogates and "\\u" in text and _SURROGATE_ESCAPE.search(text):
+        try:
+            _dumps(obj).encode()
+        except UnicodeEncodeError as exc:
+            raise ValueError("a string holds an unpaired UTF-16 surrogate") from exc
+        except RecursionError as exc:
+            raise ValueError("JSON nested too deeply") from exc
+    return obj
+
+
+def _unpaired(obj: Any) -> bool:
+    try:
+        _dumps(obj).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _safe(text: str) -> str:
+    """Text that can be stored whatever it holds (unpaired surrogates escaped)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
+def _not_str(value: Any) -> bool:
+    return value is not None and not isinstance(value, str)
 
 
 @functools.cache
@@ -138,6 +192,8 @@ def validate_full(resource: dict[str, Any]) -> tuple[str, str] | None:
         return rule, f"{rtype}.{loc}: {msg}{more}"
     except (ValueError, TypeError) as exc:  # model-level validators outside pydantic's errors
         return "validation_failed", f"{rtype}: {exc}"
+    except RecursionError:
+        return "validation_failed", f"{rtype}: nested too deeply to validate"
     return _check_bindings(resource)
 
 
@@ -158,7 +214,10 @@ def validate_resource(resource: dict[str, Any]) -> tuple[str, str] | None:
     rtype = resource.get("resourceType")
     if not isinstance(rtype, str) or not is_resource_type(rtype):
         return validate_full(resource)
-    verdict: tuple[str, str] | None = _FAST.validate(resource, _model(rtype), _check_bindings)
+    try:
+        verdict: tuple[str, str] | None = _FAST.validate(resource, _model(rtype), _check_bindings)
+    except RecursionError:
+        return "validation_failed", f"{rtype}: nested too deeply to validate"
     return verdict
 
 
@@ -238,7 +297,7 @@ _Verdict = tuple[tuple[str, str] | None, tuple[Any, Any, Any, Any] | None]
 def _process_text(text: str) -> _Verdict:
     """Parse and validate one NDJSON line: (problem, (type, id, versionId, lastUpdated))."""
     try:
-        res = json.loads(text)
+        res = _loads(text)
     except ValueError as exc:
         return ("broken_json", f"invalid JSON: {exc}"), None
     problem = _check_resource(res) or validate_resource(res)
@@ -285,7 +344,7 @@ class _Rec:
     def hash(self) -> str:
         """sha256 of the record text (recomputed if the text was changed)."""
         if self._hash is None:
-            self._hash = hashlib.sha256(self.text.encode()).hexdigest()
+            self._hash = hashlib.sha256(self.text.encode("utf-8", "surrogatepass")).hexdigest()
         return self._hash
 
 
@@ -295,23 +354,46 @@ class _FileBatch:
     records: list[_Rec] = field(default_factory=list)
 
 
-def _read_text(f: SourceFile) -> str:
+def _read_text(f: SourceFile) -> tuple[str, bool]:
+    """The file's text and whether it held bytes that are not UTF-8 (NDJSON only: kept with
+    ``surrogateescape`` so the lines that are UTF-8 still load; a JSON file must be UTF-8)."""
     data = f.path.read_bytes()
     if f.rel.endswith(".gz"):
         data = gzip.decompress(data)
-    return data.decode("utf-8-sig")
+    if data[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff") or data[:2] in (
+        b"\xff\xfe",
+        b"\xfe\xff",
+    ):
+        raise UnicodeError("file is UTF-16/UTF-32 encoded: FHIR JSON must be UTF-8")
+    try:
+        return data.decode("utf-8-sig"), False
+    except UnicodeDecodeError:
+        if not f.rel.endswith((".ndjson", ".ndjson.gz")):
+            raise
+        return data.decode("utf-8-sig", "surrogateescape"), True
 
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-def _entries(bundle: dict[str, Any], prefix: str, start: int) -> Iterator[_Rec]:
+def _entries(bundle: dict[str, Any], prefix: str, start: int, text: str) -> Iterator[_Rec]:
     btype = bundle.get("type")
     bid = bundle.get("id")
-    entries = bundle.get("entry") or []
-    if not isinstance(entries, list):
+    entries = bundle.get("entry")
+    if entries is None:
         entries = []
+    if not isinstance(entries, list):
+        # one record for the whole bundle: nothing in it can be read as entries
+        yield _Rec(prefix + "file" if not prefix else prefix.rstrip("/"), start, text, None,
+                   problem=("validation_failed",
+                            f"Bundle.entry is not an array ({type(entries).__name__})"))  # fmt: skip
+        return
+    envelope = None
+    if _not_str(btype) or _not_str(bid):
+        bad = "Bundle.type" if _not_str(btype) else "Bundle.id"
+        envelope = ("validation_failed", f"{bad} is not a string")
+        btype, bid = None, None
     for i, entry in enumerate(entries):
         pos = f"{prefix}entry:{i}"
         if not isinstance(entry, dict):
@@ -320,35 +402,61 @@ def _entries(bundle: dict[str, Any], prefix: str, start: int) -> Iterator[_Rec]:
             continue
         req_raw = entry.get("request")
         req: dict[str, Any] = req_raw if isinstance(req_raw, dict) else {}
-        method = str(req.get("method")).upper() if req.get("method") else None
+        raw_method, url, full_url = req.get("method"), req.get("url"), entry.get("fullUrl")
+        method = str(raw_method).upper() if raw_method else None
         res = entry.get("resource")
         rec = _Rec(pos, start + i, _dumps(res) if res is not None else _dumps(entry),
-                   res if isinstance(res, dict) else None, btype, bid, entry.get("fullUrl"),
-                   method, req.get("url"))  # fmt: skip
-        if res is None and method != "DELETE":
+                   res if isinstance(res, dict) else None, btype, bid,
+                   None if _not_str(full_url) else full_url, method,
+                   None if _not_str(url) else url)  # fmt: skip
+        wrong = [
+            name
+            for name, value in (
+                ("fullUrl", full_url),
+                ("request.url", url),
+                ("request.method", raw_method),
+            )
+            if _not_str(value)
+        ]
+        if envelope is not None:
+            rec.problem = envelope
+        elif _unencodable(rec.text):
+            rec.problem = ("broken_json", "a string holds an unpaired UTF-16 surrogate")
+        elif wrong:
+            rec.problem = ("validation_failed", f"Bundle.entry.{wrong[0]} is not a string")
+        elif res is None and method != "DELETE":
             rec.problem = ("missing_required", "Bundle.entry has no resource")
         elif res is not None and not isinstance(res, dict):
             rec.problem = ("validation_failed", "Bundle.entry.resource is not an object")
         yield rec
 
 
-def _records(f: SourceFile, text: str) -> Iterator[_Rec]:
+def _records(f: SourceFile, text: str, lossy: bool = False) -> Iterator[_Rec]:
     name = f.rel.rsplit("/", 1)[-1]
     ndjson = name.endswith((".ndjson", ".ndjson.gz"))
     if not ndjson:
         try:
-            obj = json.loads(text)
+            obj = _loads(text, surrogates=False)
         except ValueError as exc:
             yield _Rec("file", 0, text, None, problem=("broken_json", f"invalid JSON: {exc}"))
             return
         if isinstance(obj, dict) and obj.get("resourceType") == "Bundle":
-            yield from _entries(obj, "", 0)
+            yield from _entries(obj, "", 0, text)
         else:
-            yield _Rec("file", 0, text, obj if isinstance(obj, dict) else None)
+            rec = _Rec("file", 0, text, obj if isinstance(obj, dict) else None)
+            if _SURROGATE_ESCAPE.search(text) and _unpaired(obj):
+                rec.problem = ("broken_json", "a string holds an unpaired UTF-16 surrogate")
+            yield rec
         return
     ordinal = 0
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
+            continue
+        if lossy and _UNDECODABLE.search(line):
+            shown = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            yield _Rec(f"line:{n}", ordinal, shown, None,
+                       problem=("broken_json", "line is not valid UTF-8"))  # fmt: skip
+            ordinal += 1
             continue
         if '"Bundle"' not in line:
             # parsed and validated later, in one pass (maybe in a worker process)
@@ -356,23 +464,45 @@ def _records(f: SourceFile, text: str) -> Iterator[_Rec]:
             ordinal += 1
             continue
         try:
-            obj = json.loads(line)
+            obj = _loads(line, surrogates=False)
         except ValueError as exc:
             yield _Rec(f"line:{n}", ordinal, line, None,
                        problem=("broken_json", f"invalid JSON: {exc}"))  # fmt: skip
             ordinal += 1
             continue
         if isinstance(obj, dict) and obj.get("resourceType") == "Bundle":
-            for rec in _entries(obj, f"line:{n}/", ordinal):
+            for rec in _entries(obj, f"line:{n}/", ordinal, line):
                 yield rec
                 ordinal += 1
             continue
-        yield _Rec(f"line:{n}", ordinal, line, obj if isinstance(obj, dict) else None)
+        rec = _Rec(f"line:{n}", ordinal, line, obj if isinstance(obj, dict) else None)
+        if _SURROGATE_ESCAPE.search(line) and _unpaired(obj):
+            rec.problem = ("broken_json", "a string holds an unpaired UTF-16 surrogate")
+        yield rec
         ordinal += 1
 
 
-def _id_from_url(url: str | None) -> tuple[str | None, str | None]:
-    if not url:
+def _unstorable(rec: _Rec) -> tuple[str, str] | None:
+    """Values the model accepted but a raw row cannot hold as text (a non-string id, ...)."""
+    rtype, rid, vid, updated = rec.meta or (None, None, None, None)
+    for name, value in (
+        ("id", rid),
+        ("meta.versionId", vid),
+        ("meta.lastUpdated", updated),
+        ("Bundle.type", rec.bundle_type),
+        ("Bundle.id", rec.bundle_id),
+        ("Bundle.entry.fullUrl", rec.full_url),
+        ("Bundle.entry.request.url", rec.url),
+    ):
+        if _not_str(value):
+            return "validation_failed", f"{rtype}.{name}: {value!r} is not a string"
+    if _unencodable(rec.text):
+        return "broken_json", "a string holds an unpaired UTF-16 surrogate"
+    return None
+
+
+def _id_from_url(url: Any) -> tuple[str | None, str | None]:
+    if not url or not isinstance(url, str):
         return None, None
     if url.startswith("urn:uuid:"):
         return None, url[len("urn:uuid:") :]
@@ -432,12 +562,12 @@ class FhirReader(SourceReader):
         for f in files:
             fs = stats.file(f.rel)
             try:
-                text = _read_text(f)
-            except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
+                text, lossy = _read_text(f)
+            except (OSError, UnicodeError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
                 batch = _FileBatch(f, [_Rec("file", 0, "", None,
                                            problem=("broken_json", f"unreadable file: {exc}"))])  # fmt: skip
             else:
-                batch = _FileBatch(f, list(_records(f, text)))
+                batch = _FileBatch(f, list(_records(f, text, lossy)))
             fs.records_in = len(batch.records)
             batches.append(batch)
         t1 = time.perf_counter()
@@ -451,6 +581,8 @@ class FhirReader(SourceReader):
             for rec in batch.records:
                 rhash = rec.hash
                 lkey = lineage_key(f.sha256, rec.position, rhash)
+                if rec.problem is None:
+                    rec.problem = _unstorable(rec)
                 if rec.problem is not None:
                     rule, reason = rec.problem
                     quarantine.append(
@@ -461,8 +593,8 @@ class FhirReader(SourceReader):
                             source_file=f.rel,
                             position=rec.position,
                             rule=rule,
-                            reason=f"{f.rel} [{rec.position}]: {reason}",
-                            payload=rec.text[:MAX_PAYLOAD_IN_QUARANTINE],
+                            reason=_safe(f"{f.rel} [{rec.position}]: {reason}"),
+                            payload=_safe(rec.text[:MAX_PAYLOAD_IN_QUARANTINE]),
                             lineage_key=lkey,
                         )
                     )
@@ -529,7 +661,7 @@ class FhirReader(SourceReader):
                     deferred.setdefault(rec.text, []).append(rec)
                     continue
                 if rec.problem is not None or rec.method == "DELETE":
-                    if rec.method == "DELETE" and _id_from_url(rec.url)[0] is None:
+                    if rec.problem is None and _id_from_url(rec.url)[0] is None:
                         rec.problem = (
                             "missing_required",
                             f"DELETE entry without a Type/id request.url ({rec.url!r})",
