@@ -4,7 +4,10 @@ Builds a de-identified store of ``--patients`` patients (default 2,000; 20 obser
 the bench workdir, then runs each query ``REPEATS`` times directly on the store connection
 (baseline) and through :meth:`Gateway.query` as the researcher (consent filter and masks
 applied, audit entry written). Prints medians, the overhead and its parts: parse + rewrite,
-DuckDB's cross-check, and the audit append (one hash-chained ledger commit).
+DuckDB's cross-check, and the audit append (one hash-chained ledger commit, i.e. one fsync of
+DuckDB's write-ahead log; the gateway signs the ledger head from a background thread, not per
+query). The fsync latency of the bench folder's disk is measured in the same run: on a disk
+shared with other busy processes it alone can exceed the goal.
 """
 
 from __future__ import annotations
@@ -92,6 +95,19 @@ def _interleaved_medians(
     if cpu is not None:
         cpu.extend(statistics.median(s) for s in cpu_samples)
     return [statistics.median(s) for s in samples]
+
+
+def fsync_ms(folder: Path, repeats: int) -> float:
+    """Median latency of appending ~800 bytes to a file and fsyncing it (what a commit waits)."""
+    import os
+
+    path = folder / "fsync.probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        return _median_ms(lambda: (os.write(fd, b"x" * 800), os.fsync(fd)), repeats)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -192,7 +208,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with contextlib.suppress(ImportError):
             from twin_pipeline.lineage import storage
 
+            # no longer paid per query (the gateway's Sealer signs off the query path)
             parts["ledger_seal_ms"] = _median_ms(lambda: storage.seal(gw.store), repeats)
+        parts["disk_fsync_ms"] = fsync_ms(home, repeats)
     med = statistics.median(overheads)
     med_cpu = statistics.median(cpu_overheads)
     out["median_cpu_overhead_ms"] = round(med_cpu, 3)
@@ -200,6 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     med_fixed = statistics.median(fixed)
     out["median_overhead_seen_text_ms"] = round(med_seen, 3)
     no_audit = med - parts["audit_append_ms"]
+    out["median_overhead_without_fsync_ms"] = round(med - parts["disk_fsync_ms"], 3)
     out["duckdb_threads"] = gw.threads
     out["median_overhead_ms"] = round(med, 3)
     out["median_fixed_overhead_ms"] = round(med_fixed, 3)
@@ -220,7 +239,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"median gateway overhead vs direct DuckDB: {med:.2f} ms per query, new text "
         f"(goal <= 5 ms: {'met' if med <= 5 else 'NOT met'}); {med_seen:.2f} ms for a text "
         f"already checked; fixed part {med_fixed:.2f} ms; "
-        f"without the audit entry (append + seal) {no_audit:.2f} ms"
+        f"without the audit entry {no_audit:.2f} ms; without one disk fsync "
+        f"({parts['disk_fsync_ms']:.2f} ms) {med - parts['disk_fsync_ms']:.2f} ms"
     )
     print(
         f"median CPU-time overhead (new text, this process): {med_cpu:.2f} ms per query "

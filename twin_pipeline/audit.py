@@ -9,7 +9,10 @@ The store passed to :func:`record_access` must be writable. If the caller holds 
 that it is about to roll back (e.g. on a denied query), record the decision outside it, or the
 audit entry is rolled back too. Outside a transaction, each entry is followed by a signed seal of
 the ledger head (:func:`twin_pipeline.lineage.storage.seal`), so cutting entries off the end of
-the log is detected too.
+the log is detected too. The query gateway instead seals from a background thread at most every
+half second and always when its session closes (:class:`twin_pipeline.lineage.storage.Sealer`):
+only the entries of the last half second of a session killed before closing can be cut off
+undetected; :func:`verify_all` counts entries after the sealed head as ``unsealed_entries``.
 """
 
 from __future__ import annotations
@@ -27,19 +30,22 @@ AUDIT_KIND = "audit"
 DECISIONS = frozenset({"allow", "deny"})
 
 
-def audit(store: Store, event: dict[str, Any]) -> int:
+def audit(store: Store, event: dict[str, Any], *, seal: bool = True) -> int:
     """Append one audit event (any JSON-able mapping) to the ledger; returns its sequence.
 
     ``event`` should name at least ``user`` and ``action``; a UTC timestamp ``at`` is added if
-    missing.
+    missing. ``seal=False`` leaves signing the new head to the caller (the gateway seals from a
+    background thread and when it closes: :class:`twin_pipeline.lineage.storage.Sealer`).
     """
     body = dict(event)
     body.setdefault("at", datetime.now(UTC).isoformat(timespec="microseconds"))
-    seq = ledger.append(store, AUDIT_KIND, body, run_id=str(body.get("run_id") or store.run_id))
-    if not store._tx_depth:  # committed: sign the new head so the entry cannot be cut off
+    seq, head = ledger.append_entry(
+        store, AUDIT_KIND, body, run_id=str(body.get("run_id") or store.run_id)
+    )
+    if seal and not store._tx_depth:  # committed: sign the new head so it cannot be cut off
         from twin_pipeline.lineage import storage
 
-        storage.seal(store)
+        storage.seal(store, head=(seq, head))
     return seq
 
 
@@ -53,6 +59,7 @@ def record_access(
     rows: int | None = None,
     decision: str = "allow",
     reason: str | None = None,
+    seal: bool = True,
     **extra: Any,
 ) -> int:
     """Record one query through the access gateway (allowed or denied) in the audit chain."""
@@ -69,7 +76,7 @@ def record_access(
         "reason": reason,
     }
     event.update(extra)
-    return audit(store, event)
+    return audit(store, event, seal=seal)
 
 
 def access_events(store: Store, *, limit: int | None = None) -> list[dict[str, Any]]:
@@ -106,6 +113,7 @@ class VerifyReport:
     ledger_entries: int
     bundles: int
     problems: list[Problem] = field(default_factory=list)
+    unsealed_entries: int = 0  # entries after the signed ledger head (not tampering)
 
     @property
     def ok(self) -> bool:
@@ -120,6 +128,7 @@ class VerifyReport:
             "ok": self.ok,
             "ledger_entries": self.ledger_entries,
             "bundles": self.bundles,
+            "unsealed_entries": self.unsealed_entries,
             "first_bad": str(self.first_bad) if self.first_bad else None,
             "problems": [str(p) for p in self.problems],
         }
@@ -143,6 +152,12 @@ def verify_all(store: Store, *, tables: bool = False, deep: bool = False) -> Ver
     bundles, problems = storage.verify_bundles(store)
     report.bundles = bundles
     report.problems.extend(Problem(rec, msg) for rec, msg in problems)
+    sealed = storage.sealed_seq(store)
+    if sealed is not None and chain.entries:
+        row = store.con.execute(
+            "SELECT count(*) FROM governance.ledger WHERE seq > ?", [sealed]
+        ).fetchone()
+        report.unsealed_entries = int(row[0]) if row else 0
     if deep:
         report.problems.extend(bundle_drift(store))
     if tables:

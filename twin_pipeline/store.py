@@ -240,6 +240,8 @@ class Store:
     _tx_depth: int = 0
     _shared: bool = False
     _closed: bool = False
+    # (seq, hash) of the last ledger entry this handle committed (twin_pipeline.ledger)
+    _ledger_head: tuple[int, str] | None = None
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod

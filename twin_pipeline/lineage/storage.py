@@ -13,11 +13,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from twin_pipeline import ledger
 from twin_pipeline.errors import KeyMaterialError
@@ -25,6 +29,7 @@ from twin_pipeline.keys import KeyRing
 from twin_pipeline.store import Store
 
 BUNDLE_KIND = "prov_bundle"
+log = logging.getLogger(__name__)
 DDL = """
 CREATE TABLE IF NOT EXISTS governance.prov_bundle (
     run_id VARCHAR PRIMARY KEY,
@@ -262,10 +267,11 @@ def stored_document(store: Store, run_id: str | None = None) -> Any:
 
 
 # -- the signed ledger head ("seal") ----------------------------------------------------------
-# Hash chains cannot show that entries were cut off the end. After each committed run and each
-# audited access, the head of the ledger (seq, hash) is signed into TWIN_HOME/ledger.seal.json,
-# outside the database: a ledger whose sealed entry is missing or changed was truncated or
-# rewritten. Entries after the sealed head are reported as unsealed, not as tampering.
+# Hash chains cannot show that entries were cut off the end. After each committed run, each
+# audit entry written on its own, and during and at the end of every gateway session (Sealer),
+# the head of the ledger (seq, hash) is signed into TWIN_HOME/ledger.seal.json, outside the
+# database: a ledger whose sealed entry is missing or changed was truncated or rewritten.
+# Entries after the sealed head are reported as unsealed, not as tampering.
 SEAL_FILE = "ledger.seal.json"
 
 
@@ -275,33 +281,142 @@ def seal_message(seq: int, head: str, key_version: int) -> bytes:
     ).encode()
 
 
-def seal(store: Store, keyring: KeyRing | None = None) -> dict[str, Any] | None:
-    """Sign the current (committed) ledger head into ``TWIN_HOME/ledger.seal.json``."""
-    if not store.table_exists("governance.ledger"):
-        return None
-    row = store.con.execute(
-        "SELECT seq, hash FROM governance.ledger ORDER BY seq DESC LIMIT 1"
-    ).fetchone()
-    if row is None:
-        return None
-    keyring = keyring or KeyRing(store.settings.keys_dir)
-    version = keyring.version("signing")
-    seq, head = int(row[0]), str(row[1])
-    doc = {
+@dataclass(frozen=True)
+class _Signer:
+    """The current signing key, loaded once (its version and fingerprint with it)."""
+
+    version: int
+    fingerprint: str
+    key: Ed25519PrivateKey
+
+    @classmethod
+    def load(cls, keyring: KeyRing) -> _Signer:
+        version = keyring.version("signing")
+        return cls(version.version, version.fingerprint, keyring.signing_key(version.version))
+
+
+def seal_document(seq: int, head: str, signer: _Signer) -> dict[str, Any]:
+    return {
         "seq": seq,
         "hash": head,
-        "key_version": version.version,
-        "key_fingerprint": version.fingerprint,
+        "key_version": signer.version,
+        "key_fingerprint": signer.fingerprint,
         "sealed_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "signature": base64.b64encode(
-            keyring.signing_key(version.version).sign(seal_message(seq, head, version.version))
+            signer.key.sign(seal_message(seq, head, signer.version))
         ).decode(),
     }
-    path = store.settings.home / SEAL_FILE
+
+
+def write_seal(settings_home: Path, doc: dict[str, Any]) -> None:
+    """Replace the seal file atomically (a reader sees the old seal or the new one)."""
+    path = settings_home / SEAL_FILE
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     tmp.replace(path)
+
+
+def seal(
+    store: Store,
+    keyring: KeyRing | None = None,
+    *,
+    head: tuple[int, str] | None = None,
+    signer: _Signer | None = None,
+) -> dict[str, Any] | None:
+    """Sign the current (committed) ledger head into ``TWIN_HOME/ledger.seal.json``.
+
+    ``head`` is the ``(seq, hash)`` just committed, if the caller knows it (no look-up then);
+    ``signer`` a signing key already loaded (see :class:`Sealer`).
+    """
+    if head is None:
+        if not store.table_exists("governance.ledger"):
+            return None
+        head = ledger.head(store)
+    if head[0] <= 0:
+        return None
+    signer = signer or _Signer.load(keyring or KeyRing(store.settings.keys_dir))
+    doc = seal_document(head[0], head[1], signer)
+    write_seal(store.settings.home, doc)
     return doc
+
+
+class Sealer:
+    """Seals the ledger head of one long-lived writer (the query gateway) off its hot path.
+
+    Each audited query hands its committed head to :meth:`note`; a background thread signs the
+    newest noted head at most once per ``interval`` seconds, and :meth:`close` seals the store's
+    actual head synchronously. So a gateway session costs no signature or file write per query,
+    and what an intruder could cut off the end of the log undetected is bounded: the entries of
+    the last ``interval`` seconds of a session that never reached :meth:`close` (a killed
+    process). ``twin audit verify`` reports entries after the sealed head as unsealed.
+    """
+
+    def __init__(self, store: Store, keyring: KeyRing, interval: float = 0.5) -> None:
+        self._store = store
+        self._signer = _Signer.load(keyring)
+        self._interval = interval
+        self._cond = threading.Condition()
+        self._pending: tuple[int, str] | None = None
+        self._sealed_seq = 0
+        self._busy = False  # the thread is between seals (it will look at _pending again)
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="twin-ledger-sealer", daemon=True)
+        self._thread.start()
+
+    def note(self, head: tuple[int, str]) -> None:
+        with self._cond:
+            if self._pending is None or head[0] > self._pending[0]:
+                self._pending = head
+            if not self._busy:
+                self._cond.notify()
+
+    def _seal(self, head: tuple[int, str]) -> None:
+        if head[0] <= self._sealed_seq:
+            return
+        write_seal(self._store.settings.home, seal_document(head[0], head[1], self._signer))
+        self._sealed_seq = head[0]
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._stopped:
+                    self._busy = False
+                    self._cond.wait()
+                head = self._pending
+                if self._stopped or head is None:
+                    return
+                self._pending = None
+                self._busy = True
+            try:
+                self._seal(head)
+            except OSError as exc:  # the next seal (or close) retries
+                log.warning("ledger seal not written: %s", exc)
+            with self._cond:
+                if not self._stopped:
+                    self._cond.wait(self._interval)  # no wake-ups by note() meanwhile
+
+    def close(self) -> dict[str, Any] | None:
+        """Stop the thread and seal the committed head of the store (the last word)."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+        head = ledger.head(self._store)
+        with self._cond:
+            if head[0] <= 0:
+                return None
+            doc = seal_document(head[0], head[1], self._signer)
+            write_seal(self._store.settings.home, doc)
+            self._sealed_seq = head[0]
+            return doc
+
+
+def sealed_seq(store: Store) -> int | None:
+    """The ledger seq the seal file vouches for (None: no readable seal)."""
+    try:
+        return int(json.loads((store.settings.home / SEAL_FILE).read_text())["seq"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def verify_seal(

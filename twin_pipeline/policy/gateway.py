@@ -38,6 +38,7 @@ import duckdb
 from twin_pipeline import ledger
 from twin_pipeline.errors import AccessDenied, StoreError, TwinPipelineError
 from twin_pipeline.keys import KeyRing
+from twin_pipeline.lineage.storage import Sealer
 from twin_pipeline.paths import Settings
 from twin_pipeline.policy.masks import relation_query
 from twin_pipeline.policy.model import PolicySet, Role, load_policies
@@ -126,19 +127,16 @@ def sanitize_error(exc: BaseException) -> str:
 
 
 def _record_access(store: Store, **event: Any) -> int:
-    try:
-        from twin_pipeline.audit import record_access
-    except ImportError:  # pragma: no cover - audit.py ships with the lineage work
-        return ledger.append(store, "audit", {"action": "query", **event})
-    return int(record_access(store, **event))
+    """Audit one query; the caller seals (the gateway's :class:`Sealer`)."""
+    from twin_pipeline.audit import record_access
+
+    return int(record_access(store, seal=False, **event))
 
 
 def _audit_event(store: Store, **event: Any) -> int:
-    try:
-        from twin_pipeline.audit import audit
-    except ImportError:  # pragma: no cover - audit.py ships with the lineage work
-        return ledger.append(store, "audit", event)
-    return int(audit(store, event))
+    from twin_pipeline.audit import audit
+
+    return int(audit(store, event, seal=False))
 
 
 class Gateway:
@@ -172,6 +170,7 @@ class Gateway:
         self._lock = threading.Lock()
         self._watchdog: _Watchdog | None = None
         self._checked: OrderedDict[tuple[str, str], Rewritten] = OrderedDict()
+        self._sealer: Sealer | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def open(self) -> Gateway:
@@ -199,13 +198,29 @@ class Gateway:
         self._salt = hmac.new(ring.pseudonym_key(), b"twin-gateway-mask-v1", "sha256").hexdigest()[
             :32
         ]
+        self._sealer = Sealer(store, ring)
         self._store = store
         return self
+
+    def audited(self, seq: int) -> int:
+        """Hand the head just committed by an audit entry to the sealer; returns ``seq``."""
+        store = self._store
+        if self._sealer is not None and store is not None and not store._tx_depth:
+            head = store._ledger_head
+            if head is not None and head[0] == seq:
+                self._sealer.note(head)
+        return seq
 
     def close(self) -> None:
         if self._watchdog is not None:
             self._watchdog.stop()
             self._watchdog = None
+        if self._sealer is not None:
+            try:
+                if self._store is not None:
+                    self._sealer.close()  # the session's last word: its committed head, signed
+            finally:
+                self._sealer = None
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -251,16 +266,20 @@ class Gateway:
         try:
             role_name, role = self.policies.role_of(user)
         except AccessDenied as exc:
-            _audit_event(
-                store,
-                action="describe",
-                user=user,
-                role="unknown",
-                decision="deny",
-                reason=str(exc),
+            self.audited(
+                _audit_event(
+                    store,
+                    action="describe",
+                    user=user,
+                    role="unknown",
+                    decision="deny",
+                    reason=str(exc),
+                )
             )
             raise
-        _audit_event(store, action="describe", user=user, role=role_name, decision="allow")
+        self.audited(
+            _audit_event(store, action="describe", user=user, role=role_name, decision="allow")
+        )
         out: dict[str, Any] = {}
         for rel, cols in sorted(self._relations.items()):
             if not role.may_read(rel):
@@ -312,19 +331,21 @@ class Gateway:
         except AccessDenied as exc:
             construct = getattr(exc, "construct", None)
             relations = getattr(exc, "relations", None) or relations
-            _record_access(
-                store,
-                user=user,
-                role=role_name,
-                sql=sql,
-                relations=relations,
-                rows=0,
-                decision="deny",
-                reason=str(exc),
-                status="denied",
-                construct=construct,
-                policy_version=self.policies.version,
-                elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
+            self.audited(
+                _record_access(
+                    store,
+                    user=user,
+                    role=role_name,
+                    sql=sql,
+                    relations=relations,
+                    rows=0,
+                    decision="deny",
+                    reason=str(exc),
+                    status="denied",
+                    construct=construct,
+                    policy_version=self.policies.version,
+                    elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
+                )
             )
             raise
         cap = role.max_rows if limit is None else max(1, min(int(limit), role.max_rows))
@@ -332,36 +353,40 @@ class Gateway:
             columns, rows = self._execute(store.con, rw.sql, cap + 1)
         except Exception as exc:  # DuckDB errors, and any failure converting the result
             reason = sanitize_error(exc) if isinstance(exc, duckdb.Error) else type(exc).__name__
+            self.audited(
+                _record_access(
+                    store,
+                    user=user,
+                    role=role_name,
+                    sql=sql,
+                    relations=relations,
+                    rows=0,
+                    decision="allow",
+                    reason=f"query failed: {reason}",
+                    status="error",
+                    policy_version=self.policies.version,
+                    elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
+                )
+            )
+            raise QueryFailed(f"query failed: {reason}") from None
+        truncated = len(rows) > cap
+        rows = rows[:cap]
+        elapsed = (time.perf_counter() - started) * 1000
+        seq = self.audited(
             _record_access(
                 store,
                 user=user,
                 role=role_name,
                 sql=sql,
                 relations=relations,
-                rows=0,
+                rows=len(rows),
                 decision="allow",
-                reason=f"query failed: {reason}",
-                status="error",
+                reason=None,
+                status="ok",
+                truncated=truncated,
                 policy_version=self.policies.version,
-                elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
+                elapsed_ms=round(elapsed, 3),
             )
-            raise QueryFailed(f"query failed: {reason}") from None
-        truncated = len(rows) > cap
-        rows = rows[:cap]
-        elapsed = (time.perf_counter() - started) * 1000
-        seq = _record_access(
-            store,
-            user=user,
-            role=role_name,
-            sql=sql,
-            relations=relations,
-            rows=len(rows),
-            decision="allow",
-            reason=None,
-            status="ok",
-            truncated=truncated,
-            policy_version=self.policies.version,
-            elapsed_ms=round(elapsed, 3),
         )
         compiled = {
             r: self._compiled[(role_name, r)]
