@@ -342,15 +342,28 @@ def harmonize_readings(
             GROUP BY ALL
             """
         )
-        con.execute(
-            f"""
-            INSERT INTO {PENDING}
-            SELECT DISTINCT 'minute', NULL, patient_id, metric, date_trunc('minute', ts_utc)
-            FROM _th_batch WHERE rule IS NULL
-            UNION ALL
-            SELECT DISTINCT 'gap', device_id, NULL, NULL, NULL FROM _th_batch WHERE rule IS NULL
-            """
-        )
+        # Keys to recompute; none when a full rebuild is pending anyway (first load).
+        full_row = con.execute(
+            f"SELECT count(*) FILTER (kind = 'full_minute'), count(*) FILTER (kind = 'full_gap') "
+            f"FROM {PENDING}"
+        ).fetchone()
+        full_minute, full_gap = (bool(x) for x in (full_row or (0, 0)))
+        if not full_minute:
+            con.execute(
+                f"""
+                INSERT INTO {PENDING}
+                SELECT DISTINCT 'minute', NULL, patient_id, metric, date_trunc('minute', ts_utc)
+                FROM _th_batch WHERE rule IS NULL
+                """
+            )
+        if not full_gap:
+            con.execute(
+                f"""
+                INSERT INTO {PENDING}
+                SELECT DISTINCT 'gap', device_id, NULL, NULL, NULL
+                FROM _th_batch WHERE rule IS NULL
+                """
+            )
         row = con.execute(
             """
             SELECT count(*), count(*) FILTER (rule IS NULL),

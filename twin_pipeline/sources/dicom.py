@@ -452,9 +452,11 @@ class DicomReader(SourceReader):
 
     def _read_all(self, files: Sequence[SourceFile]) -> list[list[tuple[str, Any]]]:
         """Parse every file: in this process for small batches, in a pool of worker processes
-        (``TWIN_DICOM_WORKERS``, default 2) from ``POOL_MIN_FILES`` files on. Workers come from
-        a fork server that has imported this module (no fork of a process holding DuckDB
-        threads); a pool that cannot start falls back to one process."""
+        (``TWIN_DICOM_WORKERS``, default 2; 0 or 1: one process) from ``POOL_MIN_FILES`` files
+        on. Workers are forked (a fork server or spawn would re-import the caller's
+        ``__main__``, which breaks scripts without a main guard and ``python -`` input); they
+        only parse files (no store access) and leave with ``os._exit``. A pool that cannot
+        start falls back to one process."""
         workers = _workers()
         if workers < 2 or len(files) < POOL_MIN_FILES:
             return [_read_one(f.path, f.rel) for f in files]
@@ -462,8 +464,7 @@ class DicomReader(SourceReader):
         from concurrent.futures import ProcessPoolExecutor
 
         try:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload([__name__])
+            ctx = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
                 chunk = max(16, len(files) // (workers * 8))
                 return list(

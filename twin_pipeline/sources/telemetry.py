@@ -221,7 +221,7 @@ def _stage_lines(con: duckdb.DuckDBPyConnection, f: SourceFile) -> bool:
             """
         )
         # Insertion order is preserved, so the rowid offset is the line number (blank lines
-        # are kept as NULL rows).
+        # are kept as NULL rows; rowids of a table made inside a transaction do not start at 0).
         src = "SELECT rowid - (SELECT min(rowid) FROM _tele_raw) + 1 AS n, line FROM _tele_raw"
     # A UTF-8 byte-order mark on the first line is not part of the record.
     # A view, not a copy: the lines are scanned once more by the classifying INSERT.
