@@ -234,6 +234,7 @@ def test_process_pool_gives_identical_tables(
     from twin_pipeline.sources import fhir as fhir_source
 
     monkeypatch.setattr(fhir_source, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(fhir_source, "PARALLEL_MIN_BYTES", 1)
     monkeypatch.setattr(fhir_source, "CHUNK", 3)
     monkeypatch.setenv("TWIN_FHIR_WORKERS", "2")
     env = private_env(tmp_path)

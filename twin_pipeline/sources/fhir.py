@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS {RAW_TABLE} (
 )
 """
 PARALLEL_MIN = 20_000  # NDJSON lines in a chunk before the process pool is worth its cost
+PARALLEL_MIN_BYTES = 4 << 20  # JSON (Bundle) bytes in a chunk before files go to the pool
 #: Seconds per stage of the last :meth:`FhirReader.load` in this process (for benchmarks).
 LAST_PROFILE: dict[str, float] = {}
 CHUNK = 500
@@ -227,9 +228,14 @@ def validation_stats() -> dict[str, int]:
 
 
 def _warm(_: int = 0) -> int:
+    """Import what validation needs (spec, the models of every mapped type) once, before
+    the pool forks, so workers inherit it instead of each importing it again."""
+    from twin_pipeline.harmonize.fhir_spec import load_spec
+
     _bindings()
-    for name in ("Patient", "Encounter", "Observation", "Condition", "Procedure"):
-        _model(name)
+    for name in ("Bundle", *load_spec().mapped_types):
+        if is_resource_type(name):
+            _model(name)
     return os.getpid()
 
 
@@ -558,20 +564,27 @@ class FhirReader(SourceReader):
         prof: dict[str, float],
     ) -> None:
         t0 = time.perf_counter()
-        batches: list[_FileBatch] = []
-        for f in files:
-            fs = stats.file(f.rel)
-            try:
-                text, lossy = _read_text(f)
-            except (OSError, UnicodeError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
-                batch = _FileBatch(f, [_Rec("file", 0, "", None,
-                                           problem=("broken_json", f"unreadable file: {exc}"))])  # fmt: skip
-            else:
-                batch = _FileBatch(f, list(_records(f, text, lossy)))
-            fs.records_in = len(batch.records)
-            batches.append(batch)
+        # Bundle/JSON files are parsed, validated and hashed whole in the pool when there are
+        # enough of them; NDJSON lines are read here and validated in chunks (process_many).
+        workers = _workers()
+        whole = [f for f in files if not f.rel.endswith((".ndjson", ".ndjson.gz"))]
+        if workers < 2 or sum(f.size for f in whole) < PARALLEL_MIN_BYTES:
+            whole = []
+        futures = {f.rel: _pool(workers).submit(_prepare_file, f) for f in whole}
+        local = [_read_batch(f) for f in files if f.rel not in futures]
         t1 = time.perf_counter()
-        self._check(batches, store)
+        _check_batches(local)
+        done = {b.file.rel: b for b in local}
+        for rel, fut in futures.items():
+            try:
+                done[rel] = fut.result()
+            except Exception as exc:  # a worker died: the file is quarantined, not lost
+                f = next(x for x in whole if x.rel == rel)
+                done[rel] = _FileBatch(f, [_Rec("file", 0, "", None, problem=(
+                    "validation_failed", f"file could not be validated: {exc!r}"))])  # fmt: skip
+        batches = [done[f.rel] for f in files]
+        for batch in batches:
+            stats.file(batch.file.rel).records_in = len(batch.records)
         t2 = time.perf_counter()
         rows: dict[str, list[Any]] = {c: [] for c in _COLUMNS}
         quarantine: list[QuarantineRow] = []
@@ -650,43 +663,64 @@ class FhirReader(SourceReader):
         ):
             prof[key] = prof.get(key, 0.0) + dt
 
-    def _check(self, batches: list[_FileBatch], store: Store) -> None:
-        """Set ``problem`` (or the row metadata) on every record. Exact copies of a record
-        are checked once."""
-        deferred: dict[str, list[_Rec]] = {}
-        parsed: dict[str, list[_Rec]] = {}
-        for batch in batches:
-            for rec in batch.records:
-                if rec.deferred:
-                    deferred.setdefault(rec.text, []).append(rec)
-                    continue
-                if rec.problem is not None or rec.method == "DELETE":
-                    if rec.problem is None and _id_from_url(rec.url)[0] is None:
-                        rec.problem = (
-                            "missing_required",
-                            f"DELETE entry without a Type/id request.url ({rec.url!r})",
-                        )
-                    continue
-                res = rec.resource
-                if isinstance(res, dict) and not res.get("id"):
-                    # PUT Type/id names the resource; a POST is identified by its fullUrl
-                    put = _id_from_url(rec.url) if rec.method == "PUT" else (None, None)
-                    uid = put[1] or _id_from_url(rec.full_url)[1]
-                    if uid:
-                        res["id"] = uid
-                        rec.text = _dumps(res)
-                        rec._hash = None
-                parsed.setdefault(rec.text, []).append(rec)
-        texts = list(deferred)
-        for text, (problem, meta) in zip(texts, process_many(texts), strict=True):
-            for rec in deferred[text]:
-                rec.problem, rec.meta = problem, meta
-        for recs in parsed.values():
-            res = recs[0].resource
-            problem = _check_resource(res) or validate_resource(res)  # type: ignore[arg-type]
-            for rec in recs:
-                rec.problem = problem
-                rec.meta = _meta_of(res) if isinstance(res, dict) else None
+
+def _read_batch(f: SourceFile) -> _FileBatch:
+    try:
+        text, lossy = _read_text(f)
+    except (OSError, UnicodeError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        return _FileBatch(f, [_Rec("file", 0, "", None,
+                                   problem=("broken_json", f"unreadable file: {exc}"))])  # fmt: skip
+    return _FileBatch(f, list(_records(f, text, lossy)))
+
+
+def _prepare_file(f: SourceFile) -> _FileBatch:
+    """Pool worker: one file read, parsed, validated and hashed; parsed payloads dropped
+    (only the text travels back)."""
+    batch = _read_batch(f)
+    _check_batches([batch])
+    for rec in batch.records:
+        _ = rec.hash
+        rec.resource = None
+    return batch
+
+
+def _check_batches(batches: list[_FileBatch]) -> None:
+    """Set ``problem`` (or the row metadata) on every record. Exact copies of a record
+    are checked once."""
+    deferred: dict[str, list[_Rec]] = {}
+    parsed: dict[str, list[_Rec]] = {}
+    for batch in batches:
+        for rec in batch.records:
+            if rec.deferred:
+                deferred.setdefault(rec.text, []).append(rec)
+                continue
+            if rec.problem is not None or rec.method == "DELETE":
+                if rec.problem is None and _id_from_url(rec.url)[0] is None:
+                    rec.problem = (
+                        "missing_required",
+                        f"DELETE entry without a Type/id request.url ({rec.url!r})",
+                    )
+                continue
+            res = rec.resource
+            if isinstance(res, dict) and not res.get("id"):
+                # PUT Type/id names the resource; a POST is identified by its fullUrl
+                put = _id_from_url(rec.url) if rec.method == "PUT" else (None, None)
+                uid = put[1] or _id_from_url(rec.full_url)[1]
+                if uid:
+                    res["id"] = uid
+                    rec.text = _dumps(res)
+                    rec._hash = None
+            parsed.setdefault(rec.text, []).append(rec)
+    texts = list(deferred)
+    for text, (problem, meta) in zip(texts, process_many(texts), strict=True):
+        for rec in deferred[text]:
+            rec.problem, rec.meta = problem, meta
+    for recs in parsed.values():
+        res = recs[0].resource
+        problem = _check_resource(res) or validate_resource(res)  # type: ignore[arg-type]
+        for rec in recs:
+            rec.problem = problem
+            rec.meta = _meta_of(res) if isinstance(res, dict) else None
 
 
 def _arrow_types() -> dict[str, Any]:
