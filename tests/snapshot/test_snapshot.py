@@ -131,6 +131,41 @@ def test_reproducible_bytes(snap_home: Settings, tmp_path: Path, cohort_file: Pa
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_bytes_do_not_depend_on_thread_count(
+    snap_home: Settings, tmp_path: Path, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DuckDB writes the Parquet in parallel: the files must not depend on how many threads."""
+    from twin_pipeline.snapshot import create as create_mod
+
+    base = create_snapshot("researcher", tmp_path / "base", settings=snap_home)
+    monkeypatch.setattr(create_mod.os, "cpu_count", lambda: threads)
+    other = create_snapshot("researcher", tmp_path / "other", settings=snap_home)
+    assert {t["file"]: t["sha256"] for t in base.tables} == {
+        t["file"]: t["sha256"] for t in other.tables
+    }
+    assert base.manifest_sha256 == other.manifest_sha256
+
+
+def test_export_connection_writes_only_into_its_own_folder(
+    snap_home: Settings, tmp_path: Path
+) -> None:
+    """The export gateway may COPY into the snapshot's temporary folder and nowhere else."""
+    import duckdb
+
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    with Gateway(snap_home, write_directories=[allowed]) as gw:
+        con = gw.store.con
+        con.execute(f"COPY (SELECT 1 AS x) TO '{allowed / 'ok.parquet'}' (FORMAT parquet)")
+        for target in (tmp_path / "elsewhere.parquet", allowed.parent / "allowed2" / "x.parquet"):
+            with pytest.raises(duckdb.Error, match=r"(?i)permission|access"):
+                con.execute(f"COPY (SELECT 1 AS x) TO '{target}' (FORMAT parquet)")
+        with pytest.raises(duckdb.Error):
+            con.execute("SET allowed_directories = ['/']")  # configuration is locked
+    assert (allowed / "ok.parquet").exists()
+
+
 def test_k_anonymity_holds_over_released_values(shared: Shared) -> None:
     out = shared.out
     patients = _table(out, "patient")

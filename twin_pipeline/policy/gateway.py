@@ -29,8 +29,9 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -154,6 +155,7 @@ class Gateway:
         timeout_s: float = 60.0,
         memory_limit: str = "4GB",
         threads: int = 1,
+        write_directories: Sequence[Path] = (),
     ) -> None:
         self.settings = settings or Settings.from_env()
         self.policies = policies or load_policies()
@@ -163,6 +165,9 @@ class Gateway:
         # hand-off between DuckDB worker threads dominates their latency on a busy machine
         # (measured ~8x on the audit append), and one user's query cannot take every core.
         self.threads = max(1, int(threads))
+        # Folders the connection may still write to with external access off (a snapshot's
+        # temporary output folder): DuckDB's allowed_directories, set before the lock.
+        self.write_directories = [Path(d).resolve() for d in write_directories]
         self._store: Store | None = None
         self._relations: dict[str, list[tuple[str, str]]] = {}
         self._compiled: dict[tuple[str, str], _Compiled] = {}
@@ -186,6 +191,12 @@ class Gateway:
             con = store.con
             con.execute(f"SET memory_limit = '{self.memory_limit}'")
             con.execute(f"SET threads = {self.threads}")
+            if self.write_directories:
+                dirs = ", ".join(
+                    "'" + (str(d).rstrip("/") + "/").replace("'", "''") + "'"
+                    for d in self.write_directories
+                )
+                con.execute(f"SET allowed_directories = [{dirs}]")
             for stmt in LOCKDOWN:
                 con.execute(stmt)
             self._relations = {

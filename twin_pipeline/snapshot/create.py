@@ -11,8 +11,11 @@ access off, so nothing here can read or write files through SQL):
    and column masks) is the only way the export reads the table;
 3. released patients: consent (again, whatever the role's filters), not deleted, the cohort's
    criteria, then k-anonymity by suppression over the policy's quasi-identifiers;
-4. each table's released rows stream in a total order (``lineage_key`` first, then every
-   column) as Arrow batches into deterministic Parquet (:mod:`.writer`);
+4. each table's released rows are written by DuckDB itself (``COPY (SELECT ... ORDER BY
+   lineage_key, then every column) TO ... (FORMAT parquet)``, :func:`.writer.copy_parquet`):
+   parallel, in a total order, with fixed writer settings, so the bytes are reproducible. The
+   gateway's connection stays locked (external access off); the only place it may write is the
+   snapshot's own temporary folder, allowed (DuckDB ``allowed_directories``) before the lock;
 5. the manifest, PROV-JSON lineage, dataset card and public key are written, the manifest is
    signed with the current signing key, and in one store transaction the export is audited
    (:func:`twin_pipeline.audit.record_access`), recorded as an activity in the ledger whose
@@ -28,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
+import os
 import shutil
 import time
 import uuid
@@ -51,10 +55,9 @@ from twin_pipeline.snapshot.config import (
     load_snapshot_policy,
 )
 from twin_pipeline.snapshot.disclosure import KAnonResult, ident, k_anonymize, qi_sql
-from twin_pipeline.snapshot.writer import write_parquet, writer_id
+from twin_pipeline.snapshot.writer import copy_parquet, duckdb_writer_id
 from twin_pipeline.store import Store
 
-BATCH_ROWS = 131_072
 # DuckDB types Parquet cannot hold as such (or only as DuckDB-specific extension types): exported
 # as their text form, e.g. INTERVAL '3 days'.
 AS_TEXT = frozenset({"INTERVAL", "UHUGEINT", "VARINT", "BIGNUM", "TIME WITH TIME ZONE", "TIMETZ"})
@@ -150,7 +153,12 @@ def _key_versions_in_data(store: Store, table_docs: Sequence[dict[str, Any]]) ->
     return sorted(versions)
 
 
-def _prepare_out(out: Path, force: bool) -> Path:
+def _tmp_folder(out: Path) -> Path:
+    """Where the snapshot is assembled before its atomic rename to ``out``."""
+    return out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def _prepare_out(out: Path, force: bool, tmp: Path) -> Path:
     if out.exists():
         if not out.is_dir():
             raise ConfigError("output exists and is not a folder", path=str(out))
@@ -159,7 +167,6 @@ def _prepare_out(out: Path, force: bool) -> Path:
                 "output folder is not empty (use --force to replace it)", path=str(out)
             )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     (tmp / "data").mkdir(parents=True)
     return tmp
 
@@ -197,7 +204,12 @@ def create_snapshot(
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError("output folder is not empty (use --force to replace it)", path=str(out))
 
-    gw = _ExportGateway(settings, policies=access)
+    tmp = _tmp_folder(out)
+    # All cores for the export (DuckDB sorts and writes Parquet in parallel; the bytes do not
+    # depend on the thread count); the one folder its connection may write to is tmp.
+    gw = _ExportGateway(
+        settings, policies=access, threads=os.cpu_count() or 1, write_directories=[tmp]
+    )
     with gw:
         store = gw.store
         role_name = "unknown"
@@ -375,7 +387,7 @@ def create_snapshot(
         kres: KAnonResult = k_anonymize(rows, spolicy.k_anonymity.k, [q.name for q in qis])
 
         # -- export --------------------------------------------------------------------------
-        tmp = _prepare_out(out, force)
+        _prepare_out(out, force, tmp)
         try:
             table_docs: list[dict[str, Any]] = []
             rows_suppressed: dict[str, int] = {}
@@ -502,8 +514,7 @@ def _export_table(
         + f" ORDER BY {', '.join(order)}"
     )
     fname = f"data/{plan.relation.split('.', 1)[1]}.parquet"
-    reader = con.execute(sql, params).fetch_record_batch(BATCH_ROWS)
-    written = write_parquet(reader, tmp / fname, spolicy.parquet)
+    written = copy_parquet(con, sql, params, tmp / fname, spolicy.parquet)
     n_supp = 0
     if plan.link != "reference" and kres.suppressed:
         row = con.execute(
@@ -597,7 +608,7 @@ def _finish(
         "code_version": act.code_version(),
         "parquet": {
             **spolicy.parquet.model_dump(),
-            "writer": writer_id(),
+            "writer": duckdb_writer_id(),
             "order": "lineage_key, then every column",
         },
     }

@@ -1,6 +1,12 @@
 """Deterministic Parquet: the same rows in the same order give the same bytes.
 
-Rows stream from DuckDB as Arrow record batches (bounded memory) and are re-cut into row groups
+:func:`copy_parquet` (what snapshots use) has DuckDB write the file itself with ``COPY (SELECT
+... ORDER BY <total order>) TO ... (FORMAT parquet)``: parallel, no rows through Python. The
+query's ORDER BY is a total order and DuckDB preserves it (``preserve_insertion_order``), with a
+fixed codec, level and row-group size, so the bytes depend only on the rows and the DuckDB
+version (recorded in the manifest as the writer), not on the thread count.
+
+:func:`write_parquet` is the pyarrow writer: rows stream from DuckDB as Arrow record batches (bounded memory) and are re-cut into row groups
 of exactly ``row_group_size`` rows (the last one shorter), with a fixed compression codec and
 level, format version and statistics setting. Parquet footers carry no write time; the only
 environment-dependent bytes are the writer's ``created_by`` string (pyarrow version), which the
@@ -11,8 +17,10 @@ the session's zone, which differs between machines, while the instants are the s
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -106,6 +114,42 @@ def write_parquet(
         path=path,
         rows=rows,
         bytes=size,
+        sha256=sha256_file(path),
+        schema=[{"name": f.name, "type": str(f.type)} for f in schema],
+    )
+
+
+def duckdb_writer_id() -> str:
+    import duckdb
+
+    return f"DuckDB {duckdb.__version__} COPY (FORMAT parquet)"
+
+
+def _sql_text(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def copy_parquet(
+    con: Any, select_sql: str, params: Sequence[Any], path: Path, settings: ParquetSettings
+) -> WrittenFile:
+    """Have DuckDB write the rows of ``select_sql`` (which must end in a total ORDER BY) to
+    ``path``; return rows, size, sha256 and the file's Arrow schema."""
+    opts = [
+        "FORMAT parquet",
+        f"COMPRESSION {settings.compression}",
+        f"ROW_GROUP_SIZE {int(settings.row_group_size)}",
+    ]
+    if settings.compression == "zstd" and settings.compression_level:
+        opts.append(f"COMPRESSION_LEVEL {int(settings.compression_level)}")
+    row = con.execute(
+        f"COPY ({select_sql}) TO {_sql_text(str(path))} ({', '.join(opts)})", list(params)
+    ).fetchone()
+    rows = int(row[0]) if row else 0
+    schema = normalise_schema(pq.read_schema(path))
+    return WrittenFile(
+        path=path,
+        rows=rows,
+        bytes=path.stat().st_size,
         sha256=sha256_file(path),
         schema=[{"name": f.name, "type": str(f.type)} for f in schema],
     )
