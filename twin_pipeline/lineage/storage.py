@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -311,7 +312,8 @@ def seal_document(seq: int, head: str, signer: _Signer) -> dict[str, Any]:
 def write_seal(settings_home: Path, doc: dict[str, Any]) -> None:
     """Replace the seal file atomically (a reader sees the old seal or the new one)."""
     path = settings_home / SEAL_FILE
-    tmp = path.with_suffix(".tmp")
+    # one temporary name per writer thread: a gateway's sealer and a direct seal may overlap
+    tmp = path.with_name(f".{SEAL_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     tmp.replace(path)
 

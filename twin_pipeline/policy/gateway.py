@@ -206,10 +206,14 @@ class Gateway:
             store.close()
             raise
         ring = KeyRing(self.settings.keys_dir)
-        self._salt = hmac.new(ring.pseudonym_key(), b"twin-gateway-mask-v1", "sha256").hexdigest()[
-            :32
-        ]
-        self._sealer = Sealer(store, ring)
+        try:
+            self._salt = hmac.new(
+                ring.pseudonym_key(), b"twin-gateway-mask-v1", "sha256"
+            ).hexdigest()[:32]
+            self._sealer = Sealer(store, ring)  # needs the signing key: no audit without a seal
+        except BaseException:
+            store.close()
+            raise
         self._store = store
         return self
 
