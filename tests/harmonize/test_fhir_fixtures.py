@@ -245,3 +245,26 @@ def test_process_pool_gives_identical_tables(
         fhir_source.shutdown_pool()
     assert env.hashes() == loaded.hashes()
     assert env.quarantine() == loaded.quarantine()
+
+
+def test_pool_ends_with_the_load_and_releases_inherited_locks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forked workers inherit open files, the run lock's ``flock`` included: a pool kept after
+    the load would block the next run in the same process (``twin watch``)."""
+    import fcntl
+
+    from twin_pipeline.sources import fhir as fhir_source
+
+    monkeypatch.setattr(fhir_source, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(fhir_source, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setenv("TWIN_FHIR_WORKERS", "2")
+    lock = tmp_path / "run.lock"
+    env = private_env(tmp_path)
+    env.copy_fixtures()
+    with lock.open("a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        env.run()
+        assert fhir_source._POOL is None
+    with lock.open("a+") as again:  # the first holder is closed: nobody else may hold it
+        fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -243,11 +243,13 @@ _POOL: ProcessPoolExecutor | None = None
 
 
 def _pool(workers: int) -> Executor:
-    """A pool of forked workers, kept for the life of the process.
+    """A pool of forked workers, for one :meth:`FhirReader.load` (shut down at its end).
 
     Fork (not spawn/forkserver) because those re-import the ``__main__`` module, which under
     Dagster, pytest or a script is not ours to re-run. Workers only run pydantic; they never
-    touch the DuckDB connection they inherit.
+    touch the DuckDB connection they inherit. They do inherit every open file, the run lock
+    included (``flock`` is shared with forked children), so a pool that outlived the load
+    would keep the next run in the same process (``twin watch``) from starting.
     """
     global _POOL
     if _POOL is None:
@@ -256,7 +258,6 @@ def _pool(workers: int) -> Executor:
         _warm()  # children inherit the imported models
         ctx = mp.get_context("fork")
         _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-        list(_POOL.map(_warm, range(workers)))
     return _POOL
 
 
@@ -502,7 +503,7 @@ def _unstorable(rec: _Rec) -> tuple[str, str] | None:
     ):
         if _not_str(value):
             return "validation_failed", f"{rtype}.{name}: {value!r} is not a string"
-    if _unencodable(rec.text):
+    if not rec.text.isascii() and _unencodable(rec.text):
         return "broken_json", "a string holds an unpaired UTF-16 surrogate"
     return None
 
@@ -544,14 +545,17 @@ class FhirReader(SourceReader):
         prof: dict[str, float] = {}
         chunk: list[SourceFile] = []
         size = 0
-        for f in files:
-            chunk.append(f)
-            size += f.size
-            if size >= CHUNK_BYTES:
+        try:
+            for f in files:
+                chunk.append(f)
+                size += f.size
+                if size >= CHUNK_BYTES:
+                    self._load_chunk(chunk, store, stats, prof)
+                    chunk, size = [], 0
+            if chunk:
                 self._load_chunk(chunk, store, stats, prof)
-                chunk, size = [], 0
-        if chunk:
-            self._load_chunk(chunk, store, stats, prof)
+        finally:
+            shutdown_pool()
         LAST_PROFILE.clear()
         LAST_PROFILE.update(prof)
         return stats
