@@ -25,7 +25,11 @@ def home(twin_home: Settings) -> Settings:
 
 
 def _seal_doc(settings: Settings) -> dict[str, object]:
-    doc: dict[str, object] = json.loads((settings.home / storage.SEAL_FILE).read_text())
+    """The seal file's content; empty while no seal has been written yet."""
+    path = settings.home / storage.SEAL_FILE
+    if not path.exists():
+        return {}
+    doc: dict[str, object] = json.loads(path.read_text())
     return doc
 
 
