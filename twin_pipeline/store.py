@@ -141,8 +141,15 @@ def _attach(con: duckdb.DuckDBPyConnection, path: Path, key: str, read_only: boo
         raise StoreError(msg, path=str(path)) from exc
 
 
+@dataclass
+class _SharedEntry:
+    base: duckdb.DuckDBPyConnection
+    refs: int = 0
+    read_only: bool = False
+
+
 class _SharedConnection:
-    """One in-memory DuckDB per process with httpfs loaded once (loading it costs ~0.4 s).
+    """One in-memory DuckDB per store file and process, httpfs loaded once (it costs ~0.4 s).
 
     The store file is attached while at least one :class:`Store` uses it and detached when the
     last one closes, so the file lock is still held only while an asset (or a query) works and
@@ -151,10 +158,7 @@ class _SharedConnection:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._base: duckdb.DuckDBPyConnection | None = None
-        self._refs = 0
-        self._path: Path | None = None
-        self._read_only = False
+        self._entries: dict[Path, _SharedEntry] = {}
         self._pid = 0
 
     def acquire(self, path: Path, key: str, read_only: bool) -> duckdb.DuckDBPyConnection | None:
@@ -162,31 +166,43 @@ class _SharedConnection:
         if os.environ.get("TWIN_SHARED_CONNECTION", "1") == "0":
             return None
         with self._lock:
-            if self._pid != os.getpid():  # forked child: never reuse the parent's handle
-                self._base, self._refs, self._path, self._pid = None, 0, None, os.getpid()
-            if self._base is None:
+            if self._pid != os.getpid():  # forked child: never reuse the parent's handles
+                self._entries, self._pid = {}, os.getpid()
+            entry = self._entries.get(path)
+            if entry is None:
+                self._evict_idle(keep=1)
                 base = duckdb.connect(":memory:")
                 base.execute(f"LOAD '{httpfs_extension_path()}'")
-                self._base = base
-            if self._refs == 0:
-                _attach(self._base, path, key, read_only)
-                self._path, self._read_only = path, read_only
-            elif self._path != path or (self._read_only and not read_only):
+                entry = self._entries[path] = _SharedEntry(base)
+            if entry.refs == 0:
+                _attach(entry.base, path, key, read_only)
+                entry.read_only = read_only
+            elif entry.read_only and not read_only:
                 return None
-            self._refs += 1
-            cur = self._base.cursor()
+            entry.refs += 1
+            cur = entry.base.cursor()
             cur.execute(f"USE {CATALOG}")
             return cur
 
-    def release(self) -> None:
+    def _evict_idle(self, keep: int) -> None:
+        """Close all but ``keep`` idle per-file connections (a test run opens many stores)."""
+        idle = [p for p, e in self._entries.items() if e.refs == 0]
+        for p in idle[: max(0, len(idle) - keep)]:
+            with contextlib.suppress(duckdb.Error):
+                self._entries[p].base.close()
+            del self._entries[p]
+
+    def release(self, path: Path) -> None:
         with self._lock:
-            self._refs -= 1
-            if self._refs <= 0 and self._base is not None:
-                self._refs = 0
+            entry = self._entries.get(path)
+            if entry is None:
+                return
+            entry.refs -= 1
+            if entry.refs <= 0:
+                entry.refs = 0
                 with contextlib.suppress(duckdb.Error):
-                    self._base.execute("USE memory")
-                    self._base.execute(f"DETACH {CATALOG}")
-                self._path = None
+                    entry.base.execute("USE memory")
+                    entry.base.execute(f"DETACH {CATALOG}")
 
 
 _SHARED = _SharedConnection()
@@ -293,7 +309,7 @@ class Store:
         with contextlib.suppress(Exception):
             self.con.close()
         if self._shared:
-            _SHARED.release()
+            _SHARED.release(self.settings.store_path)
 
     def __enter__(self) -> Store:
         return self
