@@ -31,7 +31,7 @@ from typing import Any
 
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.paths import SHARED_DATA_DIR, Settings
-from twin_pipeline.sources import SourceFile, load_readers, sha256_file
+from twin_pipeline.sources import SourceFile, classify, load_readers, sha256_file
 from twin_pipeline.store import Store
 
 # landing-relative folder and extension per fuzz target; the reader is whoever claims the path
@@ -232,47 +232,29 @@ def check_inputs(
     work: Path,
     *,
     hang_s: float = 10.0,
-    batch: int = 250,
 ) -> FuzzReport:
-    """Land each input as its own file and load it through the reader that claims it."""
+    """Land each input as its own file and load it, alone, through the reader that claims it
+    (one file per load, so a crash is pinned to its input)."""
     home = work / "home"
     settings = Settings.from_env(home).ensure()
-    ring = KeyRing(settings.keys_dir)
-    ring.init(if_missing=True)
+    KeyRing(settings.keys_dir).init(if_missing=True)
     readers = load_readers()
     report = FuzzReport()
     landing = work / "landing"
-    pending: list[tuple[str, SourceFile]] = []
-    counter = 0
-
-    def flush(store: Store) -> None:
-        by_kind: dict[str, list[tuple[str, SourceFile]]] = {}
-        for target, f in pending:
-            by_kind.setdefault(f.kind, []).append((target, f))
-        for kind, items in by_kind.items():
-            for target, f in items:  # one file per load: a crash is pinned to its input
-                _check_one(store, readers[kind], target, f, report, hang_s)
-        pending.clear()
-
     with Store.open(settings) as store:
-        for target, data in inputs:
+        for counter, (target, data) in enumerate(inputs):
             folder, ext = TARGETS[target]
             rel = f"{folder}/fuzz-{counter:06d}{ext}"
-            counter += 1
             path = landing / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-            kind = next((k for k, rd in readers.items() if rd.matches(rel)), None)
+            kind = classify(rel, readers)
             if kind is None:
                 report.failures.append(f"{rel}: no reader claims fuzz target {target}")
                 report.unexplained += 1
                 continue
-            pending.append(
-                (target, SourceFile(path, rel, kind, sha256_file(path), path.stat().st_size))
-            )
-            if len(pending) >= batch:
-                flush(store)
-        flush(store)
+            f = SourceFile(path, rel, kind, sha256_file(path), path.stat().st_size)
+            _check_one(store, readers[kind], target, f, report, hang_s)
     return report
 
 
