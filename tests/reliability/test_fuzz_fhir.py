@@ -10,7 +10,6 @@ verdict (position, rule) for the malformed inputs the fuzzer found.
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -19,37 +18,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from twin_pipeline.fuzz import _json_damage, check_inputs, mutate, seed_corpus
+from tests.reliability.conftest import assert_fuzz_clean
+from twin_pipeline.fuzz import _json_damage, mutate
 from twin_pipeline.ingest import ingest_files
 from twin_pipeline.paths import Settings
 from twin_pipeline.sources import discover, load_readers
 from twin_pipeline.store import Store
 
 TARGETS = ("fhir_ndjson", "fhir_bundle")
-_work_ids = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[bytes]]:
-    corpus = seed_corpus(tmp_path_factory.mktemp("fuzz-seeds"))
-    assert set(TARGETS) <= set(corpus)
-    return corpus
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("fuzz-work")
-
-
-def _check(work: Path, inputs: list[tuple[str, bytes]]) -> None:
-    report = check_inputs(inputs, work / f"ex{next(_work_ids)}", hang_s=30.0)
-    assert report.tried == len(inputs)
-    assert report.crashed == 0, report.failures
-    assert report.hung == 0, report.failures
-    assert report.unbalanced == 0, report.failures
-    assert report.unexplained == 0, report.failures
-
-
 FUZZ = settings(
     max_examples=50,
     deadline=None,
@@ -123,13 +99,13 @@ def test_mutated_seed_records_never_crash_the_reader(
         inputs.append(
             (target, _json_damage(seed, rnd) if rnd.random() < 0.5 else mutate(seed, rnd))
         )
-    _check(work, inputs)
+    assert_fuzz_clean(work, inputs)
 
 
 @FUZZ
 @given(bundles=st.lists(BUNDLE | JSON, min_size=1, max_size=5))
 def test_arbitrary_bundles_never_crash_the_reader(work: Path, bundles: list[Any]) -> None:
-    _check(work, [("fhir_bundle", json.dumps(b).encode()) for b in bundles])
+    assert_fuzz_clean(work, [("fhir_bundle", json.dumps(b).encode()) for b in bundles])
 
 
 @FUZZ
@@ -137,7 +113,7 @@ def test_arbitrary_bundles_never_crash_the_reader(work: Path, bundles: list[Any]
 def test_arbitrary_ndjson_lines_never_crash_the_reader(work: Path, files: list[list[Any]]) -> None:
     inputs = [("fhir_ndjson", "\n".join(json.dumps(x) for x in lines).encode()) for lines in files]
     if inputs:
-        _check(work, inputs)
+        assert_fuzz_clean(work, inputs)
 
 
 # -- pinned verdicts ---------------------------------------------------------------------------

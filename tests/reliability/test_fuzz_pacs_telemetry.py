@@ -8,45 +8,20 @@ hold per file, and every quarantined record must carry a rule and a reason.
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from twin_pipeline.fuzz import check_inputs, mutate, seed_corpus
+from tests.reliability.conftest import assert_fuzz_clean
+from twin_pipeline.fuzz import mutate
 from twin_pipeline.paths import Settings
 from twin_pipeline.sources import load_readers
 from twin_pipeline.sources.telemetry import inspect_file
 from twin_pipeline.store import Store
 
 TARGETS = ("dicom", "telemetry_ndjson", "telemetry_csv", "hl7v2")
-_work_ids = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[bytes]]:
-    corpus = seed_corpus(tmp_path_factory.mktemp("fuzz-seeds"))
-    assert set(TARGETS) <= set(corpus)
-    return corpus
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("fuzz-work")
-
-
-def _check(work: Path, inputs: list[tuple[str, bytes]]) -> None:
-    # one landing per example (file names restart at 0); the scratch store is rolled back per file
-    report = check_inputs(inputs, work / f"ex{next(_work_ids)}", hang_s=30.0)
-    assert report.tried == len(inputs)
-    assert report.crashed == 0, report.failures
-    assert report.hung == 0, report.failures
-    assert report.unbalanced == 0, report.failures
-    assert report.unexplained == 0, report.failures
-
-
 FUZZ = settings(
     max_examples=12,
     deadline=None,
@@ -64,14 +39,14 @@ def test_mutated_seed_records_never_crash_a_reader(
     rnd = data.draw(st.randoms(use_true_random=False))
     batch = data.draw(st.integers(min_value=4, max_value=10))
     inputs = [(target, mutate(rnd.choice(seeds[target]), rnd)) for _ in range(batch)]
-    _check(work, inputs)
+    assert_fuzz_clean(work, inputs)
 
 
 @pytest.mark.parametrize("target", TARGETS)
 @FUZZ
 @given(blobs=st.lists(st.binary(max_size=2048), min_size=1, max_size=6))
 def test_arbitrary_bytes_never_crash_a_reader(work: Path, target: str, blobs: list[bytes]) -> None:
-    _check(work, [(target, b) for b in blobs])
+    assert_fuzz_clean(work, [(target, b) for b in blobs])
 
 
 @pytest.mark.parametrize("target", ("telemetry_ndjson", "telemetry_csv"))
@@ -87,7 +62,7 @@ def test_telemetry_prefix_and_suffix_bytes_keep_the_good_lines(
     i = data.draw(st.integers(min_value=2 if target == "telemetry_csv" else 1, max_value=3))
     junk = data.draw(st.binary(min_size=1, max_size=16))
     lines[i - 1] = lines[i - 1][:5] + junk + lines[i - 1][5:]
-    _check(work, [(target, b"\n".join(lines))])
+    assert_fuzz_clean(work, [(target, b"\n".join(lines))])
 
 
 def _load_one(
