@@ -9,7 +9,6 @@ asset's own transaction, so nothing materializes without its record.
 from __future__ import annotations
 
 import functools
-import hashlib
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 from twin_pipeline import __version__, ledger
 from twin_pipeline.paths import PROJECT_ROOT
+from twin_pipeline.sources import sha256_file
 from twin_pipeline.store import Store
 
 
@@ -67,10 +67,6 @@ def code_version() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         pass
     return {"package": f"twin-pipeline {__version__}", "git_commit": commit}
-
-
-def file_sha256(path: Any) -> str:
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 VERSION_DDL = """
@@ -162,7 +158,7 @@ def policy_versions(policies_dir: Any = None) -> dict[str, str]:
     if not root.is_dir():
         return {}
     return {
-        p.relative_to(root.parent).as_posix(): file_sha256(p)
+        p.relative_to(root.parent).as_posix(): sha256_file(p)
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.suffix in {".yaml", ".yml", ".json"}
     }

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from twin_pipeline.activity import file_sha256
 from twin_pipeline.defs.common import governed_run
 from twin_pipeline.defs.resources import TwinResource
+from twin_pipeline.sources import sha256_file
 from twin_pipeline.twin.graph import build_graph, ensure_graph_tables
 from twin_pipeline.twin.model import load_model
 from twin_pipeline.twin.scenario import load_scenario
@@ -185,7 +185,7 @@ def simulation_result(
             [
                 {
                     "path": str(path),
-                    "sha256": file_sha256(path),
+                    "sha256": sha256_file(path),
                     "size": path.stat().st_size,
                     "kind": "scenario",
                 }
