@@ -107,3 +107,67 @@ def test_whole_graph_on_a_generated_hospital(twin_home: Settings, tmp_path: Path
             assert n_in == loaded + quarantined, path
         for row in conservation(store):
             assert row["balanced"], row
+
+
+def _ledger_rows(settings: Settings) -> int:
+    from twin_pipeline.store import Store
+
+    with Store.open(settings) as store:
+        if not store.table_exists("governance.ledger"):
+            return 0
+        row = store.con.execute(
+            "SELECT count(*) FROM governance.ledger WHERE kind = 'activity'"
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+
+def test_launch_checks_the_launching_user_not_the_resource(
+    twin_home: Settings, tmp_path: Path
+) -> None:
+    """A run launched from the UI carries whatever tags the launcher gave it and the UI
+    process's TWIN_USER: either naming a researcher stops the run at its first asset."""
+    from twin_pipeline.defs.runner import _root_cause, run_pipeline
+
+    landing = tmp_path / "landing"
+    (landing / "telemetry").mkdir(parents=True)
+    (landing / "telemetry" / "m.ndjson").write_text(
+        '{"device_id":"d1","metric":"MDC_ECG_HEART_RATE","value":70,"unit":"/min",'
+        '"ts":"2024-01-01T00:00:00Z"}\n'
+    )
+    before = _ledger_rows(twin_home)
+    # The run tags name a researcher although the resource config says engineer.
+    job = defs.resolve_job_def(ALL_JOB)
+    result = job.execute_in_process(
+        run_config={
+            "resources": {"twin": {"config": {"landing": str(landing), "user": "engineer"}}}
+        },
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+        asset_selection=[dg.AssetKey(["raw", "telemetry"])],
+        tags={"twin/user": "researcher"},
+    )
+    assert not result.success
+    errors = [
+        _root_cause(ev.event_specific_data.error) for ev in result.all_events if ev.is_step_failure
+    ]
+    assert any("'researcher' (role researcher) may not launch pipeline runs" in e for e in errors)
+    assert _ledger_rows(twin_home) == before
+
+    # No tag: the resource's user (TWIN_USER of the UI process) is checked the same way.
+    summary = run_pipeline(
+        landing, twin_home, user="auditor", selection=["raw/telemetry"], ephemeral=True
+    )
+    assert not summary.success
+    assert any("may not launch pipeline runs" in f for f in summary.failures)
+    assert _ledger_rows(twin_home) == before
+
+    # An engineer's run of the same selection goes through and is recorded as theirs.
+    summary = run_pipeline(landing, twin_home, user="engineer", selection=["raw/telemetry"])
+    assert summary.success, summary.failures
+    from twin_pipeline.activity import activities
+    from twin_pipeline.store import Store
+
+    with Store.open(twin_home) as store:
+        acts = activities(store, summary.run_id)
+    assert acts
+    assert {(a["user"], a["role"]) for a in acts} == {("engineer", "data_engineer")}

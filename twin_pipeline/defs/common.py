@@ -12,6 +12,7 @@ Everything inside the ``with`` block commits together with the activity record, 
 """
 
 import contextlib
+import functools
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,37 @@ class GovernedRun:
         return self._result
 
 
+def launcher(
+    context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, twin: TwinResource
+) -> tuple[str, str]:
+    """Who launched this run and their role, checked against ``policies/``.
+
+    ``twin run`` tags its runs with ``twin/user``; a run launched from the Dagster UI without
+    that tag is the UI's user (``TWIN_USER`` of the process serving it). Either way the user's
+    role must allow pipeline runs, so a researcher's launch fails at its first asset, before
+    anything is read or written."""
+    run = context.op_execution_context.run
+    tags = run.tags if run is not None else {}
+    user = tags.get("twin/user") or twin.user
+    return user, _authorized_role(user, _policy_stamp())
+
+
+def _policy_stamp() -> tuple[float, float]:
+    from twin_pipeline.paths import POLICIES_DIR
+
+    return tuple(  # type: ignore[return-value]
+        (POLICIES_DIR / name).stat().st_mtime for name in ("roles.yaml", "users.yaml")
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _authorized_role(user: str, stamp: tuple[float, float]) -> str:
+    from twin_pipeline.policy import authorize_pipeline_run
+
+    role: str = authorize_pipeline_run(user)
+    return role
+
+
 @contextlib.contextmanager
 def governed_run(
     context: dg.AssetExecutionContext,
@@ -62,6 +94,7 @@ def governed_run(
     inputs: Sequence[str] = (),
     params: dict[str, Any] | None = None,
 ) -> Iterator[GovernedRun]:
+    user, role = launcher(context, twin)
     store = twin.open_store(run_id=context.run_id)
     asset_key = context.asset_key.to_user_string()
     record = ActivityRecord(
@@ -70,8 +103,8 @@ def governed_run(
         asset_key=asset_key,
         started_at=datetime.now(UTC).isoformat(),
         ended_at="",
-        user=twin.user,
-        role=twin.role,
+        user=user,
+        role=role,
         inputs=list(inputs),
         params=dict(params or {}),
         code_version=code_version(),

@@ -32,6 +32,7 @@ from twin_pipeline.activity import (
     record_activity,
     table_versions,
 )
+from twin_pipeline.defs.common import launcher
 from twin_pipeline.defs.resources import TwinResource
 from twin_pipeline.errors import TwinPipelineError
 from twin_pipeline.quality.runner import SuiteRun, run_suite
@@ -184,6 +185,7 @@ def build_checks(suites: Sequence[Suite], existing: set[dg.AssetKey]) -> dg.Asse
         todo = _order([by_check[n] for n in selected if n in by_check])
         run_id = context.op_execution_context.run_id
         results: list[tuple[Suite, SuiteRun | None, str | None]] = []
+        user, role = launcher(context, twin)
         store = twin.open_store(run_id=run_id)
         started = datetime.now(UTC).isoformat()
         t0 = time.perf_counter()
@@ -207,8 +209,8 @@ def build_checks(suites: Sequence[Suite], existing: set[dg.AssetKey]) -> dg.Asse
                         asset_key="governance/validation_result",
                         started_at=started,
                         ended_at=datetime.now(UTC).isoformat(),
-                        user=twin.user,
-                        role=twin.role,
+                        user=user,
+                        role=role,
                         inputs=tables,
                         input_versions=list(before.values()),
                         outputs=[*outputs, *unchanged],
