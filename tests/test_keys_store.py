@@ -153,3 +153,38 @@ def test_unversioned_store_counts_as_version_zero(twin_home: Settings) -> None:
             "SELECT version FROM governance.schema_migration ORDER BY 1"
         ).fetchall()
         assert versions == [(1,), (2,)]
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_memory_cap_and_encrypted_spill_inside_twin_home(
+    twin_home: Settings, monkeypatch: pytest.MonkeyPatch, private: bool
+) -> None:
+    """DuckDB's buffer pool is capped (TWIN_MEMORY_LIMIT) and work beyond it spills into
+    TWIN_HOME/spill, encrypted, never into the working directory."""
+    import os
+
+    from twin_pipeline.store import _SHARED
+
+    monkeypatch.setenv("TWIN_MEMORY_LIMIT", "100MB")
+    _SHARED._evict_idle(keep=0)  # the shared connection is configured when it is made
+    monkeypatch.chdir(twin_home.home)
+    with Store.open(twin_home, private=private) as store:
+        con = store.con
+
+        def setting(name: str) -> object:
+            row = con.execute(f"SELECT current_setting('{name}')").fetchone()
+            return row[0] if row else None
+
+        assert Path(str(setting("temp_directory"))) == twin_home.spill_dir
+        assert setting("temp_file_encryption") is True
+        assert str(setting("memory_limit")).startswith(("95", "100"))  # MiB vs MB
+        assert stat.S_IMODE(twin_home.spill_dir.stat().st_mode) == 0o700
+        # ~300 MB of strings sorted under a 100 MB cap: only possible by spilling.
+        n, top = con.execute(
+            "SELECT count(*), max(s) FROM (SELECT s FROM (SELECT repeat(md5(i::VARCHAR), 6) "
+            "AS s FROM range(1500000) t(i)) ORDER BY s)"
+        ).fetchone() or (0, "")
+        assert n == 1_500_000 and len(top) == 192
+    assert not (twin_home.home / ".tmp").exists()
+    assert not os.listdir(twin_home.spill_dir)  # spill files are removed after the query
+    _SHARED._evict_idle(keep=0)

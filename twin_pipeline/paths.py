@@ -48,6 +48,11 @@ class Settings:
         return self.home / "data_docs"
 
     @property
+    def spill_dir(self) -> Path:
+        """Where DuckDB spills work that does not fit its memory limit (files encrypted)."""
+        return self.home / "spill"
+
+    @property
     def lock_path(self) -> Path:
         return self.home / "run.lock"
 

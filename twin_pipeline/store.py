@@ -107,6 +107,24 @@ def httpfs_extension_path() -> Path:
     )
 
 
+DEFAULT_MEMORY_LIMIT = "1GB"
+
+
+def configure_connection(con: duckdb.DuckDBPyConnection, settings: Settings) -> None:
+    """Memory cap and spill location of a store connection.
+
+    DuckDB would otherwise take 80% of the machine's memory and spill into ``./.tmp`` of the
+    working directory in plain text. Spill files go to ``TWIN_HOME/spill`` (created private)
+    and are encrypted, as the store is. ``TWIN_MEMORY_LIMIT`` (default 1GB) bounds DuckDB's
+    buffer pool per process, so a 10k-patient run stays within a laptop's memory."""
+    spill = settings.spill_dir
+    spill.mkdir(mode=0o700, exist_ok=True)
+    limit = os.environ.get("TWIN_MEMORY_LIMIT", DEFAULT_MEMORY_LIMIT).replace("'", "")
+    con.execute(f"SET temp_directory = '{str(spill).replace(chr(39), chr(39) * 2)}'")
+    con.execute("SET temp_file_encryption = true")
+    con.execute(f"SET memory_limit = '{limit}'")
+
+
 def _attach_waiting(con: duckdb.DuckDBPyConnection, sql: str) -> None:
     """ATTACH, waiting while another process holds the store's write lock (a pipeline step).
 
@@ -161,18 +179,22 @@ class _SharedConnection:
         self._entries: dict[Path, _SharedEntry] = {}
         self._pid = 0
 
-    def acquire(self, path: Path, key: str, read_only: bool) -> duckdb.DuckDBPyConnection | None:
+    def acquire(
+        self, settings: Settings, key: str, read_only: bool
+    ) -> duckdb.DuckDBPyConnection | None:
         """A cursor on the shared connection with ``path`` attached, or None to go private."""
         if os.environ.get("TWIN_SHARED_CONNECTION", "1") == "0":
             return None
         with self._lock:
             if self._pid != os.getpid():  # forked child: never reuse the parent's handles
                 self._entries, self._pid = {}, os.getpid()
+            path = settings.store_path
             entry = self._entries.get(path)
             if entry is None:
                 self._evict_idle(keep=1)
                 base = duckdb.connect(":memory:")
                 base.execute(f"LOAD '{httpfs_extension_path()}'")
+                configure_connection(base, settings)
                 entry = self._entries[path] = _SharedEntry(base)
             if entry.refs == 0:
                 _attach(entry.base, path, key, read_only)
@@ -233,6 +255,13 @@ def lineage_key(file_sha256: str, position: str, record_hash: str) -> str:
     return hashlib.sha256(f"{file_sha256}|{position}|{record_hash}".encode()).hexdigest()[:32]
 
 
+def position_lineage_key(file_sha256: str, position: str) -> str:
+    """Key of a record named by its position in one file version (telemetry lines): the file's
+    sha256 prefix and the position, cheap to build per row in SQL. The record's bytes are
+    covered by the file's sha256; a trace re-reads and hashes them when it needs them."""
+    return f"{file_sha256[:20]}/{position}"
+
+
 def fully_qualified(qualified: str) -> str:
     """``schema.table`` with the catalog in front: ``twin.node`` alone is ambiguous, because the
     catalog and one of its schemas are both named ``twin``."""
@@ -277,9 +306,7 @@ class Store:
         key = _keyring_store_key(settings)
         if read_only and not settings.store_path.exists():
             raise StoreError("no store yet: run `twin run` first", path=str(settings.store_path))
-        shared = (
-            None if (config or private) else _SHARED.acquire(settings.store_path, key, read_only)
-        )
+        shared = None if (config or private) else _SHARED.acquire(settings, key, read_only)
         if shared is not None:
             store = cls(settings=settings, con=shared, read_only=read_only)
             store._shared = True
@@ -287,6 +314,7 @@ class Store:
             con = duckdb.connect(":memory:", config=dict(config or {}))
             try:
                 con.execute(f"LOAD '{httpfs_extension_path()}'")
+                configure_connection(con, settings)
                 _attach(con, settings.store_path, key, read_only)
             except BaseException:
                 con.close()
