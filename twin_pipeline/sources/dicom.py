@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import mmap
 import os
 import struct
 import warnings
@@ -24,11 +25,21 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.dataelem import RawDataElement
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.datadict import _dictionary_vr_fast
+from pydicom.dataelem import (
+    DataElement,
+    RawDataElement,
+    convert_raw_data_element,
+    empty_value_for_VR,
+)
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import ENCODED_VR, read_sequence
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
+from pydicom.values import convert_string
 
 from twin_pipeline.sources import LoadStats, SourceFile, SourceReader, register
 from twin_pipeline.store import QuarantineRow, Store, lineage_key
@@ -142,12 +153,16 @@ def _json_int(header: dict[str, Any], tag: str) -> int | None:
 
 def _check_native_pixels(ds: Dataset, ts: Any, header: dict[str, Any]) -> None:
     """Uncompressed pixel data shorter than rows x columns x samples x bits x frames."""
+    _check_pixel_length(_raw_length(ds, 0x7FE00010), ts, header)
+
+
+def _check_pixel_length(actual: int | None, ts: Any, header: dict[str, Any]) -> None:
+    """:func:`_check_native_pixels` given the length of the pixel data value."""
     try:
         if ts is None or ts.is_compressed:
             return
     except ValueError:  # a UID that is not a transfer syntax: the extent cannot be computed
         return
-    actual = _raw_length(ds, 0x7FE00010)
     rows, cols = _json_int(header, "00280010"), _json_int(header, "00280011")
     bits = _json_int(header, "00280100")
     if actual is None or not rows or not cols or not bits:
@@ -254,6 +269,11 @@ def _fast_raw_json(raw: Any, vr: str, little: bool, encoding: str) -> dict[str, 
     data = raw.value
     if not isinstance(data, bytes):
         return None
+    return _fast_value_json(data, vr, little, encoding)
+
+
+def _fast_value_json(data: bytes, vr: str, little: bool, encoding: str) -> dict[str, Any] | None:
+    """:func:`_fast_raw_json` of a value's bytes."""
     if not data:
         return {"vr": vr}
     if vr in _TEXT_VRS or vr in ("IS", "DS"):
@@ -328,6 +348,455 @@ def _dataset_json(ds: Dataset, *, nested: bool = False) -> tuple[dict[str, Any],
 def _json_dicts(ds: Dataset) -> tuple[dict[str, Any], dict[str, Any]]:
     """(public header, private tags) as DICOM JSON, without pixel or bulk data."""
     return _dataset_json(ds)
+
+
+# --- Fast Part 10 header reader ------------------------------------------------------------
+# pydicom's element generator and per-element conversion cost ~1 ms a file; most files are
+# plain (DICM preamble, known transfer syntax, every element inside the file, tags ascending).
+# For those the header is walked here straight from the bytes (read once, or mapped when large)
+# and the DICOM JSON is built in the same pass; the elements the fast decoder does not handle
+# (sequences, UN, AT, other character sets, implicit VR values) are converted by pydicom from
+# the same raw elements it would have read itself, so the JSON is identical. Anything unusual
+# (no preamble, deflated or private transfer syntax, an element running past the end, an
+# implicit/explicit VR switch, a command set, tags out of order) declines: the pydicom path
+# (:func:`read_part10`) then reads the file and decides, quarantine reasons included.
+
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_BE = "1.2.840.10008.1.2.2"
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_VR_OF = {b: b.decode("ascii") for b in ENCODED_VR}
+_VR32 = frozenset(str(v) for v in EXPLICIT_VR_LENGTH_32)
+_META_HDR = struct.Struct("<HH2sH")
+_HDR = {
+    (False, True): struct.Struct("<HH2sH"),
+    (False, False): struct.Struct(">HH2sH"),
+    (True, True): struct.Struct("<HHL"),
+}
+_ULONG = {True: struct.Struct("<L"), False: struct.Struct(">L")}
+_TAG = {True: struct.Struct("<HH"), False: struct.Struct(">HH")}
+_CHARSET_TAG = 0x00080005
+_READ_WHOLE = 4 << 20  # files up to this size are read whole, larger ones mapped
+_ITEM = 0xFFFEE000
+_SEQ_DELIM = 0xFFFEE0DD
+
+
+class _Decline(Exception):
+    """The fast reader leaves this file to pydicom."""
+
+
+class FastHeader:
+    """What :func:`fast_part10` found: the DICOM JSON (dicts and their ``json.dumps(...,
+    sort_keys=True)`` text), the transfer syntax and the pixel data length."""
+
+    __slots__ = ("pixel_length", "private", "private_text", "public", "public_text", "ts")
+
+    def __init__(
+        self,
+        public: dict[str, Any],
+        private: dict[str, Any],
+        public_text: str,
+        private_text: str | None,
+        ts: Any,
+        pixel_length: int | None,
+    ) -> None:
+        self.public = public
+        self.private = private
+        self.public_text = public_text
+        self.private_text = private_text
+        self.ts = ts
+        self.pixel_length = pixel_length
+
+
+# One element's DICOM JSON and its JSON text, by (VR, value bytes, byte order, encoding) for
+# plain values and by raw bytes and context for sequences: the files of a series repeat most
+# of their header, so most elements are decoded and encoded once per worker. Bounded.
+_ITEM_CACHE: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
+_ITEM_CACHE_MAX = 100_000
+_CACHE_VALUE_MAX = 128  # bytes; longer values (rare, seldom repeated) are not kept
+_SQ_CACHE_VALUE_MAX = BULK_LIMIT
+_KEY_TEXT: dict[int, tuple[str, str]] = {}  # tag -> ("GGGGEEEE", '"GGGGEEEE": ')
+_c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+_encode_item: Any = (
+    _c_make_encoder(
+        None, None, json.encoder.encode_basestring_ascii, None, ": ", ", ", True, False, True
+    )
+    if _c_make_encoder is not None
+    else None
+)
+
+
+def _item_text(item: dict[str, Any]) -> str:
+    """``json.dumps(item, sort_keys=True)``, without building an encoder per call."""
+    if _encode_item is None:
+        return json.dumps(item, sort_keys=True)
+    return "".join(_encode_item(item, 0))
+
+
+def _remember(key: tuple[Any, ...], item: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    hit = (item, _item_text(item))
+    if len(_ITEM_CACHE) >= _ITEM_CACHE_MAX:
+        _ITEM_CACHE.clear()
+    _ITEM_CACHE[key] = hit
+    return hit
+
+
+def _key_text(tag: int) -> tuple[str, str]:
+    kt = _KEY_TEXT.get(tag)
+    if kt is None:
+        key = f"{tag:08X}"
+        kt = _KEY_TEXT[tag] = (key, f'"{key}": ')
+    return kt
+
+
+def fast_part10(path: Path) -> FastHeader | None:
+    """The header of a plain Part 10 file as DICOM JSON, or None when the file needs pydicom
+    (see the section comment). Same output as ``_json_dicts(read_part10(path)[0])``."""
+    with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < 144:
+            return None
+        data: Any
+        if size <= _READ_WHOLE:
+            data = fh.read()
+            if len(data) != size:
+                return None
+        else:
+            data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            return _fast_parse(fh, data, size)
+        except Exception:  # _Decline, or anything odd: pydicom reads it and decides
+            return None
+        finally:
+            if isinstance(data, mmap.mmap):
+                data.close()
+
+
+def _file_meta_ts(data: Any, size: int) -> tuple[str, int]:
+    """(transfer syntax UID, offset of the data set) from the file meta group."""
+    if data[128:132] != b"DICM":
+        raise _Decline
+    pos = 132
+    ts: str | None = None
+    unpack = _META_HDR.unpack_from
+    ulong = _ULONG[True].unpack_from
+    while True:
+        if pos + 8 > size:
+            raise _Decline  # nothing after the file meta group
+        group, elem, vrb, length = unpack(data, pos)
+        if group != 2:
+            break
+        vr = _VR_OF.get(vrb)
+        if vr is None:
+            raise _Decline
+        vpos = pos + 8
+        if vr in _VR32:
+            length = ulong(data, vpos)[0]
+            vpos += 4
+        end = vpos + length
+        if length == 0xFFFFFFFF or end > size:
+            raise _Decline
+        if elem == 0x0010:
+            ts = bytes(data[vpos:end]).decode("ascii").rstrip("\0 ")
+        pos = end
+    if group == 0 or not ts or "\\" in ts or ts == _DEFLATED:
+        raise _Decline
+    if ts in pydicom.uid.PrivateTransferSyntaxes:
+        raise _Decline
+    return ts, pos
+
+
+def _fast_parse(fh: Any, data: Any, size: int) -> FastHeader:
+    ts_str, pos = _file_meta_ts(data, size)
+    implicit = ts_str == _IMPLICIT_LE
+    little = ts_str != _EXPLICIT_BE
+    # pydicom trusts the first element over the transfer syntax (with a warning): decline.
+    if pos + 6 > size:
+        raise _Decline
+    b0, b1 = data[pos + 4], data[pos + 5]
+    if (not (0x40 < b0 < 0x5B and 0x40 < b1 < 0x5B)) != implicit:
+        raise _Decline
+    hdr = _HDR.get((implicit, little))
+    if hdr is None:
+        raise _Decline
+    unpack = hdr.unpack_from
+    ulong = _ULONG[little].unpack_from
+    ts = pydicom.uid.UID(ts_str)
+    cache = _ITEM_CACHE
+    # (tag, (item, text)) in tag order, then the ones decided after the loop
+    out: list[tuple[int, tuple[dict[str, Any], str]]] = []
+    # (tag, vr, length, value, value_tell) of every element, for pydicom when it is needed
+    raws: list[tuple[int, str | None, int, Any, int]] = []
+    pending: list[int] = []  # tags whose JSON pydicom makes
+    early: list[int] = []  # tags before the character set (decided once it is known)
+    fast = not implicit
+    encoding = "latin-1"
+    seq_encoding: Any = default_encoding  # what pydicom reads nested sequences with
+    charset_seen = False
+    pixel_length: int | None = None
+    prev = -1
+    while pos < size:
+        if pos + 8 > size:
+            raise _Decline
+        vpos = pos + 8
+        if implicit:
+            group, elem, length = unpack(data, pos)
+            vr: str | None = None
+        else:
+            group, elem, vrb, length = unpack(data, pos)
+            vr = _VR_OF.get(vrb)
+            if vr is None:
+                raise _Decline
+            if vr in _VR32:
+                if vpos + 4 > size:
+                    raise _Decline
+                length = ulong(data, vpos)[0]
+                vpos += 4
+        tag = group << 16 | elem
+        if tag <= prev or group == 0xFFFE:
+            raise _Decline
+        prev = tag
+        if length == 0xFFFFFFFF:
+            pos = _undefined_length(
+                fh, data, size, tag, vr, vpos, implicit, little, ts, raws, seq_encoding
+            )
+            if group != 0x7FE0:
+                pending.append(tag)
+            elif tag == 0x7FE00010 and raws[-1][3] is not None:
+                pixel_length = len(raws[-1][3])
+            continue
+        end = vpos + length
+        if end > size:
+            raise _Decline
+        pos = end
+        if group == 0x7FE0:
+            if tag == 0x7FE00010:
+                pixel_length = length
+            raws.append((tag, vr, length, None if length > BULK_LIMIT else data[vpos:end], vpos))
+            continue
+        value: Any = data[vpos:end] if length else empty_value_for_VR(vr, raw=True)
+        raws.append((tag, vr, length, value, vpos))
+        if tag == _CHARSET_TAG:
+            charset_seen = True
+            item: dict[str, Any] | None
+            cs = bytes(value or b"").decode("ascii", "replace").strip(" \x00")
+            fast = fast and cs in _FAST_CHARSETS
+            encoding = "utf-8" if cs == "ISO_IR 192" else "latin-1"
+            seq_encoding = convert_encodings(convert_string(bytes(value or b""), little))
+            # pydicom's reader converts this element when it opens the file: same here
+            raw = RawDataElement(BaseTag(tag), vr, length, value, vpos, implicit, little)
+            try:
+                item = _element_json(convert_raw_data_element(raw, encoding=default_encoding))
+            except Exception as exc:
+                raise _Decline from exc
+            out.append((tag, (item, _item_text(item))))
+            continue
+        if tag < _CHARSET_TAG and not charset_seen:
+            early.append(tag)
+            continue
+        if fast and 0 < length <= _CACHE_VALUE_MAX:
+            key = (vr, value, little, encoding)
+            hit = cache.get(key)
+            if hit is None:
+                item = _fast_item(vr, length, value, fast, little, encoding)
+                if item is None:
+                    pending.append(tag)
+                    continue
+                hit = _remember(key, item)
+            out.append((tag, hit))
+            continue
+        item = _fast_item(vr, length, value, fast, little, encoding)
+        if item is None:
+            pending.append(tag)
+        else:
+            out.append((tag, (item, _item_text(item))))
+    resort = bool(early or pending)
+    if early:
+        by_tag = {r[0]: r for r in raws}
+        for tag in early:
+            _, vr, length, value, _ = by_tag[tag]
+            item = _fast_item(vr, length, value, fast, little, encoding)
+            if item is None:
+                pending.append(tag)
+            else:
+                out.append((tag, (item, _item_text(item))))
+    if pending:
+        _pydicom_items(raws, pending, implicit, little, seq_encoding, out)
+    if resort:
+        out.sort(key=lambda t: t[0])
+    public: dict[str, Any] = {}
+    private: dict[str, Any] = {}
+    pub_parts: list[str] = []
+    priv_parts: list[str] = []
+    for tag, (elem_json, text) in out:
+        name, prefix = _key_text(tag)
+        if tag >> 16 & 1:
+            private[name] = elem_json
+            priv_parts.append(prefix + text)
+        else:
+            public[name] = elem_json
+            pub_parts.append(prefix + text)
+    return FastHeader(
+        public,
+        private,
+        "{" + ", ".join(pub_parts) + "}",
+        "{" + ", ".join(priv_parts) + "}" if priv_parts else None,
+        ts,
+        pixel_length,
+    )
+
+
+def _pydicom_items(
+    raws: list[tuple[int, str | None, int, Any, int]],
+    pending: list[int],
+    implicit: bool,
+    little: bool,
+    seq_encoding: Any,
+    out: list[tuple[int, tuple[dict[str, Any], str]]],
+) -> None:
+    """The JSON of the ``pending`` elements, converted by pydicom as ``_dataset_json`` does.
+    A public sequence of defined length is remembered by its bytes and everything its
+    conversion reads from the parent (byte order, VR mode, character set, pixel
+    representation)."""
+    by_tag = {r[0]: r for r in raws}
+    pixrep = by_tag.get(0x00280103)
+    context = (implicit, little, repr(seq_encoding), pixrep[3] if pixrep else None)
+    todo: list[tuple[int, tuple[Any, ...] | None]] = []
+    for tag in pending:
+        _, vr, length, value, _ = by_tag[tag]
+        key = None
+        if vr == "SQ" and not (tag >> 16) & 1 and 0 < length <= _SQ_CACHE_VALUE_MAX:
+            key = ("SQ", tag, value, context)
+            hit = _ITEM_CACHE.get(key)
+            if hit is not None:
+                out.append((tag, hit))
+                continue
+        todo.append((tag, key))
+    if not todo:
+        return
+    ds = _raw_dataset(raws, [t for t, _ in todo], implicit, little, seq_encoding)
+    for tag, key in todo:
+        elem_vr = ds._dict[BaseTag(tag)].VR
+        try:
+            item = _element_json(ds[BaseTag(tag)])
+        except Exception as exc:  # a badly encoded value must not lose the header
+            item = {"vr": str(elem_vr or "UN"), "error": type(exc).__name__}
+            key = None
+        out.append((tag, _remember(key, item) if key is not None else (item, _item_text(item))))
+
+
+def _fast_item(
+    vr: str | None, length: int, value: Any, fast: bool, little: bool, encoding: str
+) -> dict[str, Any] | None:
+    """The DICOM JSON of one element as ``_dataset_json`` makes it, or None: pydicom's."""
+    if vr is None:  # implicit VR: empty and bulk values are UN, the rest is pydicom's
+        return {"vr": "UN"} if length == 0 or length > BULK_LIMIT else None
+    if length == 0:
+        return {"vr": vr}
+    if length > BULK_LIMIT:
+        return {"vr": vr} if vr in _BINARY_VRS else None
+    if not fast or vr == "UN":
+        return None
+    try:
+        return _fast_value_json(value, vr, little, encoding)
+    except Exception as exc:  # a badly encoded value must not lose the header
+        return {"vr": vr, "error": type(exc).__name__}
+
+
+def _undefined_length(
+    fh: Any,
+    data: Any,
+    size: int,
+    tag: int,
+    vr: str | None,
+    vpos: int,
+    implicit: bool,
+    little: bool,
+    ts: Any,
+    raws: list[tuple[int, str | None, int, Any, int]],
+    encoding: Any,
+) -> int:
+    """An undefined-length element (a sequence, or encapsulated pixel data): recorded in
+    ``raws`` as pydicom's generator yields it; returns the offset after it."""
+    if vr == "UN" and pydicom.config.settings.infer_sq_for_un_vr:
+        vr = "SQ"
+    if vr is None:
+        try:
+            vr = str(_dictionary_vr_fast(tag))
+        except KeyError:
+            if vpos + 4 <= size and _TAG[little].unpack_from(data, vpos) == (0xFFFE, 0xE000):
+                vr = "SQ"
+    if vr == "SQ":
+        fh.seek(vpos)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            seq = read_sequence(fh, implicit, little, 0xFFFFFFFF, encoding)
+        end = fh.tell()
+        if caught or end > size:
+            raise _Decline
+        raws.append(
+            (tag, vr, -1, DataElement(BaseTag(tag), vr, seq, vpos, is_undefined_length=True), vpos)
+        )
+        return end
+    if tag >> 16 != 0x7FE0 or not ts.is_compressed:
+        raise _Decline
+    # Encapsulated pixel data: walk the fragments to the sequence delimiter.
+    tag_of = _TAG[little].unpack_from
+    ulong = _ULONG[little].unpack_from
+    pos = vpos
+    while True:
+        if pos + 8 > size:
+            raise _Decline
+        group, elem = tag_of(data, pos)
+        item = group << 16 | elem
+        if item == _SEQ_DELIM:
+            break
+        if item != _ITEM:
+            raise _Decline
+        pos += 8 + ulong(data, pos + 4)[0]
+    # pydicom keeps the value when it is shorter than the deferral size
+    value = data[vpos:pos] if pos - vpos + 4 < BULK_LIMIT else None
+    raws.append((tag, vr, 0xFFFFFFFF, value, vpos))
+    return pos + 8
+
+
+def _context_tag(tag: int) -> bool:
+    """Elements pydicom may consult when it converts another one: the character set, private
+    creators (private VRs), and what ambiguous VRs are resolved with (pixel representation,
+    bits allocated, LUT descriptor, pixel data, waveform bits)."""
+    group = tag >> 16
+    return (
+        tag == _CHARSET_TAG
+        or group in (0x0028, 0x5400)
+        or tag == 0x7FE00010
+        or (group & 1 == 1 and 0x0010 <= tag & 0xFFFF <= 0x00FF)
+    )
+
+
+def _raw_dataset(
+    raws: list[tuple[int, str | None, int, Any, int]],
+    pending: list[int],
+    implicit: bool,
+    little: bool,
+    encoding: Any,
+) -> Dataset:
+    """The data set pydicom's reader would have made of these raw elements, limited to the
+    ``pending`` ones and those their conversion may consult (:func:`_context_tag`)."""
+    wanted = set(pending)
+    elems: dict[BaseTag, Any] = {}
+    for tag, vr, length, value, tell in raws:
+        if tag not in wanted and not _context_tag(tag):
+            continue
+        btag = BaseTag(tag)
+        if length == -1:
+            elems[btag] = value  # an undefined-length sequence, already read
+        else:
+            if value is not None and not isinstance(value, bytes):
+                value = bytes(value)
+            elems[btag] = RawDataElement(btag, vr, length, value, tell, implicit, little)
+    ds = Dataset(elems, parent_encoding=default_encoding)
+    ds.set_original_encoding(implicit, little, encoding)
+    ds.set_original_encoding(implicit, little, ds._character_set)
+    return ds
 
 
 def _qido_value(obj: dict[str, Any], keyword: str) -> Any:
@@ -489,21 +958,24 @@ class DicomReader(SourceReader):
 
     def _part10_quiet(self, path: Path) -> tuple[str, Any]:
         try:
-            ds, ts = read_part10(path)
-            public, private = _json_dicts(ds)
-            _check_native_pixels(ds, ts, public)
+            fast = fast_part10(path)
+            if fast is not None:
+                public, ts = fast.public, fast.ts
+                _check_pixel_length(fast.pixel_length, ts, public)
+                header, private_text = fast.public_text, fast.private_text
+            else:
+                ds, ts = read_part10(path)
+                public, private = _json_dicts(ds)
+                _check_native_pixels(ds, ts, public)
+                header = json.dumps(public, sort_keys=True)
+                private_text = json.dumps(private, sort_keys=True) if private else None
             # The columns come from the DICOM JSON just made (no second pydicom conversion).
             row = qido_row(public)
             row["transfer_syntax_uid"] = str(ts) if ts else None
             missing = [kw for col, kw in FIELDS[:4] if col != "sop_class_uid" and not row.get(col)]
             if missing:
                 raise BadDicom("missing_uid", f"header lacks {', '.join(missing)}")
-            return "file", (
-                row,
-                json.dumps(public, sort_keys=True),
-                json.dumps(private, sort_keys=True) if private else None,
-                "part10",
-            )
+            return "file", (row, header, private_text, "part10")
         except BadDicom as exc:
             return "file", exc
         except Exception as exc:  # malformed headers raise many types deep inside pydicom

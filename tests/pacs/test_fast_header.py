@@ -1,0 +1,129 @@
+"""The fast Part 10 header reader gives exactly what the pydicom path gives (DICOM JSON text,
+transfer syntax, pixel data length), and leaves every unusual file to pydicom."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_charset_files, get_testdata_file, get_testdata_files
+
+from twin_pipeline.sources import dicom as D
+
+
+def _slow(path: Path) -> tuple[str, str | None, str, int | None]:
+    ds, ts = D.read_part10(path)
+    public, private = D._json_dicts(ds)
+    return (
+        json.dumps(public, sort_keys=True),
+        json.dumps(private, sort_keys=True) if private else None,
+        str(ts),
+        D._raw_length(ds, 0x7FE00010),
+    )
+
+
+def _dicom_files() -> list[Path]:
+    out = []
+    for p in [*get_testdata_files("*"), *get_charset_files("*.dcm")]:
+        path = Path(p)
+        if path.is_file() and path.suffix.lower() not in (".json", ".txt", ".icc", ".gz"):
+            out.append(path)
+    return out
+
+
+def _check_same(files: list[Path]) -> tuple[int, int]:
+    """(files read by the fast reader, files it declined); asserts identical output."""
+    fast_n = declined = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in files:
+            got = D.fast_part10(path)
+            if got is None:
+                declined += 1
+                continue
+            fast_n += 1
+            want = _slow(path)  # raises BadDicom if pydicom rejects a file the fast one took
+            assert (got.public_text, got.private_text, str(got.ts), got.pixel_length) == want, (
+                path.name
+            )
+            assert json.loads(got.public_text) == got.public
+            assert json.loads(got.private_text or "{}") == got.private
+    return fast_n, declined
+
+
+def test_same_output_as_pydicom_path_on_real_files() -> None:
+    """Every pydicom (test and character set) and pydicom-data file, twice (the second pass from the element cache)."""
+    files = _dicom_files()
+    assert len(files) > 140
+    D._ITEM_CACHE.clear()
+    first = _check_same(files)
+    second = _check_same(files)
+    assert first == second
+    fast_n, declined = first
+    assert fast_n > 130  # implicit VR, big endian, compressed, sequences, private tags
+    # no preamble, deflated, truncated, explicit/implicit VR mix, missing transfer syntax
+    assert 10 <= declined < 40
+
+
+def test_same_output_on_generated_hospital(tmp_path: Path) -> None:
+    from twin_pipeline.generate.core import generate_hospital
+
+    generate_hospital(tmp_path / "l", patients=12, seed=11, dirty_rate=0.1)
+    files = sorted(p for p in (tmp_path / "l" / "pacs").rglob("*") if p.is_file())
+    manifest = json.loads((tmp_path / "l" / "manifest.json").read_text())
+    bad = {d["path"] for d in manifest["dirty"] if d["kind"] == "truncated_dicom"}
+    fast_n, declined = _check_same(files)
+    assert fast_n == len(files) - len(bad)
+    assert declined == len(bad)  # truncated files and error pages go to pydicom
+
+
+@pytest.mark.parametrize(
+    ("name", "keep", "rule"),
+    [
+        ("CT_small.dcm", 34162, "truncated_dicom"),  # inside the pixel data
+        ("CT_small.dcm", 1000, "truncated_dicom"),  # inside a header element
+        ("CT_small.dcm", 162, "missing_uid"),  # only the file meta group left
+        ("MR_small_bigendian.dcm", -20, "truncated_dicom"),
+        ("JPEG2000.dcm", -30, "truncated_dicom"),  # inside the encapsulated fragments
+    ],
+)
+def test_truncated_files_declined_and_quarantined_by_pydicom_path(
+    tmp_path: Path, name: str, keep: int, rule: str
+) -> None:
+    out = tmp_path / name
+    out.write_bytes(Path(get_testdata_file(name)).read_bytes()[:keep])
+    assert D.fast_part10(out) is None
+    _, result = D.DicomReader()._part10_path(out)
+    assert isinstance(result, D.BadDicom)
+    assert result.rule == rule
+
+
+def test_large_files_are_mapped_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the whole-read size the file is memory-mapped: same result."""
+    src = Path(get_testdata_file("CT_small.dcm"))
+    monkeypatch.setattr(D, "_READ_WHOLE", 1024)
+    got = D.fast_part10(src)
+    assert got is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert (got.public_text, got.private_text, str(got.ts), got.pixel_length) == _slow(src)
+
+
+def test_non_latin_character_set_goes_through_pydicom(tmp_path: Path) -> None:
+    """Values in another character set are decoded by pydicom (the same as before)."""
+    src = get_charset_files("chrH31.dcm")[0]  # Japanese: ISO 2022 IR 13 / 87
+    path = tmp_path / "jp.dcm"
+    shutil.copy(src, path)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    got = D.fast_part10(path)
+    assert got is not None
+    assert "\\u" in got.public_text  # the name, decoded
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert (got.public_text, got.private_text) == _slow(path)[:2]
