@@ -68,28 +68,28 @@ def write(store: Store, run_id: str, results: Sequence[ExpectationResult]) -> No
         store.con.execute(
             f"DELETE FROM {TABLE} WHERE run_id = ? AND suite = ?", [run_id, results[0].suite]
         )
-        store.con.executemany(
-            f"INSERT INTO {TABLE} VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            [
-                (
-                    run_id,
-                    r.suite,
-                    r.table_name,
-                    r.expectation,
-                    r.expectation_type,
-                    r.severity,
-                    r.row_level,
-                    r.passed,
-                    r.evaluated_rows,
-                    r.failed_rows,
-                    r.quarantined_rows,
-                    r.action,
-                    r.observed,
-                    now,
-                )
-                for r in results
-            ],
-        )
+        # One multi-row INSERT: DuckDB's executemany runs one statement per row.
+        rows = [
+            (
+                run_id,
+                r.suite,
+                r.table_name,
+                r.expectation,
+                r.expectation_type,
+                r.severity,
+                r.row_level,
+                r.passed,
+                r.evaluated_rows,
+                r.failed_rows,
+                r.quarantined_rows,
+                r.action,
+                r.observed,
+                now,
+            )
+            for r in results
+        ]
+        marks = ", ".join(["(" + ", ".join("?" * len(rows[0])) + ")"] * len(rows))
+        store.con.execute(f"INSERT INTO {TABLE} VALUES {marks}", [v for row in rows for v in row])
 
 
 def latest(store: Store) -> list[dict[str, Any]]:

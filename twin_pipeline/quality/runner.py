@@ -29,6 +29,7 @@ from typing import Any
 from twin_pipeline.quality import gx as gxa
 from twin_pipeline.quality import results as res
 from twin_pipeline.quality import sqlchecks, sqlengine
+from twin_pipeline.quality.catalog import Catalog
 from twin_pipeline.quality.gx import GXOutcome
 from twin_pipeline.quality.results import ExpectationResult
 from twin_pipeline.quality.suite import ExpectationSpec, Suite, resolve_tokens
@@ -85,12 +86,14 @@ def run_suite(
     quarantine: bool = True,
     record: bool = True,
     engine: str = "auto",
+    catalog: Catalog | None = None,
 ) -> SuiteRun:
     """Validate ``suite.table``; quarantine row-level failures; record results. Atomic.
 
     ``engine``: ``gx`` validates a DataFrame in Great Expectations; ``sql`` pushes every
     expectation :mod:`.sqlengine` can compile down into DuckDB (the rest still run in GX);
-    ``auto`` uses ``sql`` from :data:`SQL_MIN_ROWS` rows on.
+    ``auto`` uses ``sql`` from :data:`SQL_MIN_ROWS` rows on. ``catalog``: the store's tables
+    as read once for several suites (read here when not given).
     """
     if engine not in ("auto", "gx", "sql"):
         raise ValueError(f"engine must be auto, gx or sql, not {engine!r}")
@@ -99,10 +102,11 @@ def run_suite(
     table = suite.table
     timings: dict[str, float] = {}
     with store.transaction():
-        if not store.table_exists(table):
+        catalog = catalog or Catalog(store)
+        if not catalog.exists(table):
             return _missing_table(store, suite, record=record)
         if quarantine:
-            _release_requarantinable(store, table)
+            _release_requarantinable(store, table, catalog)
         n_rows = store.row_count(table)
         outcomes: dict[str, GXOutcome] = {}
         t0 = time.perf_counter()
@@ -110,15 +114,23 @@ def run_suite(
         if gx_specs:
             use_sql = engine == "sql" or (engine == "auto" and n_rows >= SQL_MIN_ROWS)
             outcomes.update(
-                _run_gx(store, suite, gx_specs, now=now, as_of=as_of, push_down=use_sql)
+                _run_gx(
+                    store,
+                    suite,
+                    gx_specs,
+                    now=now,
+                    as_of=as_of,
+                    push_down=use_sql,
+                    catalog=catalog,
+                )
             )
         timings["gx_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         for spec in suite.expectations:
             if spec.type == "twin.foreign_key":
-                outcomes[spec.name] = sqlchecks.foreign_key(store, table, spec, n_rows)
+                outcomes[spec.name] = sqlchecks.foreign_key(store, table, spec, n_rows, catalog)
             elif spec.type == "twin.column_types":
-                outcomes[spec.name] = sqlchecks.column_types(store, table, spec, n_rows)
+                outcomes[spec.name] = sqlchecks.column_types(store, table, spec, n_rows, catalog)
         timings["sql_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -139,10 +151,10 @@ def run_suite(
         for spec in row_specs:
             if spec.keep == "first":
                 candidates = [i for i in outcomes[spec.name].index if i not in excluded]
-                failing[spec.name] = _all_but_first(store, table, candidates, spec)
+                failing[spec.name] = _all_but_first(store, table, candidates, spec, catalog)
         quarantined: dict[str, int] = {}
         if quarantine and failing:
-            quarantined = _quarantine(store, suite, failing)
+            quarantined = _quarantine(store, suite, failing, catalog)
         timings["quarantine_s"] = time.perf_counter() - t0
 
         # Conservation last: it must see this run's quarantine and removals.
@@ -150,7 +162,9 @@ def run_suite(
         rows_after = store.row_count(table)
         for spec in suite.expectations:
             if spec.type == "twin.row_conservation":
-                outcomes[spec.name] = sqlchecks.row_conservation(store, table, spec, rows_after)
+                outcomes[spec.name] = sqlchecks.row_conservation(
+                    store, table, spec, rows_after, catalog
+                )
         timings["conservation_s"] = time.perf_counter() - t0
 
         results_list = [
@@ -181,11 +195,13 @@ def run_suites(
     engine: str = "auto",
 ) -> list[SuiteRun]:
     """Run several suites (skipping tables not in the store); optionally render Data Docs."""
-    runs = [
-        run_suite(store, s, as_of=as_of, quarantine=quarantine, engine=engine)
-        for s in suites
-        if store.table_exists(s.table)
-    ]
+    with store.transaction():
+        catalog = Catalog(store)
+        runs = [
+            run_suite(store, s, as_of=as_of, quarantine=quarantine, engine=engine, catalog=catalog)
+            for s in suites
+            if catalog.exists(s.table)
+        ]
     if docs_dir is not None and runs:
         gxa.build_data_docs(docs_dir)
     return runs
@@ -217,10 +233,13 @@ def _run_gx(
     now: datetime,
     as_of: datetime,
     push_down: bool = False,
+    catalog: Catalog | None = None,
 ) -> dict[str, GXOutcome]:
     """GX-typed expectations: pushed down into DuckDB where compilable (if ``push_down``),
-    the rest validated by GX on a DataFrame. GX is imported only if something runs in it."""
-    types = dict(store.columns(suite.table))
+    all in one scan of the table, the rest validated by GX on a DataFrame. GX is imported
+    only if something runs in it."""
+    catalog = catalog or Catalog(store)
+    types = dict(catalog.columns(suite.table))
     table_cols = list(types)
     resolved = [resolve_tokens(s.kwargs, now=now, as_of=as_of) for s in specs]
     metas = [
@@ -230,14 +249,18 @@ def _run_gx(
     outcomes: dict[str, GXOutcome] = {}
     pushed: list[gxa.PushedDown] = []
     in_gx: list[int] = []
+    plans: list[tuple[int, sqlengine.Compiled]] = []
     for i, (s, kw) in enumerate(zip(specs, resolved, strict=True)):
         plan = sqlengine.compile_expectation(s.type, kw, table_cols) if push_down else None
         if plan is None:
             in_gx.append(i)
-            continue
-        out = sqlengine.run_compiled(store, suite.table, s.name, plan)
-        outcomes[s.name] = out
-        pushed.append(gxa.PushedDown(s.type, kw, metas[i], out))
+        else:
+            plans.append((i, plan))
+    batch = sqlengine.run_batch(store, suite.table, [(specs[i].name, p) for i, p in plans])
+    for i, _ in plans:
+        out = batch[specs[i].name]
+        outcomes[specs[i].name] = out
+        pushed.append(gxa.PushedDown(specs[i].type, resolved[i], metas[i], out))
     if pushed:
         gxa.remember(suite.suite, store.run_id, pushed)
     if in_gx:
@@ -265,13 +288,19 @@ def _select_expr(col: str, dtype: str) -> str:
 
 
 # -- quarantine ---------------------------------------------------------------------------
-def _release_requarantinable(store: Store, table: str) -> None:
+def _release_requarantinable(store: Store, table: str, catalog: Catalog) -> None:
     """Drop this table's quality quarantine entries whose rows a rebuild brought back (they
     are evaluated again now) or whose raw record is gone; keep the rest (rows still removed)."""
-    if "lineage_key" not in {c for c, _ in store.columns(table)}:
+    held = store.con.execute(
+        "SELECT count(*) FROM governance.quarantine WHERE stage = ? AND table_name = ?",
+        [STAGE, table],
+    ).fetchone()
+    if not held or not held[0]:
+        return  # nothing quarantined here yet (a first run): no lookups to pay for
+    if "lineage_key" not in catalog.column_names(table):
         store.clear_quarantine(STAGE, table)
         return
-    raw = _raw_lookup_sql(store)
+    raw = catalog.raw_lookup_sql()
     gone = f"OR lineage_key NOT IN (SELECT lineage_key FROM ({raw}))" if raw else ""
     store.con.execute(
         f"DELETE FROM governance.quarantine WHERE stage = ? AND table_name = ? AND "
@@ -280,23 +309,15 @@ def _release_requarantinable(store: Store, table: str) -> None:
     )
 
 
-def _raw_lookup_sql(store: Store) -> str:
-    """UNION of (lineage_key, source_file, position) over every raw table that has them."""
-    parts = []
-    for t in store.tables(("raw",)):
-        cols = {c for c, _ in store.columns(t)}
-        if {"lineage_key", "source_file", "position"} <= cols:
-            parts.append(f"SELECT lineage_key, source_file, position FROM {t}")
-    return " UNION ALL ".join(parts)
-
-
-def _all_but_first(store: Store, table: str, rowids: list[int], spec: ExpectationSpec) -> list[int]:
+def _all_but_first(
+    store: Store, table: str, rowids: list[int], spec: ExpectationSpec, catalog: Catalog
+) -> list[int]:
     """Of duplicate rows, all but the first per key (ordered by lineage key, then row id)."""
     if not rowids:
         return []
     keys = spec.kwargs.get("column_list") or [spec.kwargs.get("column")]
     part = ", ".join('"' + str(k) + '"' for k in keys)
-    has_lk = "lineage_key" in {c for c, _ in store.columns(table)}
+    has_lk = "lineage_key" in catalog.column_names(table)
     order = "lineage_key, rowid" if has_lk else "rowid"
     rows = store.con.execute(
         f"SELECT rid FROM (SELECT rowid AS rid, row_number() OVER "
@@ -307,15 +328,17 @@ def _all_but_first(store: Store, table: str, rowids: list[int], spec: Expectatio
     return [int(r[0]) for r in rows]
 
 
-def _quarantine(store: Store, suite: Suite, failing: dict[str, list[int]]) -> dict[str, int]:
+def _quarantine(
+    store: Store, suite: Suite, failing: dict[str, list[int]], catalog: Catalog
+) -> dict[str, int]:
     """Move failing rows to quarantine under each expectation's name; delete them."""
     table = suite.table
     all_ids = sorted({i for ids in failing.values() for i in ids})
     if not all_ids:
         return {}
-    cols = {c for c, _ in store.columns(table)}
+    cols = catalog.column_names(table)
     lk = "t.lineage_key" if "lineage_key" in cols else "NULL"
-    raw = _raw_lookup_sql(store)
+    raw = catalog.raw_lookup_sql()
     join = ""
     src = "NULL, NULL, NULL"
     if raw and "lineage_key" in cols:

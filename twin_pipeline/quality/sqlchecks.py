@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twin_pipeline.quality.catalog import Catalog
 from twin_pipeline.quality.gx import GXOutcome
 from twin_pipeline.quality.suite import ExpectationSpec
 from twin_pipeline.store import Store
@@ -33,9 +34,12 @@ def _q(col: str) -> str:
     return '"' + col.replace('"', '""') + '"'
 
 
-def column_types(store: Store, table: str, spec: ExpectationSpec, n_rows: int) -> GXOutcome:
+def column_types(
+    store: Store, table: str, spec: ExpectationSpec, n_rows: int, catalog: Catalog | None = None
+) -> GXOutcome:
     """Every listed column exists with one of the allowed DuckDB types."""
-    actual = {c: _norm_type(t) for c, t in store.columns(table)}
+    catalog = catalog or Catalog(store)
+    actual = {c: _norm_type(t) for c, t in catalog.columns(table)}
     problems: list[str] = []
     for col, want in dict(spec.kwargs["columns"]).items():
         allowed = {_norm_type(w) for w in (want if isinstance(want, list) else [want])}
@@ -52,34 +56,41 @@ def column_types(store: Store, table: str, spec: ExpectationSpec, n_rows: int) -
     )
 
 
-def foreign_key(store: Store, table: str, spec: ExpectationSpec, n_rows: int) -> GXOutcome:
+def foreign_key(
+    store: Store, table: str, spec: ExpectationSpec, n_rows: int, catalog: Catalog | None = None
+) -> GXOutcome:
     """Rows whose non-null ``column`` has no match in ``ref_table.ref_column``."""
+    catalog = catalog or Catalog(store)
     col, ref_table, ref_col = (str(spec.kwargs[k]) for k in ("column", "ref_table", "ref_column"))
-    if not store.table_exists(ref_table):
+    if not catalog.exists(ref_table):
         return GXOutcome(
             spec.name, False, n_rows, 0, error=f"referenced table {ref_table} does not exist"
         )
-    if col not in {c for c, _ in store.columns(table)}:
+    if col not in catalog.column_names(table):
         return GXOutcome(spec.name, False, n_rows, 0, error=f"column {col} does not exist")
-    rows = store.con.execute(
-        f"SELECT t.rowid FROM {table} t WHERE t.{_q(col)} IS NOT NULL AND NOT EXISTS "
-        f"(SELECT 1 FROM {ref_table} r WHERE r.{_q(ref_col)} = t.{_q(col)}) ORDER BY 1"
-    ).fetchall()
-    evaluated = store.con.execute(
-        f"SELECT count(*) FROM {table} WHERE {_q(col)} IS NOT NULL"
+    # One pass: rows with a value, and the ids of those whose value the referenced table
+    # lacks (an anti-join against its distinct keys).
+    row = store.con.execute(
+        f"SELECT count(t.{_q(col)}), list(t.rowid ORDER BY t.rowid) FILTER "
+        f"(WHERE t.{_q(col)} IS NOT NULL AND r.k IS NULL) FROM {table} t "
+        f"LEFT JOIN (SELECT DISTINCT {_q(ref_col)} AS k FROM {ref_table}) r "
+        f"ON r.k = t.{_q(col)}"
     ).fetchone()
-    index = [int(r[0]) for r in rows]
+    evaluated, ids = (int(row[0] or 0), row[1]) if row else (0, None)
+    index = [int(i) for i in ids or []]
     return GXOutcome(
         name=spec.name,
         success=not index,
-        evaluated=int(evaluated[0]) if evaluated else 0,
+        evaluated=evaluated,
         unexpected=len(index),
         index=index,
         observed=f"{len(index)} rows reference a missing {ref_table}.{ref_col}",
     )
 
 
-def row_conservation(store: Store, table: str, spec: ExpectationSpec, n_rows: int) -> GXOutcome:
+def row_conservation(
+    store: Store, table: str, spec: ExpectationSpec, n_rows: int, catalog: Catalog | None = None
+) -> GXOutcome:
     """Per source file: raw records = records in the table + quarantined (+ superseded).
 
     A raw record (of ``raw_table`` matching ``raw_filter``) is accounted for when its
@@ -92,7 +103,8 @@ def row_conservation(store: Store, table: str, spec: ExpectationSpec, n_rows: in
     raw_tables = [str(t) for t in (raw_tables if isinstance(raw_tables, list) else [raw_tables])]
     raw_filter = spec.kwargs.get("raw_filter")
     history = spec.kwargs.get("history_table")
-    missing_tables = [t for t in raw_tables if not store.table_exists(t)]
+    catalog = catalog or Catalog(store)
+    missing_tables = [t for t in raw_tables if not catalog.exists(t)]
     if missing_tables:
         return GXOutcome(
             spec.name, False, n_rows, 0, error=f"raw table {missing_tables[0]} does not exist"
@@ -103,7 +115,7 @@ def row_conservation(store: Store, table: str, spec: ExpectationSpec, n_rows: in
     )
     raw_keys = " UNION ALL ".join(f"SELECT lineage_key FROM {t}" for t in raw_tables)
     hist_sql = ""
-    if history and store.table_exists(str(history)):
+    if history and catalog.exists(str(history)):
         hist_filter = spec.kwargs.get("history_filter")
         hist_where = f"WHERE {hist_filter}" if hist_filter else ""
         hist_sql = f"UNION SELECT lineage_key FROM {history} {hist_where}"

@@ -58,7 +58,8 @@ class Compiled:
     kind: str  # map | agg
     domain: str  # SQL predicate: rows the expectation looks at (row_condition)
     unexpected: str = "FALSE"  # SQL predicate (map): failing rows within the domain
-    aggregate: str = ""  # SQL expression (agg) for the observed value
+    agg_fn: str = ""  # agg: count | max | min, of ...
+    agg_arg: str = "*"  # ... this SQL expression: the observed value
     bounds: tuple[Any, Any, bool, bool] = (None, None, False, False)
     ignore: str = "FALSE"  # SQL predicate: rows counted but not judged (GX ignore_row_if)
 
@@ -176,8 +177,11 @@ def compile_expectation(
         return Compiled("map", domain, f"{nn} AND {bad}")
     if type_name == "expect_column_value_lengths_to_be_between":
         return Compiled("map", domain, f"{nn} AND NOT ({_between(f'length({c})', kw)})")
+    # Window counts run over every row of the table: the domain is part of the partition so
+    # that only rows inside it count as each other's duplicates.
+    within = "" if domain == "TRUE" else f"{domain}, "
     if type_name == "expect_column_values_to_be_unique":
-        return Compiled("map", domain, f"{nn} AND count(*) OVER (PARTITION BY {c}) > 1")
+        return Compiled("map", domain, f"{nn} AND count(*) OVER (PARTITION BY {within}{c}) > 1")
     if type_name == "expect_compound_columns_to_be_unique":
         cols = [q(str(x)) for x in kw["column_list"]]
         ignore = kw.get("ignore_row_if", "all_values_are_missing")
@@ -192,7 +196,7 @@ def compile_expectation(
         return Compiled(
             "map",
             domain,
-            f"count(*) OVER (PARTITION BY {', '.join(cols)}, {skip}) > 1",
+            f"count(*) OVER (PARTITION BY {within}{', '.join(cols)}, {skip}) > 1",
             ignore=skip,
         )
     if type_name.startswith("expect_column_pair_"):
@@ -223,9 +227,9 @@ def compile_expectation(
         bool(kw.get("strict_max")),
     )
     if type_name == "expect_table_row_count_to_be_between":
-        return Compiled("agg", "TRUE", aggregate="count(*)", bounds=bounds)
+        return Compiled("agg", "TRUE", agg_fn="count", bounds=bounds)
     fn = "max" if type_name == "expect_column_max_to_be_between" else "min"
-    return Compiled("agg", domain, aggregate=f"{fn}({c})", bounds=bounds)
+    return Compiled("agg", domain, agg_fn=fn, agg_arg=c, bounds=bounds)
 
 
 def _in_bounds(value: Any, bounds: tuple[Any, Any, bool, bool]) -> bool:
@@ -239,30 +243,51 @@ def _in_bounds(value: Any, bounds: tuple[Any, Any, bool, bool]) -> bool:
     return not (hi is not None and (value >= hi if strict_hi else value > hi))
 
 
-def run_compiled(store: Store, table: str, name: str, plan: Compiled) -> GXOutcome:
-    """Evaluate a compiled expectation: counts and failing row ids (ordered)."""
-    if plan.kind == "agg":
-        row = store.con.execute(
-            f"SELECT {plan.aggregate}, count(*) FROM {table} WHERE {plan.domain}"
-        ).fetchone()
-        value, n = (row[0], int(row[1])) if row else (None, 0)
-        return GXOutcome(
-            name=name,
-            success=_in_bounds(value, plan.bounds),
-            evaluated=n,
-            unexpected=0,
-            observed=None if value is None else str(value),
-        )
-    rows = store.con.execute(
-        f"SELECT rid FROM (SELECT rowid AS rid, ({plan.unexpected}) AS bad, ({plan.ignore}) "
-        f"AS skip FROM {table} WHERE {plan.domain}) WHERE bad AND NOT skip ORDER BY rid"
-    ).fetchall()
-    total = store.con.execute(f"SELECT count(*) FROM {table} WHERE {plan.domain}").fetchone()
-    index = [int(r[0]) for r in rows]
-    return GXOutcome(
-        name=name,
-        success=not index,
-        evaluated=int(total[0]) if total else 0,
-        unexpected=len(index),
-        index=index,
-    )
+def run_batch(
+    store: Store, table: str, plans: Sequence[tuple[str, Compiled]]
+) -> dict[str, GXOutcome]:
+    """Evaluate every compiled expectation of a table in one scan: per expectation, the rows
+    it looks at, the failing row ids (ordered) or the aggregate it bounds.
+
+    Each expectation becomes a few columns of one ``SELECT`` (its domain, failure and skip
+    flags per row, then ``count``/``list`` aggregates filtered by them), so a suite costs one
+    pass over the table instead of two queries per expectation.
+    """
+    if not plans:
+        return {}
+    flags: list[str] = []
+    aggs: list[str] = []
+    for i, (_, plan) in enumerate(plans):
+        flags.append(f"coalesce({plan.domain}, FALSE) AS d{i}")
+        if plan.kind == "agg":
+            aggs.append(f"count(*) FILTER (WHERE d{i})")
+            if plan.agg_fn == "count":
+                aggs.append(f"count(*) FILTER (WHERE d{i})")
+            else:
+                flags.append(f"{plan.agg_arg} AS v{i}")
+                aggs.append(f"{plan.agg_fn}(v{i}) FILTER (WHERE d{i})")
+        else:
+            flags.append(f"coalesce(({plan.unexpected}) AND NOT ({plan.ignore}), FALSE) AS b{i}")
+            aggs.append(f"count(*) FILTER (WHERE d{i})")
+            aggs.append(f"list(rid ORDER BY rid) FILTER (WHERE d{i} AND b{i})")
+    row = store.con.execute(
+        f"SELECT {', '.join(aggs)} FROM (SELECT rowid AS rid, {', '.join(flags)} FROM {table})"
+    ).fetchone()
+    assert row is not None  # an aggregate query always returns one row
+    out: dict[str, GXOutcome] = {}
+    for i, (name, plan) in enumerate(plans):
+        n, got = int(row[2 * i] or 0), row[2 * i + 1]
+        if plan.kind == "agg":
+            out[name] = GXOutcome(
+                name=name,
+                success=_in_bounds(got, plan.bounds),
+                evaluated=n,
+                unexpected=0,
+                observed=None if got is None else str(got),
+            )
+        else:
+            index = [int(r) for r in got or []]
+            out[name] = GXOutcome(
+                name=name, success=not index, evaluated=n, unexpected=len(index), index=index
+            )
+    return out

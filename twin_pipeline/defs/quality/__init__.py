@@ -35,6 +35,7 @@ from twin_pipeline.activity import (
 from twin_pipeline.defs.common import launcher
 from twin_pipeline.defs.resources import TwinResource
 from twin_pipeline.errors import TwinPipelineError
+from twin_pipeline.quality.catalog import Catalog
 from twin_pipeline.quality.runner import SuiteRun, run_suite
 from twin_pipeline.quality.suite import Suite, load_suites
 
@@ -188,14 +189,16 @@ def build_checks(suites: Sequence[Suite], existing: set[dg.AssetKey]) -> dg.Asse
         user, role = launcher(context, twin)
         store = twin.open_store(run_id=run_id)
         started = datetime.now(UTC).isoformat()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         try:
             with store.transaction():
-                tables = [s.table for s in todo if store.table_exists(s.table)]
+                catalog = Catalog(store)
+                tables = [s.table for s in todo if catalog.exists(s.table)]
                 before = {tv.table: tv for tv in input_versions(store, tables)}
                 for suite in todo:
                     try:
-                        results.append((suite, run_suite(store, suite, as_of=_as_of()), None))
+                        done = run_suite(store, suite, as_of=_as_of(), catalog=catalog)
+                        results.append((suite, done, None))
                     except TwinPipelineError as exc:
                         results.append((suite, None, str(exc)))
                 changed = [r.table for _, r, _ in results if r is not None and r.quarantined_rows]
@@ -217,6 +220,7 @@ def build_checks(suites: Sequence[Suite], existing: set[dg.AssetKey]) -> dg.Asse
                         params={
                             "stage": "quality",
                             "seconds": round(time.perf_counter() - t0, 3),
+                            "cpu_seconds": round(time.process_time() - cpu0, 3),
                             "suites": [s.suite for s in todo],
                             "blocking": sorted(
                                 r.suite for _, r, _ in results if r is not None and r.blocking
