@@ -28,7 +28,7 @@ def _build(root: Path) -> Built:
     settings = Settings.from_env(root / "home").ensure()
     KeyRing(settings.keys_dir).init()
     landing = minigraph.write_landing(root / "landing")
-    first = minigraph.materialize(settings, landing, user="alice", role="data_engineer")
+    first = minigraph.materialize(settings, landing, user="engineer", role="data_engineer")
     with Store.open(settings) as store:
         audit.record_access(
             store,
@@ -51,7 +51,7 @@ def _build(root: Path) -> Built:
     (landing / "obs" / "c.ndjson").write_text(
         '{"id": "obs-c1", "patient": "p9", "value": 99, "unit": "/min"}\n'
     )
-    second = minigraph.materialize(settings, landing, user="bob", role="data_engineer")
+    second = minigraph.materialize(settings, landing, user="admin", role="admin")
     return Built(settings, landing, [first, second])
 
 

@@ -148,7 +148,7 @@ def assets() -> list[dg.AssetsDefinition]:
 
 
 def materialize(
-    settings: Settings, landing: Path, *, user: str = "alice", role: str = "data_engineer"
+    settings: Settings, landing: Path, *, user: str = "engineer", role: str = "data_engineer"
 ) -> str:
     """Run the mini graph once and close the run with a signed bundle; returns the run id."""
     READERS[KIND] = ObsReader

@@ -16,7 +16,7 @@ def test_record_access_appends_chained_audit_entries(twin_home: Settings) -> Non
     with Store.open(twin_home) as store:
         s1 = audit.record_access(
             store,
-            user="alice",
+            user="engineer",
             role="researcher",
             sql="SELECT * FROM deid.patient",
             relations=["deid.patient", "deid.patient"],
@@ -25,7 +25,7 @@ def test_record_access_appends_chained_audit_entries(twin_home: Settings) -> Non
         )
         s2 = audit.record_access(
             store,
-            user="bob",
+            user="admin",
             role="researcher",
             sql="SELECT ssn FROM harmonized.patient",
             relations=["harmonized.patient"],
@@ -34,7 +34,7 @@ def test_record_access_appends_chained_audit_entries(twin_home: Settings) -> Non
         )
         assert s2 == s1 + 1
         events = audit.access_events(store)
-        assert [e["user"] for e in events] == ["alice", "bob"]
+        assert [e["user"] for e in events] == ["engineer", "admin"]
         assert events[0]["relations"] == ["deid.patient"]
         assert events[1]["decision"] == "deny" and "harmonized" in events[1]["reason"]
         kinds = store.con.execute("SELECT DISTINCT kind FROM governance.ledger").fetchall()

@@ -59,7 +59,7 @@ def test_activities_agents_and_relations(built: Built) -> None:
         assert attrs["twin:package"].startswith("twin-pipeline")
         assert act.get_startTime() is not None and act.get_endTime() is not None
     assoc = {(_args(r)[0], _args(r)[1]) for r in _relations(doc, pm.ProvAssociation)}
-    person = prov_build.person_id("alice")
+    person = prov_build.person_id("engineer")
     assert {(a, person) for a in acts} <= assoc
     persons = [a for a in doc.get_records(pm.ProvAgent) if str(a.identifier) == person]
     assert persons and pm.PROV["Person"] in persons[0].get_asserted_types()

@@ -16,7 +16,7 @@ from twin_pipeline.store import Store
 
 def test_sensor_signs_a_ui_run_once(twin_home: Settings, tmp_path: Path) -> None:
     landing = minigraph.write_landing(tmp_path / "landing")
-    twin = TwinResource(twin_home=str(twin_home.home), landing=str(landing), user="uma")
+    twin = TwinResource(twin_home=str(twin_home.home), landing=str(landing), user="engineer")
     instance = dg.DagsterInstance.ephemeral()
     READERS[minigraph.KIND] = minigraph.ObsReader
     try:

@@ -121,7 +121,7 @@ def change_bundle(store: Store) -> tuple[int, str]:
     ).fetchall()
     store.con.execute(
         "UPDATE governance.prov_bundle SET prov_json = ? WHERE run_id = ?",
-        [text.replace("alice", "mallory"), rid],
+        [text.replace("engineer", "mallory"), rid],
     )
     return -1, "does not match its recorded sha256"
 
@@ -238,7 +238,7 @@ def test_fragment_changed_before_signing_is_found_by_deep_verify(
     rid = built_copy.run_ids[0]
     with Store.open(built_copy.settings) as store:
         store.con.execute(
-            "UPDATE governance.prov_activity SET prov_json = replace(prov_json, 'alice', 'mallory') "
+            "UPDATE governance.prov_activity SET prov_json = replace(prov_json, 'engineer', 'mallory') "
             "WHERE run_id = ?",
             [rid],
         )

@@ -44,7 +44,7 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> Hospital:
     generate_hospital(landing, patients=6, seed=5)
     settings = Settings.from_env(root / "home").ensure()
     KeyRing(settings.keys_dir).init()
-    summary = run_pipeline(landing, settings, user="alice", role="data_engineer", ephemeral=True)
+    summary = run_pipeline(landing, settings, user="engineer", role="data_engineer", ephemeral=True)
     # Lineage must be complete for whatever materialized, also when another stage's blocking
     # check stops part of the graph; failed steps get OpenLineage FAIL events (checked below).
     with Store.open(settings, read_only=True) as store:
