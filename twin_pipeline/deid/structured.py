@@ -255,12 +255,24 @@ def deidentify_table(
     )
 
 
-def default_text_fn(store: Store, max_days: int = keyed.MAX_SHIFT_DAYS) -> TextFn:
-    """Presidio engine with deny-lists from the store; one day offset per patient from the key."""
+def default_text_fn(
+    store: Store,
+    max_days: int = keyed.MAX_SHIFT_DAYS,
+    *,
+    workers: int | None = None,
+    batch_size: int | None = None,
+) -> TextFn:
+    """Presidio engine with deny-lists from the store; one day offset per patient from the key.
+
+    ``workers=None`` picks worker processes from the number of texts
+    (:func:`~twin_pipeline.deid.text.pool_workers`: both cores from a few hundred notes up);
+    the output is the same either way.
+    """
     from twin_pipeline.deid.context import deny_index_from_store
-    from twin_pipeline.deid.text import NoteContext, deidentify_stream
+    from twin_pipeline.deid.text import BATCH_SIZE, NoteContext, deidentify_stream, pool_workers
 
     idx = deny_index_from_store(store.con)
+    size = batch_size or BATCH_SIZE
 
     def run(items: list[tuple[str, str]], key: bytes) -> list[str]:
         stream = (
@@ -274,6 +286,9 @@ def default_text_fn(store: Store, max_days: int = keyed.MAX_SHIFT_DAYS) -> TextF
             )
             for p, text in items
         )
-        return list(deidentify_stream(stream, key, staff=sorted(idx.staff)))
+        n = workers if workers is not None else pool_workers(len(items))
+        return list(
+            deidentify_stream(stream, key, staff=sorted(idx.staff), workers=n, batch_size=size)
+        )
 
     return run
