@@ -127,3 +127,93 @@ def test_non_latin_character_set_goes_through_pydicom(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert (got.public_text, got.private_text) == _slow(path)[:2]
+
+
+def _landing(tmp_path: Path) -> Path:
+    """CT and MR copies with new UIDs, a truncated file and a text file."""
+    pacs = tmp_path / "l" / "pacs"
+    pacs.mkdir(parents=True)
+    srcs = [pydicom.dcmread(get_testdata_file(n)) for n in ("CT_small.dcm", "MR_small.dcm")]
+    for i in range(12):
+        ds = srcs[i % 2]
+        ds.SOPInstanceUID = f"2.25.{10**20 + i}"
+        ds.save_as(pacs / f"{i:02d}.dcm", enforce_file_format=True)
+    data = (pacs / "00.dcm").read_bytes()
+    (pacs / "cut.dcm").write_bytes(data[:1000])
+    (pacs / "text.dcm").write_text("not an image")
+    return tmp_path / "l"
+
+
+def _load(settings: object, landing: Path) -> tuple[dict[str, tuple[int, int, int]], str, int]:
+    from tests.telemetry.helpers import ingest
+    from twin_pipeline.store import Store
+
+    res = ingest(settings, landing)["dicom"]  # type: ignore[arg-type]
+    per = {k: (v.records_in, v.loaded, v.quarantined) for k, v in res.stats.per_file.items()}
+    with Store.open(settings) as store:  # type: ignore[arg-type]
+        return per, store.content_hash(D.TABLE), store.row_count(D.TABLE)
+
+
+def test_pool_and_batched_inserts_store_the_same_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process vs a worker pool with inserts every 3 rows: same table, same counts."""
+    from twin_pipeline.keys import KeyRing
+    from twin_pipeline.paths import Settings
+
+    landing = _landing(tmp_path)
+    results = []
+    for name, workers, pool_min in (("one", "0", 512), ("pool", "2", 2)):
+        home = Settings.from_env(tmp_path / name).ensure()
+        KeyRing(home.keys_dir).init()
+        monkeypatch.setenv("TWIN_DICOM_WORKERS", workers)
+        monkeypatch.setattr(D, "POOL_MIN_FILES", pool_min)
+        monkeypatch.setattr(D, "INSERT_BATCH", 3)
+        results.append(_load(home, landing))
+    (per_one, hash_one, rows_one), (per_pool, hash_pool, rows_pool) = results
+    assert per_one == per_pool
+    assert hash_one == hash_pool
+    assert rows_one == rows_pool == 12
+    assert per_one["pacs/cut.dcm"] == (1, 0, 1) and per_one["pacs/text.dcm"] == (1, 0, 1)
+
+
+_PARENT = [0]
+
+
+def _dying_read(path: Path, rel: str) -> list[tuple[str, object]]:
+    """``_read_one``, but a worker process dies on ``06.dcm`` (module level: picklable)."""
+    import os
+
+    if os.getpid() != _PARENT[0] and path.name == "06.dcm":
+        os._exit(3)  # a worker killed while parsing
+    return _REAL_READ_ONE(path, rel)
+
+
+_REAL_READ_ONE = D._read_one
+
+
+def test_broken_pool_falls_back_for_the_files_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that dies mid-batch: the files not read yet are read in this process."""
+    import os
+
+    from twin_pipeline.sources import SourceFile
+
+    landing = _landing(tmp_path)
+    paths = sorted((landing / "pacs").iterdir())
+    files = [SourceFile(p, f"pacs/{p.name}", "dicom", "0" * 64, 1) for p in paths]
+    _PARENT[0] = os.getpid()
+    monkeypatch.setattr(D, "_read_one", _dying_read)
+    monkeypatch.setenv("TWIN_DICOM_WORKERS", "2")
+    monkeypatch.setattr(D, "POOL_MIN_FILES", 2)
+    with pytest.warns(UserWarning, match="worker pool unavailable"):
+        got = D.DicomReader()._read_all(files)
+    monkeypatch.setenv("TWIN_DICOM_WORKERS", "0")
+    want = D.DicomReader()._read_all(files)
+
+    def plain(res: list[list[tuple[str, object]]]) -> list[object]:
+        return [[(p, r.rule if isinstance(r, D.BadDicom) else r) for p, r in rs] for rs in res]
+
+    assert len(got) == len(files)
+    assert plain(got) == plain(want)

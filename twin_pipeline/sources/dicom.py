@@ -20,9 +20,10 @@ import mmap
 import os
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
+from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 from pydicom.charset import convert_encodings, default_encoding
@@ -101,6 +102,8 @@ COLUMNS = [
     "private_json",
 ]
 TAG_OF = {kw: pydicom.datadict.tag_for_keyword(kw) for _, kw in FIELDS}
+COLUMN_OF_TAG: dict[int, str] = {int(TAG_OF[kw] or 0): col for col, kw in FIELDS}
+_FIELD_COLUMNS = [c for c, _ in FIELDS]
 BULK_LIMIT = 1024
 
 
@@ -386,9 +389,10 @@ class _Decline(Exception):
 
 class FastHeader:
     """What :func:`fast_part10` found: the DICOM JSON (dicts and their ``json.dumps(...,
-    sort_keys=True)`` text), the transfer syntax and the pixel data length."""
+    sort_keys=True)`` text), the header columns, the transfer syntax and the pixel data
+    length."""
 
-    __slots__ = ("pixel_length", "private", "private_text", "public", "public_text", "ts")
+    __slots__ = ("pixel_length", "private", "private_text", "public", "public_text", "row", "ts")
 
     def __init__(
         self,
@@ -398,7 +402,9 @@ class FastHeader:
         private_text: str | None,
         ts: Any,
         pixel_length: int | None,
+        row: dict[str, Any],
     ) -> None:
+        self.row = row  # the header columns, as qido_row(public) makes them
         self.public = public
         self.private = private
         self.public_text = public_text
@@ -407,14 +413,17 @@ class FastHeader:
         self.pixel_length = pixel_length
 
 
-# One element's DICOM JSON and its JSON text, by (VR, value bytes, byte order, encoding) for
-# plain values and by raw bytes and context for sequences: the files of a series repeat most
-# of their header, so most elements are decoded and encoded once per worker. Bounded.
-_ITEM_CACHE: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
-_ITEM_CACHE_MAX = 100_000
+# Each element's result (tag, "GGGGEEEE", DICOM JSON, '"GGGGEEEE": ' + JSON text, header
+# column, column value), by the element's bytes (tag, VR, length, value) per byte order and
+# character set, and for sequences by their bytes and what their conversion reads from the
+# parent: the files of a series repeat most of their header, so most elements are decoded and
+# encoded once per process. Bounded.
+Hit = tuple[int, str, dict[str, Any], str, str | None, Any]
+_ITEM_CACHE: dict[Any, dict[Any, Hit]] = {}
+_ITEM_CACHE_MAX = 100_000  # entries over all caches; cleared when full
+_cache_size = 0
 _CACHE_VALUE_MAX = 128  # bytes; longer values (rare, seldom repeated) are not kept
 _SQ_CACHE_VALUE_MAX = BULK_LIMIT
-_KEY_TEXT: dict[int, tuple[str, str]] = {}  # tag -> ("GGGGEEEE", '"GGGGEEEE": ')
 _c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
 _encode_item: Any = (
     _c_make_encoder(
@@ -432,20 +441,43 @@ def _item_text(item: dict[str, Any]) -> str:
     return "".join(_encode_item(item, 0))
 
 
-def _remember(key: tuple[Any, ...], item: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    hit = (item, _item_text(item))
-    if len(_ITEM_CACHE) >= _ITEM_CACHE_MAX:
+def _hit(tag: int, item: dict[str, Any]) -> Hit:
+    name = f"{tag:08X}"
+    col = COLUMN_OF_TAG.get(tag)
+    return (
+        tag,
+        name,
+        item,
+        f'"{name}": {_item_text(item)}',
+        col,
+        _column_value(col, item) if col is not None else None,
+    )
+
+
+def _cache_for(key: Any) -> dict[Any, Hit]:
+    """The cache of one context (byte order and character set, or a sequence context)."""
+    global _cache_size
+    if _cache_size >= _ITEM_CACHE_MAX:
         _ITEM_CACHE.clear()
-    _ITEM_CACHE[key] = hit
+        _cache_size = 0
+    cache = _ITEM_CACHE.get(key)
+    if cache is None:
+        cache = _ITEM_CACHE[key] = {}
+    return cache
+
+
+def _remember(cache: dict[Any, Hit], key: Any, hit: Hit) -> Hit:
+    global _cache_size
+    cache[key] = hit
+    _cache_size += 1
     return hit
 
 
-def _key_text(tag: int) -> tuple[str, str]:
-    kt = _KEY_TEXT.get(tag)
-    if kt is None:
-        key = f"{tag:08X}"
-        kt = _KEY_TEXT[tag] = (key, f'"{key}": ')
-    return kt
+def clear_cache() -> None:
+    """Forget every remembered element (tests; a long-lived process may call it)."""
+    global _cache_size
+    _ITEM_CACHE.clear()
+    _cache_size = 0
 
 
 def fast_part10(path: Path) -> FastHeader | None:
@@ -520,11 +552,13 @@ def _fast_parse(fh: Any, data: Any, size: int) -> FastHeader:
         raise _Decline
     unpack = hdr.unpack_from
     ulong = _ULONG[little].unpack_from
+    vr_of = _VR_OF.get
+    vr32 = _VR32
     ts = pydicom.uid.UID(ts_str)
-    cache = _ITEM_CACHE
-    # (tag, (item, text)) in tag order, then the ones decided after the loop
-    out: list[tuple[int, tuple[dict[str, Any], str]]] = []
-    # (tag, vr, length, value, value_tell) of every element, for pydicom when it is needed
+    out: list[Hit] = []  # in tag order, then the ones decided after the loop
+    add = out.append
+    # (tag, vr, length, value, value_tell) of the elements pydicom may need: those it
+    # converts and those their conversion reads (see _context_tag)
     raws: list[tuple[int, str | None, int, Any, int]] = []
     pending: list[int] = []  # tags whose JSON pydicom makes
     early: list[int] = []  # tags before the character set (decided once it is known)
@@ -532,8 +566,11 @@ def _fast_parse(fh: Any, data: Any, size: int) -> FastHeader:
     encoding = "latin-1"
     seq_encoding: Any = default_encoding  # what pydicom reads nested sequences with
     charset_seen = False
+    cache = _cache_for((little, encoding))
+    cache_get = cache.get
     pixel_length: int | None = None
     prev = -1
+    item: dict[str, Any] | None
     while pos < size:
         if pos + 8 > size:
             raise _Decline
@@ -543,10 +580,10 @@ def _fast_parse(fh: Any, data: Any, size: int) -> FastHeader:
             vr: str | None = None
         else:
             group, elem, vrb, length = unpack(data, pos)
-            vr = _VR_OF.get(vrb)
+            vr = vr_of(vrb)
             if vr is None:
                 raise _Decline
-            if vr in _VR32:
+            if vr in vr32:
                 if vpos + 4 > size:
                     raise _Decline
                 length = ulong(data, vpos)[0]
@@ -567,48 +604,65 @@ def _fast_parse(fh: Any, data: Any, size: int) -> FastHeader:
         end = vpos + length
         if end > size:
             raise _Decline
-        pos = end
         if group == 0x7FE0:
             if tag == 0x7FE00010:
                 pixel_length = length
             raws.append((tag, vr, length, None if length > BULK_LIMIT else data[vpos:end], vpos))
+            pos = end
             continue
-        value: Any = data[vpos:end] if length else empty_value_for_VR(vr, raw=True)
+        if fast and charset_seen and length <= _CACHE_VALUE_MAX:
+            key = data[pos:end]  # tag, VR, length and value
+            hit = cache_get(key)
+            if hit is None:
+                value = data[vpos:end]
+                item = _fast_item(vr, length, value, True, little, encoding)
+                if item is not None:
+                    hit = _remember(cache, key, _hit(tag, item))
+            if hit is not None:
+                add(hit)
+                if group == 0x0028 or (group & 1 and elem < 0x100) or group == 0x5400:
+                    raws.append((tag, vr, length, data[vpos:end], vpos))  # context
+                pos = end
+                continue
+        pos = end
+        value = data[vpos:end]
         raws.append((tag, vr, length, value, vpos))
         if tag == _CHARSET_TAG:
             charset_seen = True
-            item: dict[str, Any] | None
-            cs = bytes(value or b"").decode("ascii", "replace").strip(" \x00")
+            cs = bytes(value).decode("ascii", "replace").strip(" \x00")
             fast = fast and cs in _FAST_CHARSETS
             encoding = "utf-8" if cs == "ISO_IR 192" else "latin-1"
-            seq_encoding = convert_encodings(convert_string(bytes(value or b""), little))
+            cache = _cache_for((little, encoding))
+            cache_get = cache.get
+            seq_encoding = convert_encodings(convert_string(bytes(value), little))
             # pydicom's reader converts this element when it opens the file: same here
-            raw = RawDataElement(BaseTag(tag), vr, length, value, vpos, implicit, little)
+            raw = RawDataElement(
+                BaseTag(tag),
+                vr,
+                length,
+                value if length else cast(bytes | None, empty_value_for_VR(vr, raw=True)),
+                vpos,
+                implicit,
+                little,
+            )
             try:
-                item = _element_json(convert_raw_data_element(raw, encoding=default_encoding))
+                add(
+                    _hit(
+                        tag, _element_json(convert_raw_data_element(raw, encoding=default_encoding))
+                    )
+                )
             except Exception as exc:
                 raise _Decline from exc
-            out.append((tag, (item, _item_text(item))))
             continue
-        if tag < _CHARSET_TAG and not charset_seen:
+        if tag < _CHARSET_TAG:
             early.append(tag)
             continue
-        if fast and 0 < length <= _CACHE_VALUE_MAX:
-            key = (vr, value, little, encoding)
-            hit = cache.get(key)
-            if hit is None:
-                item = _fast_item(vr, length, value, fast, little, encoding)
-                if item is None:
-                    pending.append(tag)
-                    continue
-                hit = _remember(key, item)
-            out.append((tag, hit))
-            continue
+        charset_seen = True  # none in this file (past its place): the default applies
         item = _fast_item(vr, length, value, fast, little, encoding)
         if item is None:
             pending.append(tag)
         else:
-            out.append((tag, (item, _item_text(item))))
+            add(_hit(tag, item))
     resort = bool(early or pending)
     if early:
         by_tag = {r[0]: r for r in raws}
@@ -618,23 +672,26 @@ def _fast_parse(fh: Any, data: Any, size: int) -> FastHeader:
             if item is None:
                 pending.append(tag)
             else:
-                out.append((tag, (item, _item_text(item))))
+                add(_hit(tag, item))
     if pending:
         _pydicom_items(raws, pending, implicit, little, seq_encoding, out)
     if resort:
-        out.sort(key=lambda t: t[0])
+        out.sort(key=itemgetter(0))
     public: dict[str, Any] = {}
     private: dict[str, Any] = {}
+    row: dict[str, Any] = dict.fromkeys(_FIELD_COLUMNS)
     pub_parts: list[str] = []
     priv_parts: list[str] = []
-    for tag, (elem_json, text) in out:
-        name, prefix = _key_text(tag)
-        if tag >> 16 & 1:
+    for tag, name, elem_json, text, col, col_value in out:
+        if tag & 0x10000:
             private[name] = elem_json
-            priv_parts.append(prefix + text)
+            priv_parts.append(text)
         else:
             public[name] = elem_json
-            pub_parts.append(prefix + text)
+            pub_parts.append(text)
+        if col is not None:
+            row[col] = col_value
+    row["transfer_syntax_uid"] = ts_str
     return FastHeader(
         public,
         private,
@@ -642,6 +699,7 @@ def _fast_parse(fh: Any, data: Any, size: int) -> FastHeader:
         "{" + ", ".join(priv_parts) + "}" if priv_parts else None,
         ts,
         pixel_length,
+        row,
     )
 
 
@@ -651,7 +709,7 @@ def _pydicom_items(
     implicit: bool,
     little: bool,
     seq_encoding: Any,
-    out: list[tuple[int, tuple[dict[str, Any], str]]],
+    out: list[Hit],
 ) -> None:
     """The JSON of the ``pending`` elements, converted by pydicom as ``_dataset_json`` does.
     A public sequence of defined length is remembered by its bytes and everything its
@@ -659,16 +717,16 @@ def _pydicom_items(
     representation)."""
     by_tag = {r[0]: r for r in raws}
     pixrep = by_tag.get(0x00280103)
-    context = (implicit, little, repr(seq_encoding), pixrep[3] if pixrep else None)
-    todo: list[tuple[int, tuple[Any, ...] | None]] = []
+    cache = _cache_for(("SQ", implicit, little, repr(seq_encoding), pixrep[3] if pixrep else None))
+    todo: list[tuple[int, Any]] = []
     for tag in pending:
         _, vr, length, value, _ = by_tag[tag]
         key = None
         if vr == "SQ" and not (tag >> 16) & 1 and 0 < length <= _SQ_CACHE_VALUE_MAX:
-            key = ("SQ", tag, value, context)
-            hit = _ITEM_CACHE.get(key)
+            key = (tag, value)
+            hit = cache.get(key)
             if hit is not None:
-                out.append((tag, hit))
+                out.append(hit)
                 continue
         todo.append((tag, key))
     if not todo:
@@ -681,7 +739,7 @@ def _pydicom_items(
         except Exception as exc:  # a badly encoded value must not lose the header
             item = {"vr": str(elem_vr or "UN"), "error": type(exc).__name__}
             key = None
-        out.append((tag, _remember(key, item) if key is not None else (item, _item_text(item))))
+        out.append(_remember(cache, key, _hit(tag, item)) if key is not None else _hit(tag, item))
 
 
 def _fast_item(
@@ -790,7 +848,9 @@ def _raw_dataset(
         if length == -1:
             elems[btag] = value  # an undefined-length sequence, already read
         else:
-            if value is not None and not isinstance(value, bytes):
+            if length == 0:
+                value = empty_value_for_VR(vr, raw=True)  # as pydicom's reader stores it
+            elif value is not None and not isinstance(value, bytes):
                 value = bytes(value)
             elems[btag] = RawDataElement(btag, vr, length, value, tell, implicit, little)
     ds = Dataset(elems, parent_encoding=default_encoding)
@@ -799,9 +859,8 @@ def _raw_dataset(
     return ds
 
 
-def _qido_value(obj: dict[str, Any], keyword: str) -> Any:
-    tag = TAG_OF[keyword]
-    item = obj.get(f"{tag:08X}") or obj.get(f"{tag:08x}")
+def _item_value(item: Any) -> Any:
+    """The first value of a DICOM JSON element (all values when several; PN: Alphabetic)."""
     if not isinstance(item, dict):
         return None
     vals = item.get("Value")
@@ -810,6 +869,16 @@ def _qido_value(obj: dict[str, Any], keyword: str) -> Any:
     if item.get("vr") == "PN":
         return vals[0].get("Alphabetic") if isinstance(vals[0], dict) else vals[0]
     return vals if len(vals) > 1 else vals[0]
+
+
+def _column_value(col: str, item: Any) -> Any:
+    value = _item_value(item)
+    return _int(value) if col in INT_COLS else _text(value)
+
+
+def _qido_value(obj: dict[str, Any], keyword: str) -> Any:
+    tag = TAG_OF[keyword]
+    return _item_value(obj.get(f"{tag:08X}") or obj.get(f"{tag:08x}"))
 
 
 def qido_row(obj: dict[str, Any]) -> dict[str, Any]:
@@ -829,7 +898,28 @@ def _level(row: dict[str, Any]) -> str:
     return "study"
 
 
-POOL_MIN_FILES = 256
+def _insert(store: Store, rows: list[tuple[Any, ...]]) -> None:
+    """Append raw header rows (tuples in ``COLUMNS`` order) as one Arrow batch."""
+    import pyarrow as pa
+
+    cols = list(zip(*rows, strict=True))
+    batch = pa.table(
+        {
+            name: pa.array(col, type=pa.int32() if name in INT_COLS else pa.string())
+            for name, col in zip(COLUMNS, cols, strict=True)
+        }
+    )
+    store.con.register("_dicom_batch", batch)
+    try:
+        store.con.execute(f"INSERT INTO {TABLE} SELECT * FROM _dicom_batch")
+    finally:
+        store.con.unregister("_dicom_batch")
+
+
+# One process reads ~5,000 plain headers/s; a pool of forked workers costs ~30 ms of CPU to
+# start and stop, so it pays from a few hundred files on.
+POOL_MIN_FILES = 512
+INSERT_BATCH = 1024  # raw rows per Arrow insert (inserts overlap the workers' parsing)
 
 
 def _workers() -> int:
@@ -840,11 +930,17 @@ def _workers() -> int:
 
 
 def _read_one(path: Path, rel: str) -> list[tuple[str, Any]]:
-    """The records of one landed file (picklable: runs in worker processes)."""
+    """The records of one landed file (picklable: runs in worker processes): (position,
+    BadDicom or (row, header JSON, private JSON, source format, record hash))."""
     reader = DicomReader()
     if rel.lower().endswith(".json"):
-        return reader._qido_path(path)
-    return [reader._part10_path(path)]
+        records = reader._qido_path(path)
+    else:
+        records = [reader._part10_path(path)]
+    return [
+        (pos, r if isinstance(r, BadDicom) else (*r, hashlib.sha256(r[1].encode()).hexdigest()))
+        for pos, r in records
+    ]
 
 
 @register
@@ -864,91 +960,94 @@ class DicomReader(SourceReader):
         self.ensure_tables(store)
         out: list[tuple[Any, ...]] = []
         bad: list[QuarantineRow] = []
-        for f, records in zip(files, self._read_all(files), strict=True):
-            fs = stats.file(f.rel)
-            for position, result in records:
-                fs.records_in += 1
-                if isinstance(result, BadDicom):
-                    fs.quarantined += 1
-                    bad.append(
-                        QuarantineRow(
-                            "read",
-                            TABLE,
-                            self.kind,
+        reads = self._iter_read(files)
+        try:
+            for f, records in zip(files, reads, strict=True):
+                fs = stats.file(f.rel)
+                for position, result in records:
+                    fs.records_in += 1
+                    if isinstance(result, BadDicom):
+                        fs.quarantined += 1
+                        bad.append(
+                            QuarantineRow(
+                                "read",
+                                TABLE,
+                                self.kind,
+                                f.rel,
+                                position,
+                                result.rule,
+                                f"{f.rel} [{position}]: {result}",
+                                json.dumps({"size": f.size}) if position == "file" else None,
+                                lineage_key(f.sha256, position, f.sha256),
+                            )
+                        )
+                        continue
+                    row, header, private, fmt, rh = result
+                    out.append(
+                        (
+                            lineage_key(f.sha256, position, rh),
                             f.rel,
                             position,
-                            result.rule,
-                            f"{f.rel} [{position}]: {result}",
-                            json.dumps({"size": f.size}) if position == "file" else None,
-                            lineage_key(f.sha256, position, f.sha256),
+                            rh,
+                            fmt,
+                            _level(row),
+                            *(row[c] for c, _ in FIELDS),
+                            row["transfer_syntax_uid"],
+                            header,
+                            private,
                         )
                     )
-                    continue
-                row, header, private, fmt = result
-                rh = hashlib.sha256(header.encode()).hexdigest()
-                out.append(
-                    (
-                        lineage_key(f.sha256, position, rh),
-                        f.rel,
-                        position,
-                        rh,
-                        fmt,
-                        _level(row),
-                        *(row[c] for c, _ in FIELDS),
-                        row["transfer_syntax_uid"],
-                        header,
-                        private,
-                    )
-                )
-                fs.loaded += 1
+                    fs.loaded += 1
+                if len(out) >= INSERT_BATCH:
+                    _insert(store, out)
+                    out = []
+        finally:
+            reads.close()  # a failed insert stops the worker pool now, not at garbage collection
         if out:
-            import pyarrow as pa
-
-            cols = list(zip(*out, strict=True))
-            batch = pa.table(
-                {
-                    name: pa.array(col, type=pa.int32() if name in INT_COLS else pa.string())
-                    for name, col in zip(COLUMNS, cols, strict=True)
-                }
-            )
-            store.con.register("_dicom_batch", batch)
-            try:
-                store.con.execute(f"INSERT INTO {TABLE} SELECT * FROM _dicom_batch")
-            finally:
-                store.con.unregister("_dicom_batch")
+            _insert(store, out)
         store.quarantine(bad)
         return stats
 
     def _read_all(self, files: Sequence[SourceFile]) -> list[list[tuple[str, Any]]]:
-        """Parse every file: in this process for small batches, in a pool of worker processes
-        (``TWIN_DICOM_WORKERS``, default 2; 0 or 1: one process) from ``POOL_MIN_FILES`` files
-        on. Workers are forked (a fork server or spawn would re-import the caller's
-        ``__main__``, which breaks scripts without a main guard and ``python -`` input); they
-        only parse files (no store access) and leave with ``os._exit``. A pool that cannot
-        start falls back to one process."""
+        """The records of every file, in order (see :meth:`_iter_read`)."""
+        return list(self._iter_read(files))
+
+    def _iter_read(self, files: Sequence[SourceFile]) -> Generator[list[tuple[str, Any]]]:
+        """Parse every file, yielding each file's records in order: in this process for small
+        batches, in a pool of worker processes (``TWIN_DICOM_WORKERS``, default 2; 0 or 1: one
+        process) from ``POOL_MIN_FILES`` files on, so the caller's store inserts overlap the
+        parsing. The pool starts once per load and ends with it (forked workers must not
+        outlive the run: they hold the parent's file locks). Workers are forked (a fork server
+        or spawn would re-import the caller's ``__main__``, which breaks scripts without a main
+        guard and ``python -`` input); they only parse files (no store access). A pool that
+        cannot start or breaks falls back to one process for the files not read yet."""
         workers = _workers()
         if workers < 2 or len(files) < POOL_MIN_FILES:
-            return [_read_one(f.path, f.rel) for f in files]
+            for f in files:
+                yield _read_one(f.path, f.rel)
+            return
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        done = 0
         try:
             ctx = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                chunk = max(16, len(files) // (workers * 8))
-                return list(
-                    pool.map(
-                        _read_one,
-                        [f.path for f in files],
-                        [f.rel for f in files],
-                        chunksize=chunk,
-                    )
-                )
+                chunk = max(16, min(256, len(files) // (workers * 8)))
+                for records in pool.map(
+                    _read_one,
+                    [f.path for f in files],
+                    [f.rel for f in files],
+                    chunksize=chunk,
+                ):
+                    yield records
+                    done += 1
         except (OSError, RuntimeError, ValueError) as exc:  # no pool here: one process
             warnings.warn(
                 f"DICOM worker pool unavailable ({exc}); reading in one process", stacklevel=2
             )
-            return [_read_one(f.path, f.rel) for f in files]
+            for f in files[done:]:
+                yield _read_one(f.path, f.rel)
 
     def _part10_path(self, path: Path) -> tuple[str, Any]:
         with warnings.catch_warnings():
@@ -960,18 +1059,17 @@ class DicomReader(SourceReader):
         try:
             fast = fast_part10(path)
             if fast is not None:
-                public, ts = fast.public, fast.ts
-                _check_pixel_length(fast.pixel_length, ts, public)
-                header, private_text = fast.public_text, fast.private_text
+                _check_pixel_length(fast.pixel_length, fast.ts, fast.public)
+                header, private_text, row = fast.public_text, fast.private_text, fast.row
             else:
                 ds, ts = read_part10(path)
                 public, private = _json_dicts(ds)
                 _check_native_pixels(ds, ts, public)
                 header = json.dumps(public, sort_keys=True)
                 private_text = json.dumps(private, sort_keys=True) if private else None
-            # The columns come from the DICOM JSON just made (no second pydicom conversion).
-            row = qido_row(public)
-            row["transfer_syntax_uid"] = str(ts) if ts else None
+                # The columns come from the DICOM JSON just made (no second conversion).
+                row = qido_row(public)
+                row["transfer_syntax_uid"] = str(ts) if ts else None
             missing = [kw for col, kw in FIELDS[:4] if col != "sop_class_uid" and not row.get(col)]
             if missing:
                 raise BadDicom("missing_uid", f"header lacks {', '.join(missing)}")
