@@ -18,7 +18,13 @@ from twin_pipeline.keys import KeyRing
 from twin_pipeline.lineage import prov_build
 from twin_pipeline.paths import POLICIES_DIR, Settings
 from twin_pipeline.policy import Gateway
-from twin_pipeline.snapshot import SnapshotResult, create_snapshot, verify
+from twin_pipeline.snapshot import (
+    SnapshotPolicy,
+    SnapshotResult,
+    create_snapshot,
+    load_snapshot_policy,
+    verify,
+)
 from twin_pipeline.store import Store
 
 from .conftest import (
@@ -135,7 +141,8 @@ def test_reproducible_bytes(snap_home: Settings, tmp_path: Path, cohort_file: Pa
 def test_bytes_do_not_depend_on_thread_count(
     snap_home: Settings, tmp_path: Path, threads: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """DuckDB writes the Parquet in parallel: the files must not depend on how many threads."""
+    """Tables are exported side by side, one worker per core: the files must not depend on how
+    many workers there are."""
     from twin_pipeline.snapshot import create as create_mod
 
     base = create_snapshot("researcher", tmp_path / "base", settings=snap_home)
@@ -191,11 +198,53 @@ def test_k_anonymity_holds_over_released_values(shared: Shared) -> None:
     assert {r["series_instance_uid"] for r in _table(out, "imaging_instance")} == series
 
 
-def test_rows_are_ordered_by_lineage_key(shared: Shared) -> None:
-    out = shared.out
-    obs = _table(out, "observation")
+def test_rows_keep_the_store_order(shared: Shared) -> None:
+    """``parquet.order: store`` (shipped): the released rows in the order the store holds them."""
+    with Store.open(shared.settings, read_only=True, private=True) as store:
+        stored = store.con.execute(
+            "SELECT observation_id, patient_id FROM deid.observation"
+        ).fetchall()
+    want = [oid for oid, pid in stored if pid in RELEASED]
+    assert [r["observation_id"] for r in _table(shared.out, "observation")] == want
+    assert "store" in _manifest(shared.out)["parquet"]["order"]  # type: ignore[index]
+
+
+def _policy(**parquet: object) -> SnapshotPolicy:
+    p = load_snapshot_policy()
+    return p.model_copy(update={"parquet": p.parquet.model_copy(update=parquet)})
+
+
+def test_lineage_key_order_survives_a_rebuild_in_another_order(
+    snap_home: Settings, tmp_path: Path
+) -> None:
+    """``parquet.order: lineage_key``: rows sorted by lineage key, then every column, so a table
+    rebuilt with the same rows in another physical order gives the same bytes."""
+    policy = _policy(order="lineage_key")
+    a = create_snapshot("researcher", tmp_path / "a", settings=snap_home, snapshot_policy=policy)
+    obs = _table(tmp_path / "a", "observation")
     keys = [(r["lineage_key"], r["observation_id"]) for r in obs]
     assert keys == sorted(keys)
+    assert _manifest(tmp_path / "a")["parquet"]["order"] == "lineage_key, then every column"  # type: ignore[index]
+    store_order = create_snapshot("researcher", tmp_path / "s", settings=snap_home)
+    with Store.open(snap_home) as store, store.transaction() as con:
+        for t in ("deid.observation", "deid.encounter", "deid.patient"):
+            con.execute(f"CREATE OR REPLACE TABLE {t} AS SELECT * FROM {t} ORDER BY rowid DESC")
+    b = create_snapshot("researcher", tmp_path / "b", settings=snap_home, snapshot_policy=policy)
+    assert {t["file"]: t["sha256"] for t in a.tables} == {t["file"]: t["sha256"] for t in b.tables}
+    # the store order follows the rebuild: same rows, other bytes
+    again = create_snapshot("researcher", tmp_path / "s2", settings=snap_home)
+    before = {t["file"]: t["sha256"] for t in store_order.tables}
+    after = {t["file"]: t["sha256"] for t in again.tables}
+    assert before["data/observation.parquet"] != after["data/observation.parquet"]
+    assert before["data/location.parquet"] == after["data/location.parquet"]
+    for name in ("observation", "encounter", "patient"):
+        rows_a = sorted(
+            json.dumps(r, sort_keys=True, default=str) for r in _table(tmp_path / "s", name)
+        )
+        rows_b = sorted(
+            json.dumps(r, sort_keys=True, default=str) for r in _table(tmp_path / "s2", name)
+        )
+        assert rows_a == rows_b, name
 
 
 def test_cohort_selects_patients(snap_home: Settings, tmp_path: Path, cohort_file: Path) -> None:
@@ -248,7 +297,10 @@ def test_audit_and_lineage_records(shared: Shared) -> None:
         assert ev["decision"] == "allow" and ev["user"] == "researcher"
         assert ev["snapshot_id"] == r.snapshot_id and ev["rows"] == r.rows
         # every table was read through the gateway's own query path (its audit entries)
-        gateway_reads = {e["relations"][0] for e in events if e.get("action") == "query"}
+        queries = [e for e in events if e.get("action") == "query"]
+        assert len(queries) == 1  # one governed query names every relation read
+        assert queries[0]["decision"] == "allow" and queries[0]["user"] == "researcher"
+        gateway_reads = set(queries[0]["relations"])
         assert {t["table"] for t in r.tables} <= gateway_reads
         acts = [
             json.loads(p[0])
@@ -359,3 +411,16 @@ def test_masked_patient_key_is_refused(snap_home: Settings, tmp_path: Path) -> N
             policies_dir=pdir,
         )
     assert not (tmp_path / "s").exists()
+
+
+def test_key_versions_in_data_after_a_rotation(snap_home: Settings, tmp_path: Path) -> None:
+    """One version per table comes from the writer's statistics (min = max); a table with rows
+    of two versions is looked up; both land in the manifest."""
+    with Store.open(snap_home) as store, store.transaction() as con:
+        con.execute("UPDATE deid.observation SET key_version = 2 WHERE observation_id LIKE '%-3'")
+        con.execute("UPDATE deid.encounter SET key_version = NULL")
+    create_snapshot("researcher", tmp_path / "snap", settings=snap_home)
+    kv = _manifest(tmp_path / "snap")["key_versions"]
+    assert kv["pseudonym_versions_in_data"] == [1, 2]  # type: ignore[index]
+    versions = {r["key_version"] for r in _table(tmp_path / "snap", "observation")}
+    assert versions == {1, 2}

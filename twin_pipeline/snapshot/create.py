@@ -5,17 +5,24 @@ access off, so nothing here can read or write files through SQL):
 
 1. the snapshot policy (``policies/snapshot.yaml``) decides whether the user's role may export
    at all, and only tables of the de-identified schema are ever exported; refusals are audited;
-2. every table is read through the gateway as the user: a governed ``count(*)`` via
-   :meth:`Gateway.query` (the gateway's own allow/deny decision and audit entry), then the
-   gateway's policy subquery for the relation (the role's row filters, e.g. research consent,
-   and column masks) is the only way the export reads the table;
+2. every table is read through the gateway as the user: one governed query counting every
+   relation the export reads (:meth:`Gateway.query`: the gateway's own allow/deny decision and
+   one audit entry naming them all), then the gateway's policy subquery for each relation (the
+   role's row filters, e.g. research consent, and column masks) is the only way the export
+   reads it;
 3. released patients: consent (again, whatever the role's filters), not deleted, the cohort's
-   criteria, then k-anonymity by suppression over the policy's quasi-identifiers;
-4. each table's released rows are written by DuckDB itself (``COPY (SELECT ... ORDER BY
-   lineage_key, then every column) TO ... (FORMAT parquet)``, :func:`.writer.copy_parquet`):
-   parallel, in a total order, with fixed writer settings, so the bytes are reproducible. The
-   gateway's connection stays locked (external access off); the only place it may write is the
-   snapshot's own temporary folder, allowed (DuckDB ``allowed_directories``) before the lock;
+   criteria, then k-anonymity by suppression over the policy's quasi-identifiers, in SQL
+   (:func:`.disclosure.k_anonymize_sql`): the released and suppressed ids stay in scratch
+   tables of the connection's in-memory catalog and are joined, never passed as lists;
+4. each table's released rows are written by DuckDB itself (``COPY (SELECT ...) TO ... (FORMAT
+   parquet, RETURN_STATS)``, :func:`.writer.copy_parquet`), in the store's order (or sorted by
+   lineage key, ``parquet.order``) with fixed writer settings, so the bytes are reproducible.
+   The connection runs one DuckDB thread (see :mod:`.writer` for why); tables are exported
+   several at once on cursors of their own, one per core. Row count, size and key versions come
+   from the writer's statistics; each file is read once more, for its sha256, while the next
+   table is written. The gateway's connection stays locked (external access off); the only
+   place it may write is the snapshot's own temporary folder, allowed (DuckDB
+   ``allowed_directories``) before the lock;
 5. the manifest, PROV-JSON lineage, dataset card and public key are written, the manifest is
    signed with the current signing key, and in one store transaction the export is audited
    (:func:`twin_pipeline.audit.record_access`), recorded as an activity in the ledger whose
@@ -36,6 +43,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,9 +62,9 @@ from twin_pipeline.snapshot.config import (
     load_cohort,
     load_snapshot_policy,
 )
-from twin_pipeline.snapshot.disclosure import KAnonResult, ident, k_anonymize, qi_sql
-from twin_pipeline.snapshot.writer import copy_parquet, duckdb_writer_id
-from twin_pipeline.store import Store
+from twin_pipeline.snapshot.disclosure import KAnonResult, Scratch, ident, k_anonymize_sql, qi_sql
+from twin_pipeline.snapshot.writer import WrittenFile, copy_parquet, duckdb_writer_id
+from twin_pipeline.store import Store, fully_qualified
 
 # DuckDB types Parquet cannot hold as such (or only as DuckDB-specific extension types): exported
 # as their text form, e.g. INTERVAL '3 days'.
@@ -131,26 +139,23 @@ def _source_versions(store: Store, tables: Sequence[str]) -> dict[str, dict[str,
         ).fetchall():
             known[str(name)] = (int(rows), str(h), str(run) if run else None)
     out: dict[str, dict[str, Any]] = {}
-    for t in tables:
-        rows = store.row_count(t)
+    row = (
+        store.con.execute(
+            "SELECT "
+            + ", ".join(
+                f"(SELECT count(*) FROM {fully_qualified(t)}) AS n{i}" for i, t in enumerate(tables)
+            )
+        ).fetchone()
+        if tables
+        else None
+    )
+    for i, t in enumerate(tables):
+        rows = int(row[i]) if row else 0
         if t in known and known[t][0] == rows:
             out[t] = {"rows": rows, "content_hash": known[t][1], "run_id": known[t][2]}
         else:
             out[t] = {"rows": rows, "content_hash": store.content_hash(t), "run_id": None}
     return out
-
-
-def _key_versions_in_data(store: Store, table_docs: Sequence[dict[str, Any]]) -> list[int]:
-    """Pseudonym key versions recorded in the exported tables' ``key_version`` column."""
-    versions: set[int] = set()
-    for t in table_docs:
-        if any(f["name"] == "key_version" for f in t["schema"]):
-            for (v,) in store.con.execute(
-                f"SELECT DISTINCT key_version FROM twin.{t['table']} WHERE key_version IS NOT NULL"
-            ).fetchall():
-                with contextlib.suppress(TypeError, ValueError):
-                    versions.add(int(v))
-    return sorted(versions)
 
 
 def _tmp_folder(out: Path) -> Path:
@@ -205,11 +210,10 @@ def create_snapshot(
         raise ConfigError("output folder is not empty (use --force to replace it)", path=str(out))
 
     tmp = _tmp_folder(out)
-    # All cores for the export (DuckDB sorts and writes Parquet in parallel; the bytes do not
-    # depend on the thread count); the one folder its connection may write to is tmp.
-    gw = _ExportGateway(
-        settings, policies=access, threads=os.cpu_count() or 1, write_directories=[tmp]
-    )
+    # One DuckDB thread: with more, DuckDB's order-keeping COPY of a query that joins (the
+    # consent filter does) orders rows and cuts row groups by scheduling. The cores are used by
+    # exporting tables side by side (_export_tables). The one folder it may write to is tmp.
+    gw = _ExportGateway(settings, policies=access, threads=1, write_directories=[tmp])
     with gw:
         store = gw.store
         role_name = "unknown"
@@ -304,10 +308,17 @@ def create_snapshot(
                     f"the cohort selects on conditions but {condition_table} is absent"
                 )
             reads.add(condition_table)
-        visible: dict[str, int] = {}
-        for rel in sorted(reads):
-            res = gw.query(user, f"SELECT count(*) AS n FROM {rel}")  # raises QueryDenied
-            visible[rel] = int(res.rows[0][0])
+        # One governed query counts every relation the export reads (the gateway's decision
+        # over all of them, one audit entry naming them all); raises QueryDenied.
+        ordered_reads = sorted(reads)
+        res = gw.query(
+            user,
+            "SELECT "
+            + ", ".join(
+                f"(SELECT count(*) FROM {rel}) AS n{i}" for i, rel in enumerate(ordered_reads)
+            ),
+        )
+        visible = {rel: int(res.rows[0][i]) for i, rel in enumerate(ordered_reads)}
         sql_of: dict[str, str] = {}
         for rel in sorted(reads):
             sql_of[rel] = gw.policy_relation(role_name, role, rel)[0]
@@ -379,25 +390,44 @@ def create_snapshot(
                     path=str(pdir / "snapshot.yaml"),
                 )
         qi_exprs = [qi_sql(q, f"__p.{ident(q.source)}", as_of) for q in qis]
-        rows = con.execute(
-            f"SELECT DISTINCT CAST(__p.{ident(pt.key)} AS VARCHAR), {', '.join(qi_exprs)} "
-            f"FROM ({sql_of[pt.table]}) AS __p WHERE {' AND '.join(conds)}",
-            params,
-        ).fetchall()
-        kres: KAnonResult = k_anonymize(rows, spolicy.k_anonymity.k, [q.name for q in qis])
-
-        # -- export --------------------------------------------------------------------------
-        _prepare_out(out, force, tmp)
+        # Released and suppressed ids stay in DuckDB: scratch tables in the connection's own
+        # in-memory catalog (not the store), seen by every export cursor, dropped at the end.
+        scratch = Scratch.named(f"memory.main.__snapshot_{uuid.uuid4().hex[:12]}")
         try:
-            table_docs: list[dict[str, Any]] = []
-            rows_suppressed: dict[str, int] = {}
-            for rel in sorted(plans):
-                plan = plans[rel]
-                doc, n_supp = _export_table(
-                    con, plan, spolicy, kres, pt.table, qis, as_of, tmp, sql_of
-                )
-                table_docs.append(doc)
-                rows_suppressed[rel] = n_supp
+            kres: KAnonResult = k_anonymize_sql(
+                con,
+                f"SELECT __p.{ident(pt.key)}, {', '.join(qi_exprs)} "
+                f"FROM ({sql_of[pt.table]}) AS __p WHERE {' AND '.join(conds)}",
+                params,
+                spolicy.k_anonymity.k,
+                [q.name for q in qis],
+                scratch,
+            )
+            _prepare_out(out, force, tmp)
+            exported = _export_tables(
+                con,
+                [plans[rel] for rel in sorted(plans)],
+                spolicy=spolicy,
+                scratch=scratch,
+                any_suppressed=kres.patients_suppressed > 0,
+                patient_table=pt.table,
+                qis=qis,
+                as_of=as_of,
+                tmp=tmp,
+                sql_of=sql_of,
+                workers=os.cpu_count() or 1,
+            )
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _record_failure(store, user, role_name, command, sorted(plans), access, exc)
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                scratch.drop(con)
+        try:
+            table_docs = [e.doc for e in exported]
+            rows_suppressed = {e.doc["table"]: e.suppressed for e in exported}
+            key_versions_in_data = sorted({v for e in exported for v in e.key_versions})
             sources = _source_versions(store, sorted(reads))
             for doc in table_docs:
                 doc["source_version"] = sources[doc["table"]]
@@ -417,6 +447,7 @@ def create_snapshot(
                 kres=kres,
                 rows_suppressed=rows_suppressed,
                 table_docs=table_docs,
+                key_versions_in_data=key_versions_in_data,
                 sources=sources,
                 excluded=excluded,
                 pdir=pdir,
@@ -427,48 +458,130 @@ def create_snapshot(
             )
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            with contextlib.suppress(Exception):
-                record_access(
-                    store,
-                    user=user,
-                    role=role_name,
-                    sql=command,
-                    relations=sorted(plans),
-                    rows=0,
-                    decision="allow",
-                    reason=f"snapshot failed: {type(exc).__name__}: {str(exc)[:300]}",
-                    action="snapshot",
-                    status="error",
-                    policy_version=access.version,
-                )
+            _record_failure(store, user, role_name, command, sorted(plans), access, exc)
             raise
     return result
 
 
-def _link_predicate(plan: _Plan, spolicy: SnapshotPolicy, via_sql: str | None) -> str:
-    """SQL that keeps rows of patients in the bound id list (one ``?``), over alias ``__t``."""
+def _record_failure(
+    store: Store,
+    user: str,
+    role_name: str,
+    command: str,
+    relations: list[str],
+    access: PolicySet,
+    exc: BaseException,
+) -> None:
+    """Audit a snapshot that failed after it was allowed (best effort: the error is raised)."""
+    with contextlib.suppress(Exception):
+        record_access(
+            store,
+            user=user,
+            role=role_name,
+            sql=command,
+            relations=relations,
+            rows=0,
+            decision="allow",
+            reason=f"snapshot failed: {type(exc).__name__}: {str(exc)[:300]}",
+            action="snapshot",
+            status="error",
+            policy_version=access.version,
+        )
+
+
+def _link_predicate(plan: _Plan, spolicy: SnapshotPolicy, via_sql: str | None, ids: str) -> str:
+    """SQL that keeps rows of the patients in table ``ids`` (column ``pid``), over alias ``__t``."""
     key = spolicy.patient.key
     if plan.link == key:
-        return f"CAST(__t.{ident(key)} AS VARCHAR) IN {_IDS}"
+        return f"CAST(__t.{ident(key)} AS VARCHAR) IN (SELECT pid FROM {ids})"
     link = spolicy.links[plan.relation]
     assert via_sql is not None
     return (
         f"CAST(__t.{ident(link.key)} AS VARCHAR) IN (SELECT CAST(__v.{ident(link.key)} AS "
-        f"VARCHAR) FROM ({via_sql}) AS __v WHERE CAST(__v.{ident(key)} AS VARCHAR) IN {_IDS})"
+        f"VARCHAR) FROM ({via_sql}) AS __v WHERE CAST(__v.{ident(key)} AS VARCHAR) IN "
+        f"(SELECT pid FROM {ids}))"
     )
 
 
+@dataclass
+class _Exported:
+    doc: dict[str, Any]
+    suppressed: int  # rows of suppressed patients left out
+    key_versions: set[int]  # pseudonym key versions in the released rows
+
+
+def _export_tables(
+    con: Any, plans: Sequence[_Plan], *, workers: int, **kwargs: Any
+) -> list[_Exported]:
+    """Export every table, several at once: each worker has its own cursor on the export
+    connection (one DuckDB thread each, see :mod:`.writer`) and its own share of the tables,
+    largest first, so the files do not depend on how many workers there are. Results come
+    back in the order of ``plans``."""
+    n = max(1, min(int(workers), len(plans)))
+    shares: list[list[int]] = [[] for _ in range(n)]
+    load = [0] * n
+    for i in sorted(range(len(plans)), key=lambda i: (-plans[i].visible, plans[i].relation)):
+        w = load.index(min(load))
+        shares[w].append(i)
+        load[w] += max(plans[i].visible, 1)
+    cursors = [con.cursor() for _ in range(n)]
+    results: dict[int, _Exported] = {}
+
+    def work(w: int) -> None:
+        for i in shares[w]:
+            results[i] = _export_table(cursors[w], plans[i], **kwargs)
+
+    try:
+        if n == 1:
+            work(0)
+        else:
+            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="twin-snapshot") as pool:
+                for fut in [pool.submit(work, w) for w in range(n)]:
+                    fut.result()
+    finally:
+        for cur in cursors:
+            with contextlib.suppress(Exception):
+                cur.close()
+    return [results[i] for i in range(len(plans))]
+
+
+def _key_versions(cur: Any, written: WrittenFile, select_sql: str) -> set[int]:
+    """Key versions in the written rows: from the writer's statistics when one version (min =
+    max) or none (all NULL) is present, else one DISTINCT over the released rows."""
+    st = written.stats.get("key_version")
+    if st is None or written.rows == 0:
+        return set()
+    if st.get("null_count") == str(written.rows):
+        return set()
+    lo, hi = st.get("min"), st.get("max")
+    values: list[Any] = [lo] if lo is not None and lo == hi else []
+    if not values:
+        values = [
+            v
+            for (v,) in cur.execute(
+                f"SELECT DISTINCT key_version FROM ({select_sql}) WHERE key_version IS NOT NULL"
+            ).fetchall()
+        ]
+    out: set[int] = set()
+    for v in values:
+        with contextlib.suppress(TypeError, ValueError):
+            out.add(int(v))
+    return out
+
+
 def _export_table(
-    con: Any,
+    cur: Any,
     plan: _Plan,
+    *,
     spolicy: SnapshotPolicy,
-    kres: KAnonResult,
+    scratch: Scratch,
+    any_suppressed: bool,
     patient_table: str,
     qis: Sequence[Any],
     as_of: int,
     tmp: Path,
     sql_of: dict[str, str],
-) -> tuple[dict[str, Any], int]:
+) -> _Exported:
     names = [c for c, _ in plan.columns]
     items: list[str] = []
     released_names: list[str] = []
@@ -495,31 +608,27 @@ def _export_table(
     via_sql = sql_of[spolicy.links[plan.relation].via] if plan.link.startswith("via") else None
     if spolicy.exclude_deleted and "deleted" in names:
         where.append("NOT coalesce(__t.deleted, false)")
-    params: list[Any] = []
     supp_where = list(where)
-    supp_params: list[Any] = []
     if plan.link != "reference":
-        pred = _link_predicate(plan, spolicy, via_sql)
-        where.append(pred)
-        params.append(kres.released)
-        supp_where.append(pred)
-        supp_params.append(kres.suppressed)
-    order = []
-    if "lineage_key" in released_names:
-        order.append(str(released_names.index("lineage_key") + 1))
-    order += [str(i + 1) for i, n in enumerate(released_names) if n != "lineage_key"]
-    sql = (
-        f"SELECT {', '.join(items)} FROM ({plan.sql}) AS __t"
-        + (f" WHERE {' AND '.join(where)}" if where else "")
-        + f" ORDER BY {', '.join(order)}"
+        where.append(_link_predicate(plan, spolicy, via_sql, scratch.released))
+        supp_where.append(_link_predicate(plan, spolicy, via_sql, scratch.suppressed))
+    select = f"SELECT {', '.join(items)} FROM ({plan.sql}) AS __t" + (
+        f" WHERE {' AND '.join(where)}" if where else ""
     )
+    order = ""
+    if spolicy.parquet.order == "lineage_key":
+        keys = []
+        if "lineage_key" in released_names:
+            keys.append(str(released_names.index("lineage_key") + 1))
+        keys += [str(i + 1) for i, n in enumerate(released_names) if n != "lineage_key"]
+        order = f" ORDER BY {', '.join(keys)}"
     fname = f"data/{plan.relation.split('.', 1)[1]}.parquet"
-    written = copy_parquet(con, sql, params, tmp / fname, spolicy.parquet)
+    written = copy_parquet(cur, select + order, [], tmp / fname, spolicy.parquet)
     n_supp = 0
-    if plan.link != "reference" and kres.suppressed:
-        row = con.execute(
-            f"SELECT count(*) FROM ({plan.sql}) AS __t WHERE {' AND '.join(supp_where)}",
-            supp_params,
+    if plan.link != "reference" and any_suppressed:
+        # only the link and deleted columns are read (DuckDB prunes the rest of the subquery)
+        row = cur.execute(
+            f"SELECT count(*) FROM ({plan.sql}) AS __t WHERE {' AND '.join(supp_where)}"
         ).fetchone()
         n_supp = int(row[0]) if row else 0
     doc = {
@@ -534,7 +643,7 @@ def _export_table(
         "patient_link": plan.link,
         "rows_visible_to_role": plan.visible,
     }
-    return doc, n_supp
+    return _Exported(doc, n_supp, _key_versions(cur, written, select))
 
 
 def _finish(
@@ -554,6 +663,7 @@ def _finish(
     kres: KAnonResult,
     rows_suppressed: dict[str, int],
     table_docs: list[dict[str, Any]],
+    key_versions_in_data: list[int],
     sources: dict[str, dict[str, Any]],
     excluded: dict[str, str],
     pdir: Path,
@@ -603,13 +713,17 @@ def _finish(
         "policy_versions": act.policy_versions(pdir),
         "key_versions": {
             **key_versions,
-            "pseudonym_versions_in_data": _key_versions_in_data(store, table_docs),
+            "pseudonym_versions_in_data": key_versions_in_data,
         },
         "code_version": act.code_version(),
         "parquet": {
             **spolicy.parquet.model_dump(),
             "writer": duckdb_writer_id(),
-            "order": "lineage_key, then every column",
+            "order": (
+                "lineage_key, then every column"
+                if spolicy.parquet.order == "lineage_key"
+                else "the store's order of each table (one writer thread per file)"
+            ),
         },
     }
     snapshot_id = hashlib.sha256(manifest.canonical(body)).hexdigest()

@@ -55,16 +55,18 @@ class KAnonResult:
     k: int
     quasi_identifiers: list[str]
     patients_considered: int
-    released: list[str]  # patient ids, sorted
-    suppressed: list[str]  # patient ids, sorted
+    patients_released: int
+    patients_suppressed: int
     classes_before: int
     smallest_class_before: int | None
-    classes: dict[tuple[str, ...], int] = field(default_factory=dict)  # after suppression
+    classes_after: int
+    smallest_class: int | None  # after suppression
     rounds: int = 0
-
-    @property
-    def smallest_class(self) -> int | None:
-        return min(self.classes.values()) if self.classes else None
+    # filled by the in-memory reference (:func:`k_anonymize`) only; the export keeps the ids
+    # in its scratch tables (:func:`k_anonymize_sql`)
+    released: list[str] = field(default_factory=list)  # patient ids, sorted
+    suppressed: list[str] = field(default_factory=list)  # patient ids, sorted
+    classes: dict[tuple[str, ...], int] = field(default_factory=dict)  # after suppression
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -72,18 +74,22 @@ class KAnonResult:
             "k": self.k,
             "quasi_identifiers": self.quasi_identifiers,
             "patients_considered": self.patients_considered,
-            "patients_released": len(self.released),
-            "patients_suppressed": len(self.suppressed),
+            "patients_released": self.patients_released,
+            "patients_suppressed": self.patients_suppressed,
             "equivalence_classes_before": self.classes_before,
             "smallest_class_before_suppression": self.smallest_class_before,
-            "equivalence_classes": len(self.classes),
+            "equivalence_classes": self.classes_after,
             "smallest_class_size": self.smallest_class,
             "suppression_rounds": self.rounds,
         }
 
 
 def k_anonymize(rows: Iterable[Sequence[Any]], k: int, qi_names: Sequence[str]) -> KAnonResult:
-    """``rows`` are ``(patient_id, qi_1, ..., qi_n)``; returns who is released and suppressed."""
+    """``rows`` are ``(patient_id, qi_1, ..., qi_n)``; returns who is released and suppressed.
+
+    The in-memory reference of the rule; the export runs the same rule in SQL
+    (:func:`k_anonymize_sql`, tested against this one).
+    """
     tuples: dict[str, set[tuple[str, ...]]] = {}
     for row in rows:
         pid = str(row[0])
@@ -112,10 +118,104 @@ def k_anonymize(rows: Iterable[Sequence[Any]], k: int, qi_names: Sequence[str]) 
         k=k,
         quasi_identifiers=list(qi_names),
         patients_considered=len(tuples),
-        released=sorted(alive),
-        suppressed=sorted(set(tuples) - alive),
+        patients_released=len(alive),
+        patients_suppressed=len(tuples) - len(alive),
         classes_before=before_classes,
         smallest_class_before=before_min,
+        classes_after=len(sizes),
+        smallest_class=min(sizes.values()) if sizes else None,
+        rounds=rounds,
+        released=sorted(alive),
+        suppressed=sorted(set(tuples) - alive),
         classes=dict(sizes),
+    )
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """Names of the scratch tables :func:`k_anonymize_sql` leaves behind (one column ``pid``
+    VARCHAR in ``released`` and ``suppressed``)."""
+
+    tuples: str
+    released: str
+    suppressed: str
+
+    @classmethod
+    def named(cls, prefix: str) -> Scratch:
+        return cls(f"{prefix}_tuple", f"{prefix}_released", f"{prefix}_suppressed")
+
+    def drop(self, con: Any) -> None:
+        for name in (self.tuples, self.released, self.suppressed):
+            con.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+def k_anonymize_sql(
+    con: Any,
+    rows_sql: str,
+    params: Sequence[Any],
+    k: int,
+    qi_names: Sequence[str],
+    scratch: Scratch,
+) -> KAnonResult:
+    """:func:`k_anonymize` in SQL, leaving the released and suppressed ids in ``scratch`` tables.
+
+    ``rows_sql`` yields ``(patient_id, qi_1, ..., qi_n)`` (qi values never NULL: see
+    :func:`qi_sql`). One pass builds the distinct (patient, tuple) pairs; each round is one
+    GROUP BY over them and one DELETE of the patients in a class smaller than ``k`` (usually
+    zero or one round), so the ids never travel through Python and are joined, not passed as
+    lists, by the export.
+    """
+    n = len(qi_names)
+    qs = [f"q{i}" for i in range(n)]
+    qlist = ", ".join(qs)
+    on = " AND ".join(f"__t.{q} = __s.{q}" for q in qs)
+    con.execute(
+        f"CREATE TABLE {scratch.tuples} AS SELECT DISTINCT CAST(__r.pid AS VARCHAR) AS pid, "
+        + ", ".join(f"CAST(__r.{q} AS VARCHAR) AS {q}" for q in qs)
+        + f" FROM ({rows_sql}) AS __r(pid, {qlist})",
+        list(params),
+    )
+    con.execute(f"CREATE TABLE {scratch.released} AS SELECT DISTINCT pid FROM {scratch.tuples}")
+
+    def classes(alive_only: bool) -> tuple[int, int | None]:
+        join = f" JOIN {scratch.released} USING (pid)" if alive_only else ""
+        row = con.execute(
+            f"SELECT count(*), min(n) FROM (SELECT count(*) AS n FROM {scratch.tuples}{join} "
+            f"GROUP BY {qlist})"
+        ).fetchone()
+        return (int(row[0]), None if row[1] is None else int(row[1])) if row else (0, None)
+
+    row = con.execute(f"SELECT count(*) FROM {scratch.released}").fetchone()
+    considered = int(row[0]) if row else 0
+    before = classes(alive_only=False)
+    rounds = 0
+    while True:
+        row = con.execute(
+            f"DELETE FROM {scratch.released} WHERE pid IN (SELECT __t.pid FROM "
+            f"{scratch.tuples} AS __t JOIN (SELECT {qlist} FROM {scratch.tuples} "
+            f"JOIN {scratch.released} USING (pid) GROUP BY {qlist} HAVING count(*) < ?) AS __s "
+            f"ON {on})",
+            [int(k)],
+        ).fetchone()
+        if not (row and row[0]):
+            break
+        rounds += 1
+    after = classes(alive_only=True)
+    con.execute(
+        f"CREATE TABLE {scratch.suppressed} AS SELECT DISTINCT pid FROM {scratch.tuples} "
+        f"WHERE pid NOT IN (SELECT pid FROM {scratch.released})"
+    )
+    row = con.execute(f"SELECT count(*) FROM {scratch.released}").fetchone()
+    released = int(row[0]) if row else 0
+    return KAnonResult(
+        k=k,
+        quasi_identifiers=list(qi_names),
+        patients_considered=considered,
+        patients_released=released,
+        patients_suppressed=considered - released,
+        classes_before=before[0],
+        smallest_class_before=before[1],
+        classes_after=after[0],
+        smallest_class=after[1],
         rounds=rounds,
     )

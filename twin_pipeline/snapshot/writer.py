@@ -1,24 +1,26 @@
 """Deterministic Parquet: the same rows in the same order give the same bytes.
 
-:func:`copy_parquet` (what snapshots use) has DuckDB write the file itself with ``COPY (SELECT
-... ORDER BY <total order>) TO ... (FORMAT parquet)``: parallel, no rows through Python. The
-query's ORDER BY is a total order and DuckDB preserves it (``preserve_insertion_order``), with a
-fixed codec, level and row-group size, so the bytes depend only on the rows and the DuckDB
-version (recorded in the manifest as the writer), not on the thread count.
+:func:`copy_parquet` has DuckDB write the file itself with ``COPY (SELECT ...) TO ... (FORMAT
+parquet, RETURN_STATS)``: no rows through Python. The caller runs it on a connection with one
+DuckDB thread: a query that joins (every policy subquery with a row filter does) is written by
+DuckDB's regular, order-keeping COPY, whose row order and row-group boundaries depend on the
+thread count when there is more than one; with one thread they depend only on the rows and the
+store's order. Parallelism comes from exporting several tables at once, one thread each.
+Codec, level and row-group size are fixed (``policies/snapshot.yaml``); the Parquet footer
+holds no write time, only the writer's ``created_by`` (DuckDB version, recorded in the
+manifest).
 
-:func:`write_parquet` is the pyarrow writer: rows stream from DuckDB as Arrow record batches (bounded memory) and are re-cut into row groups
-of exactly ``row_group_size`` rows (the last one shorter), with a fixed compression codec and
-level, format version and statistics setting. Parquet footers carry no write time; the only
-environment-dependent bytes are the writer's ``created_by`` string (pyarrow version), which the
-manifest records. Time-zone-aware timestamps are normalised to ``UTC`` (DuckDB labels them with
-the session's zone, which differs between machines, while the instants are the same).
+``RETURN_STATS`` hands back the row count, the file size and per-column min/max/null counts
+the writer computed anyway, so nothing re-reads the file for them; the sha256 is the one full
+read, from the page cache right after the write (:func:`sha256_file`, which releases the GIL,
+so it overlaps the next table's export).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from twin_pipeline.snapshot.config import ParquetSettings
-
-PARQUET_VERSION = "2.6"
 
 
 @dataclass
@@ -37,10 +37,8 @@ class WrittenFile:
     bytes: int
     sha256: str
     schema: list[dict[str, str]]  # [{"name", "type"}] as Arrow types
-
-
-def writer_id() -> str:
-    return f"pyarrow {pa.__version__} (parquet {PARQUET_VERSION})"
+    # per column: {"min", "max", "null_count", ...} as DuckDB reports them (text)
+    stats: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def _normalise_type(t: pa.DataType) -> pa.DataType:
@@ -52,71 +50,16 @@ def _normalise_type(t: pa.DataType) -> pa.DataType:
 
 
 def normalise_schema(schema: pa.Schema) -> pa.Schema:
+    """Time-zone-aware timestamps as ``UTC`` (the instants are stored in UTC whatever zone the
+    writer's session labels them with), large/view strings as strings."""
     return pa.schema(
         [pa.field(f.name, _normalise_type(f.type), f.nullable) for f in schema], metadata=None
     )
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_parquet(
-    reader: pa.RecordBatchReader, path: Path, settings: ParquetSettings
-) -> WrittenFile:
-    """Write every batch of ``reader`` to ``path``; return rows, size and sha256."""
-    schema = normalise_schema(reader.schema)
-    group = settings.row_group_size
-    rows = 0
-    pending: list[pa.RecordBatch] = []
-    pending_rows = 0
-    with pq.ParquetWriter(
-        path,
-        schema,
-        compression=settings.compression,
-        compression_level=settings.compression_level if settings.compression == "zstd" else None,
-        version=PARQUET_VERSION,
-        use_dictionary=True,
-        write_statistics=True,
-        store_schema=True,
-    ) as writer:
-
-        def flush(final: bool) -> None:
-            nonlocal pending, pending_rows
-            if not pending_rows:
-                return
-            table = pa.Table.from_batches(pending, schema=schema)
-            full = (pending_rows // group) * group
-            cut = pending_rows if final else full
-            if cut:
-                writer.write_table(table.slice(0, cut), row_group_size=group)
-            rest = table.slice(cut)
-            pending = rest.to_batches()
-            pending_rows = rest.num_rows
-
-        for batch in reader:
-            if batch.num_rows == 0:
-                continue
-            if batch.schema != schema:
-                batch = batch.cast(schema)
-            pending.append(batch)
-            pending_rows += batch.num_rows
-            rows += batch.num_rows
-            if pending_rows >= group:
-                flush(final=False)
-        flush(final=True)
-    size = path.stat().st_size
-    return WrittenFile(
-        path=path,
-        rows=rows,
-        bytes=size,
-        sha256=sha256_file(path),
-        schema=[{"name": f.name, "type": str(f.type)} for f in schema],
-    )
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def duckdb_writer_id() -> str:
@@ -129,11 +72,7 @@ def _sql_text(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def copy_parquet(
-    con: Any, select_sql: str, params: Sequence[Any], path: Path, settings: ParquetSettings
-) -> WrittenFile:
-    """Have DuckDB write the rows of ``select_sql`` (which must end in a total ORDER BY) to
-    ``path``; return rows, size, sha256 and the file's Arrow schema."""
+def copy_options(settings: ParquetSettings) -> list[str]:
     opts = [
         "FORMAT parquet",
         f"COMPRESSION {settings.compression}",
@@ -141,15 +80,35 @@ def copy_parquet(
     ]
     if settings.compression == "zstd" and settings.compression_level:
         opts.append(f"COMPRESSION_LEVEL {int(settings.compression_level)}")
-    row = con.execute(
+    return opts
+
+
+def _column_stats(raw: Mapping[str, Mapping[str, str]] | None) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for name, stats in (raw or {}).items():
+        key = name[1:-1].replace('""', '"') if name.startswith('"') else name
+        out[key] = {str(k): str(v) for k, v in (stats or {}).items()}
+    return out
+
+
+def copy_parquet(
+    con: Any, select_sql: str, params: Sequence[Any], path: Path, settings: ParquetSettings
+) -> WrittenFile:
+    """Have DuckDB write the rows of ``select_sql`` to ``path``; return rows, size, sha256,
+    the file's Arrow schema and DuckDB's column statistics."""
+    opts = [*copy_options(settings), "RETURN_STATS"]
+    cur = con.execute(
         f"COPY ({select_sql}) TO {_sql_text(str(path))} ({', '.join(opts)})", list(params)
-    ).fetchone()
-    rows = int(row[0]) if row else 0
-    schema = normalise_schema(pq.read_schema(path))
+    )
+    names = [d[0] for d in cur.description or []]
+    row = cur.fetchone()
+    info = dict(zip(names, row, strict=True)) if row else {}
+    schema = normalise_schema(pq.read_schema(path))  # the footer only
     return WrittenFile(
         path=path,
-        rows=rows,
+        rows=int(info.get("count") or 0),
         bytes=path.stat().st_size,
         sha256=sha256_file(path),
         schema=[{"name": f.name, "type": str(f.type)} for f in schema],
+        stats=_column_stats(info.get("column_statistics")),
     )
