@@ -9,15 +9,19 @@ DELETE`` become rows without payload so the deletion is kept.
 
 Validation is the expensive part: the models run ~8,000 resources/s per core. The model
 decides every verdict, but it runs once per resource *shape*; resources of a known shape have
-their primitive values validated in bulk with the models' own field types
-(:mod:`twin_pipeline.harmonize.fhir_fastcheck`). NDJSON lines are parsed and validated in one
-pass, over a process pool for large chunks (``TWIN_FHIR_WORKERS``, default: all cores); exact
-copies of a record are checked once. Files are loaded in chunks of bounded size.
+their primitive values validated in bulk with the models' own field types, each distinct
+value once (:mod:`twin_pipeline.harmonize.fhir_fastcheck`). An NDJSON line of a shape already
+accepted is checked straight from its text, neither parsed nor walked (``TextShapes``); the
+other lines are parsed and validated. Large chunks of lines go to a process pool
+(``TWIN_FHIR_WORKERS``, default: the idle cores) while this process inserts the lines already
+decided; exact copies of a record are checked once. Files are loaded in chunks of bounded
+size.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import gzip
 import hashlib
 import json
@@ -53,7 +57,9 @@ CREATE TABLE IF NOT EXISTS {RAW_TABLE} (
     payload JSON
 )
 """
-PARALLEL_MIN = 20_000  # NDJSON lines in a chunk before the process pool is worth its cost
+PARALLEL_MIN = 4_000  # distinct NDJSON lines in a chunk before the process pool pays
+PRIME_PER_FILE = 32  # first lines of each file checked before the pool forks (see _check_stream)
+FLUSH_ROWS = 4_096  # raw rows per INSERT while the pool still works
 PARALLEL_MIN_BYTES = 4 << 20  # JSON (Bundle) bytes in a chunk before files go to the pool
 #: Seconds per stage of the last :meth:`FhirReader.load` in this process (for benchmarks).
 LAST_PROFILE: dict[str, float] = {}
@@ -71,8 +77,10 @@ def _loads(text: str, surrogates: bool = True) -> Any:
     """``json.loads`` for JSON as FHIR means it: a ``ValueError`` for anything that is not
     storable JSON text (NaN/Infinity, nesting too deep to walk and, with ``surrogates``,
     unpaired UTF-16 surrogates; Bundle entries are checked for those one by one)."""
+    if text.startswith("\ufeff"):
+        raise ValueError("Unexpected UTF-8 BOM")
     try:
-        obj = json.loads(text, parse_constant=_no_constant)
+        obj = _DECODER.decode(text)
     except RecursionError as exc:
         raise ValueError("JSON nested too deeply") from exc
     if surrogates and "\\u" in text and _SURROGATE_ESCAPE.search(text):
@@ -103,6 +111,10 @@ def _unencodable(text: str) -> bool:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
+
+
+# One decoder for every record (``json.loads`` with an argument builds a new one per call).
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
 def _safe(text: str) -> str:
@@ -201,41 +213,91 @@ def validate_full(resource: dict[str, Any]) -> tuple[str, str] | None:
 _FAST: Any = None
 
 
-def validate_resource(resource: dict[str, Any]) -> tuple[str, str] | None:
-    """Validate like :func:`validate_full`, through the shape cache of
-    :mod:`twin_pipeline.harmonize.fhir_fastcheck` (same verdicts, far fewer model runs)."""
+def _fast() -> Any:
     global _FAST
     if _FAST is None:
         from twin_pipeline.harmonize.fhir_fastcheck import FastValidator
 
         _FAST = FastValidator(validate_full)
         _FAST.enabled = os.environ.get("TWIN_FHIR_FASTCHECK", "1") != "0"
-    if not _FAST.enabled:
+    return _FAST
+
+
+def _model_for(resource: dict[str, Any]) -> Any:
+    return _model(str(resource.get("resourceType")))
+
+
+def validate_resource(resource: dict[str, Any]) -> tuple[str, str] | None:
+    """Validate like :func:`validate_full`, through the shape cache of
+    :mod:`twin_pipeline.harmonize.fhir_fastcheck` (same verdicts, far fewer model runs)."""
+    fast = _fast()
+    if not fast.enabled:
         return validate_full(resource)
     rtype = resource.get("resourceType")
     if not isinstance(rtype, str) or not is_resource_type(rtype):
         return validate_full(resource)
     try:
-        verdict: tuple[str, str] | None = _FAST.validate(resource, _model(rtype), _check_bindings)
+        verdict: tuple[str, str] | None = fast.validate(resource, _model(rtype), _check_bindings)
     except RecursionError:
         return "validation_failed", f"{rtype}: nested too deeply to validate"
     return verdict
 
 
+def validate_resources(resources: Sequence[Any]) -> list[tuple[str, str] | None]:
+    """:func:`_check_resource`, then :func:`validate_resource`, over many resources at once:
+    resources of one shape have their leaves checked together (one adapter call per field
+    type and shape, only values not seen before)."""
+    out: list[tuple[str, str] | None] = [None] * len(resources)
+    idx: list[int] = []
+    for i, res in enumerate(resources):
+        problem = _check_resource(res)
+        if problem is None:
+            idx.append(i)
+        else:
+            out[i] = problem
+    todo = [resources[i] for i in idx]
+    fast = _fast()
+    verdicts: list[tuple[str, str] | None]
+    if not fast.enabled:
+        verdicts = [validate_full(r) for r in todo]
+    else:
+        try:
+            verdicts = fast.validate_many(todo, _model_for, _check_bindings)
+        except RecursionError:  # one resource nested too deeply: take them one by one
+            verdicts = [validate_resource(r) for r in todo]
+    for i, verdict in zip(idx, verdicts, strict=True):
+        out[i] = verdict
+    return out
+
+
+def reset_validation() -> None:
+    """Forget compiled shapes, adapters and known-valid values (benchmarks start cold)."""
+    global _FAST, _TEXT
+    from twin_pipeline.harmonize import fhir_fastcheck
+
+    _FAST = _TEXT = None
+    fhir_fastcheck._VALID.clear()
+    fhir_fastcheck._ADAPTERS.clear()
+
+
 def validation_stats() -> dict[str, int]:
-    """Shapes compiled and resources validated fast / by the full model in this process."""
-    return dict(_FAST.stats) if _FAST is not None else {}
+    """Shapes compiled and resources validated fast / by the full model in this process
+    (``text_fast``: straight from the text, neither parsed nor walked)."""
+    out = dict(_FAST.stats) if _FAST is not None else {}
+    if _TEXT is not None:
+        out.update(_TEXT.stats)
+    return out
 
 
 def _warm(_: int = 0) -> int:
     """Import what validation needs (spec, the models of every mapped type) once, before
     the pool forks, so workers inherit it instead of each importing it again."""
+    from twin_pipeline.harmonize.fhir_fastcheck import import_element_models
     from twin_pipeline.harmonize.fhir_spec import load_spec
 
     _bindings()
-    for name in ("Bundle", *load_spec().mapped_types):
-        if is_resource_type(name):
-            _model(name)
+    models = [_model(n) for n in ("Bundle", *load_spec().mapped_types) if is_resource_type(n)]
+    import_element_models(models)  # the data types they use (imported lazily otherwise)
     return os.getpid()
 
 
@@ -269,10 +331,22 @@ def shutdown_pool() -> None:
 
 
 def _workers() -> int:
+    """Validation processes: ``TWIN_FHIR_WORKERS`` if set, else the cores not busy with other
+    work (load average, this process left out), so the pool is used when it can pay: on a
+    machine whose cores are all taken, forked workers only add copying and switching."""
     try:
-        return max(1, int(os.environ.get("TWIN_FHIR_WORKERS", "0")) or (os.cpu_count() or 1))
+        asked = int(os.environ.get("TWIN_FHIR_WORKERS", "0"))
     except ValueError:
-        return os.cpu_count() or 1
+        asked = 0
+    if asked > 0:
+        return asked
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        others = max(0.0, os.getloadavg()[0] - 1.0)
+    except OSError:
+        others = 0.0
+    return max(1, min(cores, round(cores - others)))
 
 
 def _meta_of(res: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
@@ -303,29 +377,97 @@ _Verdict = tuple[tuple[str, str] | None, tuple[Any, Any, Any, Any] | None]
 
 def _process_text(text: str) -> _Verdict:
     """Parse and validate one NDJSON line: (problem, (type, id, versionId, lastUpdated))."""
-    try:
-        res = _loads(text)
-    except ValueError as exc:
-        return ("broken_json", f"invalid JSON: {exc}"), None
-    problem = _check_resource(res) or validate_resource(res)
-    return problem, _meta_of(res) if isinstance(res, dict) else None
+    return _process_texts([text])[0]
 
 
 def _process_texts(texts: Sequence[str]) -> list[_Verdict]:
-    """Pool worker."""
-    return [_process_text(t) for t in texts]
+    """Parse and validate NDJSON lines (in a pool worker for large batches), ``CHUNK`` at a
+    time with the cyclic garbage collector paused: parsed JSON holds no cycles, and a
+    collection pass over thousands of live parsed records costs more than parsing them."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        out: list[_Verdict] = []
+        for i in range(0, len(texts), CHUNK):
+            out += _process_chunk(texts[i : i + CHUNK])
+        return out
+    finally:
+        if paused:
+            gc.enable()
 
 
-def process_many(texts: Sequence[str]) -> list[_Verdict]:
-    """:func:`_process_text` over many lines, spread over a process pool for large batches."""
-    workers = _workers()
-    if len(texts) < PARALLEL_MIN or workers < 2:
-        return _process_texts(texts)
-    chunks = [texts[i : i + CHUNK] for i in range(0, len(texts), CHUNK)]
-    out: list[_Verdict] = []
-    for part in _pool(workers).map(_process_texts, chunks):
-        out.extend(part)
-    return out
+def _process_chunk(texts: Sequence[str]) -> list[_Verdict]:
+    """Lines of a known text shape are decided from their text (:class:`TextShapes`); the
+    first line of each new skeleton is parsed and validated, teaching its shape; then the
+    other lines are tried again, and what is left is parsed and validated."""
+    text = _text_shapes()
+    if text is None:
+        return _parse_and_validate(texts, None)
+    skeletons: list[str | None] = [None] * len(texts)
+    out = text.check_many(texts, _check_bindings, skeletons)
+    first: dict[str, int] = {}
+    later: list[int] = []
+    now: list[int] = []
+    for i, verdict in enumerate(out):
+        if verdict is not None:
+            continue
+        skel = skeletons[i]
+        if skel is None or skel not in first:
+            if skel is not None:
+                first[skel] = i
+            now.append(i)
+        else:
+            later.append(i)
+    for i, v in zip(now, _parse_and_validate([texts[i] for i in now], text), strict=True):
+        out[i] = v
+    if later:
+        again = text.check_many([texts[i] for i in later], _check_bindings)
+        rest = [i for i, v in zip(later, again, strict=True) if v is None]
+        for i, v in zip(later, again, strict=True):
+            out[i] = v
+        for i, v in zip(rest, _parse_and_validate([texts[i] for i in rest], text), strict=True):
+            out[i] = v
+    return out  # type: ignore[return-value]
+
+
+def _parse_and_validate(texts: Sequence[str], text: Any) -> list[_Verdict]:
+    """Parse, then validate with the models (through the shape cache); resources accepted
+    teach ``text`` (a :class:`TextShapes`, or None) their text shape."""
+    objs: list[Any] = []
+    problems: list[tuple[str, str] | None] = []
+    for t in texts:
+        try:
+            objs.append(_loads(t))
+            problems.append(None)
+        except ValueError as exc:
+            objs.append(None)
+            problems.append(("broken_json", f"invalid JSON: {exc}"))
+    idx = [k for k, p in enumerate(problems) if p is None]
+    for k, verdict in zip(idx, validate_resources([objs[k] for k in idx]), strict=True):
+        problems[k] = verdict
+        if verdict is None and text is not None:  # accepted: its text shape can go fast
+            res = objs[k]
+            rtype = res["resourceType"]
+            text.learn(texts[k], res, _model(rtype), _bindings().get(rtype, {}))
+    return [
+        (p, _meta_of(o) if isinstance(o, dict) else None)
+        for p, o in zip(problems, objs, strict=True)
+    ]
+
+
+_TEXT: Any = None
+
+
+def _text_shapes() -> Any:
+    """The text-shape checker of this process (None when the fast check is switched off)."""
+    global _TEXT
+    if not _fast().enabled:
+        return None
+    if _TEXT is None:
+        from twin_pipeline.harmonize.fhir_fastcheck import TextShapes
+
+        _TEXT = TextShapes()
+    return _TEXT
 
 
 # -- reading files -----------------------------------------------------------------------
@@ -567,105 +709,119 @@ class FhirReader(SourceReader):
         stats: LoadStats,
         prof: dict[str, float],
     ) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         # Bundle/JSON files are parsed, validated and hashed whole in the pool when there are
-        # enough of them; NDJSON lines are read here and validated in chunks (process_many).
+        # enough of them; NDJSON lines are read here and validated in chunks (_check_stream),
+        # by the pool when there are enough of them, while this process turns the records
+        # already decided into raw rows and inserts them.
         workers = _workers()
         whole = [f for f in files if not f.rel.endswith((".ndjson", ".ndjson.gz"))]
         if workers < 2 or sum(f.size for f in whole) < PARALLEL_MIN_BYTES:
             whole = []
         futures = {f.rel: _pool(workers).submit(_prepare_file, f) for f in whole}
         local = [_read_batch(f) for f in files if f.rel not in futures]
-        t1 = time.perf_counter()
-        _check_batches(local)
-        done = {b.file.rel: b for b in local}
+        t1, c1 = time.perf_counter(), time.process_time()
+        rows: list[tuple[Any, ...]] = []
+        quarantine: list[QuarantineRow] = []
+        for ready in _check_stream(local, workers):
+            for batch in ready:
+                self._rows(batch, stats, rows, quarantine)
+            if len(rows) >= FLUSH_ROWS:
+                _insert(store, rows)
+                rows = []
         for rel, fut in futures.items():
             try:
-                done[rel] = fut.result()
+                batch = fut.result()
             except Exception as exc:  # a worker died: the file is quarantined, not lost
                 f = next(x for x in whole if x.rel == rel)
-                done[rel] = _FileBatch(f, [_Rec("file", 0, "", None, problem=(
+                batch = _FileBatch(f, [_Rec("file", 0, "", None, problem=(
                     "validation_failed", f"file could not be validated: {exc!r}"))])  # fmt: skip
-        batches = [done[f.rel] for f in files]
-        for batch in batches:
-            stats.file(batch.file.rel).records_in = len(batch.records)
-        t2 = time.perf_counter()
-        rows: dict[str, list[Any]] = {c: [] for c in _COLUMNS}
-        quarantine: list[QuarantineRow] = []
-        for batch in batches:
-            f = batch.file
-            fs = stats.file(f.rel)
-            for rec in batch.records:
-                rhash = rec.hash
-                lkey = lineage_key(f.sha256, rec.position, rhash)
-                if rec.problem is None:
-                    rec.problem = _unstorable(rec)
-                if rec.problem is not None:
-                    rule, reason = rec.problem
-                    quarantine.append(
-                        QuarantineRow(
-                            stage="read",
-                            table_name=RAW_TABLE,
-                            source_kind=self.kind,
-                            source_file=f.rel,
-                            position=rec.position,
-                            rule=rule,
-                            reason=_safe(f"{f.rel} [{rec.position}]: {reason}"),
-                            payload=_safe(rec.text[:MAX_PAYLOAD_IN_QUARANTINE]),
-                            lineage_key=lkey,
-                        )
-                    )
-                    fs.quarantined += 1
-                    continue
-                rtype, rid, vid, updated = rec.meta or (None, None, None, None)
-                if rec.method == "DELETE":
-                    rtype, rid = _id_from_url(rec.url)
-                    if rtype is None:
-                        rtype, rid = _id_from_url(rec.full_url)
-                for col, val in (
-                    ("lineage_key", lkey),
-                    ("source_file", f.rel),
-                    ("position", rec.position),
-                    ("ordinal", rec.ordinal),
-                    ("record_hash", rhash),
-                    ("resource_type", rtype),
-                    ("resource_id", rid),
-                    ("version_id", vid),
-                    ("last_updated", updated),
-                    ("bundle_type", rec.bundle_type),
-                    ("bundle_id", rec.bundle_id),
-                    ("full_url", rec.full_url),
-                    ("request_method", rec.method),
-                    ("request_url", rec.url),
-                    ("payload", None if rec.method == "DELETE" else rec.text),
-                ):
-                    rows[col].append(val)
-                fs.loaded += 1
-        t3 = time.perf_counter()
-        if rows["lineage_key"]:
-            import pyarrow as pa
-
-            tbl = pa.table({c: pa.array(v, type=_COLUMNS[c]) for c, v in rows.items()})
-            store.con.register("_fhir_batch", tbl)
-            try:
-                store.con.execute(
-                    f"INSERT INTO {RAW_TABLE} SELECT lineage_key, source_file, position, ordinal, "
-                    "record_hash, resource_type, resource_id, version_id, "
-                    "TRY_CAST(last_updated AS TIMESTAMPTZ), bundle_type, bundle_id, full_url, "
-                    "request_method, request_url, payload::JSON FROM _fhir_batch"
-                )
-            finally:
-                store.con.unregister("_fhir_batch")
+            self._rows(batch, stats, rows, quarantine)
+        t2, c2 = time.perf_counter(), time.process_time()
+        _insert(store, rows)
         store.quarantine(quarantine)
-        t4 = time.perf_counter()
+        t3, c3 = time.perf_counter(), time.process_time()
         for key, dt in (
-            ("read_parse", t1 - t0),
-            ("validate", t2 - t1),
-            ("rows", t3 - t2),
-            ("insert", t4 - t3),
-            ("total", t4 - t0),
+            ("read", t1 - t0),
+            ("validate_rows_insert", t2 - t1),
+            ("insert_last", t3 - t2),
+            ("total", t3 - t0),
+            ("cpu_read", c1 - c0),
+            ("cpu_validate_rows_insert", c2 - c1),
+            ("cpu_insert_last", c3 - c2),
+            ("cpu_total", c3 - c0),
         ):
             prof[key] = prof.get(key, 0.0) + dt
+
+    def _rows(
+        self,
+        batch: _FileBatch,
+        stats: LoadStats,
+        rows: list[tuple[Any, ...]],
+        quarantine: list[QuarantineRow],
+    ) -> None:
+        """Raw rows (appended to ``rows``) or quarantine rows of one file's decided records."""
+        f = batch.file
+        fs = stats.file(f.rel)
+        fs.records_in = len(batch.records)
+        loaded = 0
+        for rec in batch.records:
+            rhash = rec.hash
+            lkey = lineage_key(f.sha256, rec.position, rhash)
+            if rec.problem is None:
+                rec.problem = _unstorable(rec)
+            if rec.problem is not None:
+                rule, reason = rec.problem
+                quarantine.append(
+                    QuarantineRow(
+                        stage="read",
+                        table_name=RAW_TABLE,
+                        source_kind=self.kind,
+                        source_file=f.rel,
+                        position=rec.position,
+                        rule=rule,
+                        reason=_safe(f"{f.rel} [{rec.position}]: {reason}"),
+                        payload=_safe(rec.text[:MAX_PAYLOAD_IN_QUARANTINE]),
+                        lineage_key=lkey,
+                    )
+                )
+                fs.quarantined += 1
+                continue
+            rtype, rid, vid, updated = rec.meta or (None, None, None, None)
+            if rec.method == "DELETE":
+                rtype, rid = _id_from_url(rec.url)
+                if rtype is None:
+                    rtype, rid = _id_from_url(rec.full_url)
+            rows.append(
+                (lkey, f.rel, rec.position, rec.ordinal, rhash, rtype, rid, vid, updated,
+                 rec.bundle_type, rec.bundle_id, rec.full_url, rec.method, rec.url,
+                 None if rec.method == "DELETE" else rec.text)
+            )  # fmt: skip
+            loaded += 1
+        fs.loaded += loaded
+
+
+def _insert(store: Store, rows: list[tuple[Any, ...]]) -> None:
+    """One INSERT of raw rows (an Arrow batch, columns as in :data:`_COLUMNS`)."""
+    if not rows:
+        return
+    import pyarrow as pa
+
+    columns = list(zip(*rows, strict=True))
+    tbl = pa.table(
+        {c: pa.array(v, type=t) for (c, t), v in zip(_COLUMNS.items(), columns, strict=True)}
+    )
+    del columns
+    store.con.register("_fhir_batch", tbl)
+    try:
+        store.con.execute(
+            f"INSERT INTO {RAW_TABLE} SELECT lineage_key, source_file, position, ordinal, "
+            "record_hash, resource_type, resource_id, version_id, "
+            "TRY_CAST(last_updated AS TIMESTAMPTZ), bundle_type, bundle_id, full_url, "
+            "request_method, request_url, payload::JSON FROM _fhir_batch"
+        )
+    finally:
+        store.con.unregister("_fhir_batch")
 
 
 def _read_batch(f: SourceFile) -> _FileBatch:
@@ -689,14 +845,29 @@ def _prepare_file(f: SourceFile) -> _FileBatch:
 
 
 def _check_batches(batches: list[_FileBatch]) -> None:
-    """Set ``problem`` (or the row metadata) on every record. Exact copies of a record
-    are checked once."""
+    """Set ``problem`` (or the row metadata) on every record (in this process)."""
+    for _ in _check_stream(batches, 1):
+        pass
+
+
+def _check_stream(batches: list[_FileBatch], workers: int) -> Iterator[list[_FileBatch]]:
+    """Set ``problem`` (or the row metadata) on every record of ``batches``, yielding runs of
+    batches, in order, as soon as all their records are decided (so the caller can insert
+    them while the pool checks the next lines). Exact copies of a record are checked once.
+
+    NDJSON lines go to the process pool when there are at least ``PARALLEL_MIN`` of them
+    and ``workers`` > 1; the first lines of every file are checked here first, so the forked
+    workers inherit the compiled shapes and known values instead of each building them."""
     deferred: dict[str, list[_Rec]] = {}
     parsed: dict[str, list[_Rec]] = {}
     for batch in batches:
         for rec in batch.records:
             if rec.deferred:
-                deferred.setdefault(rec.text, []).append(rec)
+                got = deferred.get(rec.text)
+                if got is None:
+                    deferred[rec.text] = [rec]
+                else:
+                    got.append(rec)
                 continue
             if rec.problem is not None or rec.method == "DELETE":
                 if rec.problem is None and _id_from_url(rec.url)[0] is None:
@@ -716,15 +887,53 @@ def _check_batches(batches: list[_FileBatch]) -> None:
                     rec._hash = None
             parsed.setdefault(rec.text, []).append(rec)
     texts = list(deferred)
-    for text, (problem, meta) in zip(texts, process_many(texts), strict=True):
-        for rec in deferred[text]:
-            rec.problem, rec.meta = problem, meta
-    for recs in parsed.values():
+
+    def decide(lo: int, verdicts: list[_Verdict], idx: Sequence[int] | None = None) -> None:
+        for k, (problem, meta) in enumerate(verdicts):
+            for rec in deferred[texts[idx[k] if idx is not None else lo + k]]:
+                rec.problem, rec.meta = problem, meta
+
+    use_pool = workers > 1 and len(texts) >= PARALLEL_MIN
+    pending: list[tuple[int, Any]] = []  # (end index, future of texts[..end])
+    if use_pool:
+        index = {t: i for i, t in enumerate(texts)}
+        primed: list[int] = []
+        if _POOL is None:  # first use: check a sample here, then fork
+            for batch in batches:
+                firsts = {index[r.text] for r in batch.records[:PRIME_PER_FILE] if r.deferred}
+                primed.extend(sorted(firsts))
+            decide(0, _process_texts([texts[i] for i in primed]), primed)
+        pool = _pool(workers)
+        skip = set(primed)
+        rest = [i for i in range(len(texts)) if i not in skip] if skip else range(len(texts))
+        for k in range(0, len(rest), CHUNK):
+            part = rest[k : k + CHUNK]
+            fut = pool.submit(_process_texts, [texts[i] for i in part])
+            pending.append((part[-1] + 1, (fut, part)))
+        last = [max((index[r.text] for r in b.records if r.deferred), default=-1) for b in batches]
+    # Bundle entries (already parsed) are checked here, meanwhile.
+    groups = list(parsed.values())
+    verdicts = validate_resources([recs[0].resource for recs in groups])
+    for recs, problem in zip(groups, verdicts, strict=True):
         res = recs[0].resource
-        problem = _check_resource(res) or validate_resource(res)  # type: ignore[arg-type]
         for rec in recs:
             rec.problem = problem
             rec.meta = _meta_of(res) if isinstance(res, dict) else None
+    if not use_pool:
+        decide(0, _process_texts(texts))
+        yield batches
+        return
+    done = 0
+    for end, (fut, part) in pending:
+        decide(0, fut.result(), part)
+        ready = []
+        while done < len(batches) and last[done] < end:
+            ready.append(batches[done])
+            done += 1
+        if ready:
+            yield ready
+    if done < len(batches):
+        yield batches[done:]
 
 
 def _arrow_types() -> dict[str, Any]:
