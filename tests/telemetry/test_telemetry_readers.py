@@ -96,18 +96,23 @@ def test_csv_reader(twin_home: Settings, tmp_path: Path, quoted: bool) -> None:
 
 
 def test_lineage_key_matches_store_convention(twin_home: Settings, tmp_path: Path) -> None:
+    """A loaded line's key is the file version's sha256 prefix and its position; its record
+    hash is not stored (hashed lazily by a trace). A quarantined line gets the same kind of key,
+    so raw and quarantine keys never collide."""
     from twin_pipeline.sources import sha256_file
-    from twin_pipeline.store import lineage_key
+    from twin_pipeline.store import position_lineage_key
 
     landing = tmp_path / "landing"
     (landing / "telemetry").mkdir(parents=True)
     path = landing / "telemetry" / "one.ndjson"
-    path.write_text(_line() + "\n")
+    path.write_text(_line() + "\n{broken\n")
     ingest(twin_home, landing)
     ((lk, pos, rh),) = query(
         twin_home, "SELECT lineage_key, position, record_hash FROM raw.telemetry_reading"
     )
-    assert lk == lineage_key(sha256_file(path), pos, rh)
+    assert (lk, pos, rh) == (position_lineage_key(sha256_file(path), "line:1"), "line:1", None)
+    ((qk,),) = query(twin_home, "SELECT lineage_key FROM governance.quarantine")
+    assert qk == position_lineage_key(sha256_file(path), "line:2")
 
 
 def test_hl7_real_samples_every_message_registered(

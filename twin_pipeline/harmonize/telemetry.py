@@ -37,9 +37,9 @@ TELEMETRY_KINDS = ("telemetry", "hl7v2", "wfdb")
 
 READING_DDL = f"""
 CREATE TABLE IF NOT EXISTS {READING} (
-    lineage_key VARCHAR,
+    lineage_key VARCHAR USING COMPRESSION uncompressed,  -- unique per row: no dictionary
     source_file VARCHAR,
-    position VARCHAR,
+    position VARCHAR USING COMPRESSION uncompressed,
     source_kind VARCHAR,
     device_id VARCHAR,
     patient_id VARCHAR,
@@ -205,208 +205,229 @@ def harmonize_readings(
         n_todo = con.execute("SELECT count(*) FROM _th_todo").fetchone()
         if not n_todo or not n_todo[0]:
             return TelemetryResult(0, 0, 0, 0, 0, 0, 0)
-        patient_sql = _patient_sql(store)
+        counts = _harmonize_batch(store, spec)
+        for t in ("_th_dup", "_th_agg", "_th_watermark", "_th_todo", "_th_gone", "_th_files"):
+            con.execute(f"DROP TABLE IF EXISTS {t}")
+        con.execute("DROP VIEW IF EXISTS _th_mapped")
+    total, ok, dup, impl, late = counts
+    return TelemetryResult(int(n_todo[0]), total, ok, total - ok, dup, impl, late)
+
+
+def _harmonize_batch(store: Store, spec: TelemetrySpec) -> tuple[int, int, int, int, int]:
+    """Map the raw rows of the files in ``_th_todo``; (rows in, harmonized, duplicates,
+    implausible, late).
+
+    The mapped rows are a view over raw, not a copy: the few passes over it (duplicate hashes,
+    per device and file counts, the insert, the quarantine of rejected rows if there are any)
+    cost less than writing and re-reading a temporary table of every reading."""
+    con = store.con
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP VIEW _th_mapped AS
+        SELECT r.lineage_key, r.source_file, r.position, r.source_kind, r.device_id,
+               r.patient_id, r.patient_mrn, r.ts,
+               a.metric, m.loinc, (r.value + c.off) * c.factor AS value, m.unit,
+               r.metric AS original_metric, r.value AS original_value,
+               r.unit AS original_unit, r.ts AS ts_utc,
+               (r.value + c.off) * c.factor NOT BETWEEN m.lo AND m.hi AS implausible,
+               t.first_seen,
+               CASE WHEN a.metric IS NULL THEN 'unknown_metric'
+                    WHEN c.factor IS NULL THEN 'bad_unit'
+                    WHEN r.device_id IS NULL OR r.device_id = '' THEN 'missing_device'
+               END AS rule
+        FROM {RAW_TABLE} r
+        JOIN _th_todo t USING (source_file)
+        LEFT JOIN _tele_alias a ON a.alias = upper(r.metric)
+        LEFT JOIN _tele_metric m ON m.metric = a.metric
+        LEFT JOIN _tele_unit u ON u.unit = r.unit
+        LEFT JOIN _tele_conv c ON c.metric = a.metric AND c.ucum = coalesce(u.ucum, r.unit)
+        """
+    )
+    # Exact duplicates (device, metric, instant, value) within the batch: the first copy
+    # (earliest registered file, then line order) is kept, the same choice a full rebuild
+    # makes. Candidate groups are found by one 64-bit hash per reading; the exact ranking runs
+    # only inside the (few) groups that share a hash, on the real values.
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE _th_dup AS
+        SELECT lineage_key FROM (
+            SELECT b.lineage_key, row_number() OVER (
+                PARTITION BY b.device_id, b.metric, b.ts_utc, b.value
+                ORDER BY b.first_seen, b.source_file,
+                         try_cast(regexp_extract(b.position, '(\\d+)$', 1) AS BIGINT),
+                         b.position, b.lineage_key) AS k
+            FROM _th_mapped b
+            WHERE b.rule IS NULL AND hash(b.device_id, b.metric, b.ts_utc, b.value) IN (
+                SELECT h FROM (SELECT hash(device_id, metric, ts_utc, value) AS h
+                               FROM _th_mapped WHERE rule IS NULL)
+                GROUP BY h HAVING count(*) > 1))
+        WHERE k > 1
+        """
+    )
+    # Readings equal to one already harmonized (from files harmonized before) are duplicates.
+    if con.execute(f"SELECT count(*) FROM (SELECT 1 FROM {READING} LIMIT 1)").fetchone() != (0,):
         con.execute(
             f"""
-            CREATE OR REPLACE TEMP TABLE _th_batch AS
-            SELECT r.lineage_key, r.source_file, r.position, r.source_kind, r.device_id,
-                   {patient_sql} AS patient_id,
-                   a.metric, m.loinc, (r.value + c.off) * c.factor AS value, m.unit,
-                   r.metric AS original_metric, r.value AS original_value,
-                   r.unit AS original_unit, r.ts AS ts_utc,
-                   (r.value + c.off) * c.factor NOT BETWEEN m.lo AND m.hi AS implausible,
-                   t.first_seen,
-                   CASE WHEN a.metric IS NULL THEN 'unknown_metric'
-                        WHEN c.factor IS NULL THEN 'bad_unit'
-                        WHEN r.device_id IS NULL OR r.device_id = '' THEN 'missing_device'
-                   END AS rule
-            FROM {RAW_TABLE} r
-            JOIN _th_todo t USING (source_file)
-            LEFT JOIN _tele_alias a ON a.alias = upper(r.metric)
-            LEFT JOIN _tele_metric m ON m.metric = a.metric
-            LEFT JOIN _tele_unit u ON u.unit = r.unit
-            LEFT JOIN _tele_conv c ON c.metric = a.metric AND c.ucum = coalesce(u.ucum, r.unit)
-            """
-        )
-        # Exact duplicates within the batch: the first copy (earliest registered file, then
-        # line order) is kept, the same choice a full rebuild makes. Ranked only inside the
-        # (few) groups that have copies.
-        con.execute(
-            """
-            CREATE OR REPLACE TEMP TABLE _th_drop AS
-            SELECT lineage_key FROM (
-                SELECT b.lineage_key, row_number() OVER (
-                    PARTITION BY b.device_id, b.metric, b.ts_utc, b.value
-                    ORDER BY b.first_seen, b.source_file,
-                             try_cast(regexp_extract(b.position, '(\\d+)$', 1) AS BIGINT),
-                             b.position, b.lineage_key) AS k
-                FROM _th_batch b
-                SEMI JOIN (SELECT device_id, metric, ts_utc, value FROM _th_batch
-                           WHERE rule IS NULL GROUP BY ALL HAVING count(*) > 1) g
-                  ON g.device_id = b.device_id AND g.metric = b.metric
-                 AND g.ts_utc = b.ts_utc AND g.value = b.value
-                WHERE b.rule IS NULL)
-            WHERE k > 1
-            """
-        )
-        con.execute(
-            f"""
-            CREATE OR REPLACE TEMP TABLE _th_seen AS
-            SELECT DISTINCT h.device_id, h.metric, h.ts_utc, h.value FROM {READING} h
-            WHERE h.device_id IN (SELECT DISTINCT device_id FROM _th_batch)
-            """
-        )
-        # Mark the (few) duplicates in place: in-batch copies and readings already harmonized.
-        con.execute(
-            """
-            CREATE OR REPLACE TEMP TABLE _th_dup AS
-            SELECT lineage_key FROM _th_drop
-            UNION
-            SELECT b.lineage_key FROM _th_batch b
-            JOIN _th_seen s ON s.device_id = b.device_id AND s.metric = b.metric
+            INSERT INTO _th_dup
+            SELECT b.lineage_key FROM _th_mapped b
+            SEMI JOIN (SELECT device_id, metric, ts_utc, value FROM {READING}
+                       WHERE device_id IN (SELECT DISTINCT device_id FROM _th_mapped)) s
+              ON s.device_id = b.device_id AND s.metric = b.metric
              AND s.ts_utc = b.ts_utc AND s.value = b.value
-            WHERE b.rule IS NULL
+            WHERE b.rule IS NULL AND b.lineage_key NOT IN (SELECT lineage_key FROM _th_dup)
             """
         )
-        con.execute(
-            "UPDATE _th_batch SET rule = 'duplicate' "
-            "WHERE lineage_key IN (SELECT lineage_key FROM _th_dup)"
+    (n_dup,) = con.execute("SELECT count(*) FROM _th_dup").fetchone() or (0,)
+    # ``_th_ok``: harmonized rows are those without a rule that are not duplicates.
+    ok = "b.rule IS NULL" + (" AND d.lineage_key IS NULL" if n_dup else "")
+    dup_join = " LEFT JOIN _th_dup d USING (lineage_key)" if n_dup else ""
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE _th_agg AS
+        SELECT b.source_file, b.device_id, any_value(b.first_seen) AS first_seen,
+               count(*) AS n_in, count(*) FILTER ({ok}) AS n_ok,
+               count(*) FILTER ({ok} AND b.implausible) AS n_implausible,
+               max(b.ts_utc) FILTER ({ok}) AS max_ts
+        FROM _th_mapped b{dup_join}
+        GROUP BY b.source_file, b.device_id
+        """
+    )
+    con.execute(
+        """
+        INSERT INTO governance.telemetry_device_file
+        SELECT device_id, source_file, first_seen, max_ts FROM _th_agg WHERE n_ok > 0
+        """
+    )
+    # Watermark of a device when a file arrived: its latest instant in files registered before.
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE _th_watermark AS
+        SELECT b.device_id, b.source_file, max(d.max_ts) AS watermark
+        FROM (SELECT device_id, source_file, first_seen FROM _th_agg WHERE n_ok > 0) b
+        JOIN governance.telemetry_device_file d ON d.device_id = b.device_id
+         AND (d.first_seen, d.source_file) < (b.first_seen, b.source_file)
+        GROUP BY ALL
+        """
+    )
+    (n_marks,) = con.execute("SELECT count(*) FROM _th_watermark").fetchone() or (0,)
+    window = spec.late_arrival_window_seconds
+    if n_marks:
+        late_sql = (
+            "coalesce(b.ts_utc < w.watermark, false), "
+            f"coalesce(b.ts_utc < w.watermark - to_seconds({window}), false)"
         )
-        con.execute(
-            """
-            INSERT INTO governance.telemetry_device_file
-            SELECT device_id, source_file, any_value(first_seen), max(ts_utc)
-            FROM _th_batch WHERE rule IS NULL GROUP BY device_id, source_file
-            """
-        )
-        window = spec.late_arrival_window_seconds
-        con.execute(
-            """
-            CREATE OR REPLACE TEMP TABLE _th_watermark AS
-            SELECT b.device_id, b.source_file, max(d.max_ts) AS watermark
-            FROM (SELECT DISTINCT device_id, source_file, first_seen FROM _th_batch
-                  WHERE rule IS NULL) b
-            JOIN governance.telemetry_device_file d ON d.device_id = b.device_id
-             AND (d.first_seen, d.source_file) < (b.first_seen, b.source_file)
-            GROUP BY ALL
-            """
-        )
+        mark_join = " LEFT JOIN _th_watermark w USING (device_id, source_file)"
+    else:  # no device had readings in an earlier file: nothing is late
+        late_sql, mark_join = "false, false", ""
+    anti = " ANTI JOIN _th_dup d USING (lineage_key)" if n_dup else ""
+    patient_sql = _patient_sql(store, "b")
+    con.execute(
+        f"""
+        INSERT INTO {READING}
+        SELECT b.lineage_key, b.source_file, b.position, b.source_kind, b.device_id,
+               {patient_sql}, b.metric, b.loinc, b.value, b.unit, b.original_metric,
+               b.original_value, b.original_unit, b.ts_utc, b.implausible, {late_sql}
+        FROM _th_mapped b{mark_join}{anti}
+        WHERE b.rule IS NULL
+        """
+    )
+    sums = con.execute("SELECT sum(n_in), sum(n_ok), sum(n_implausible) FROM _th_agg").fetchone()
+    total, n_ok, impl = (int(x or 0) for x in (sums or (0, 0, 0)))
+    if total > n_ok:
+        _quarantine_rejected(store, bool(n_dup))
+    con.execute(
+        f"""
+        INSERT INTO {STATE}
+        SELECT t.source_file, t.sha256, t.first_seen, coalesce(sum(a.n_in), 0),
+               coalesce(sum(a.n_ok), 0)
+        FROM _th_todo t LEFT JOIN _th_agg a USING (source_file)
+        GROUP BY ALL
+        """
+    )
+    # Keys to recompute; none when a full rebuild is pending anyway (first load).
+    full_row = con.execute(
+        f"SELECT count(*) FILTER (kind = 'full_minute'), count(*) FILTER (kind = 'full_gap') "
+        f"FROM {PENDING}"
+    ).fetchone()
+    full_minute, full_gap = (bool(x) for x in (full_row or (0, 0)))
+    if not full_minute:
         con.execute(
             f"""
-            INSERT INTO {READING}
-            SELECT b.lineage_key, b.source_file, b.position, b.source_kind, b.device_id,
-                   b.patient_id, b.metric, b.loinc, b.value, b.unit, b.original_metric,
-                   b.original_value, b.original_unit, b.ts_utc, b.implausible,
-                   coalesce(b.ts_utc < w.watermark, false),
-                   coalesce(b.ts_utc < w.watermark - to_seconds({window}), false)
-            FROM _th_batch b LEFT JOIN _th_watermark w USING (device_id, source_file)
-            WHERE b.rule IS NULL
+            INSERT INTO {PENDING}
+            SELECT DISTINCT 'minute', NULL, patient_id, metric, date_trunc('minute', ts_utc)
+            FROM {READING} WHERE source_file IN (SELECT source_file FROM _th_todo)
             """
         )
-        qid = QUARANTINE_ID_SQL.format(
-            stage="'harmonize'",
-            table=f"'{READING}'",
-            file="source_file",
-            pos="position",
-            rule="rule",
-        )
-        reason = (
-            "source_file || ' [' || position || ']: ' || CASE rule "
-            "WHEN 'unknown_metric' THEN 'metric ' || original_metric || "
-            "' is not in the telemetry vocabulary' "
-            "WHEN 'bad_unit' THEN 'unit ' || coalesce(original_unit, '(none)') || "
-            "' cannot be converted to ' || coalesce(unit, '?') || ' for ' || metric "
-            "WHEN 'missing_device' THEN 'reading has no device id' "
-            "WHEN 'duplicate' THEN 'exact duplicate of a reading already kept (device ' || "
-            "device_id || ', ' || metric || ' at ' || ts_utc || ')' END"
-        )
+    if not full_gap:
         con.execute(
             f"""
-            INSERT INTO governance.quarantine
-            SELECT {qid}, ?, 'harmonize', '{READING}', source_kind, source_file, position,
-                   rule, {reason},
-                   json_object('device_id', device_id, 'metric', original_metric,
-                               'value', original_value, 'unit', original_unit,
-                               'ts', CAST(ts_utc AS VARCHAR)),
-                   lineage_key, now()
-            FROM _th_batch WHERE rule IS NOT NULL
-            """,
-            [store.run_id],
-        )
-        con.execute(
-            f"""
-            INSERT INTO {STATE}
-            SELECT t.source_file, t.sha256, t.first_seen, count(b.lineage_key),
-                   count(b.lineage_key) FILTER (b.rule IS NULL)
-            FROM _th_todo t LEFT JOIN _th_batch b USING (source_file)
-            GROUP BY ALL
+            INSERT INTO {PENDING}
+            SELECT DISTINCT 'gap', device_id, NULL, NULL, NULL FROM _th_agg WHERE n_ok > 0
             """
         )
-        # Keys to recompute; none when a full rebuild is pending anyway (first load).
-        full_row = con.execute(
-            f"SELECT count(*) FILTER (kind = 'full_minute'), count(*) FILTER (kind = 'full_gap') "
-            f"FROM {PENDING}"
-        ).fetchone()
-        full_minute, full_gap = (bool(x) for x in (full_row or (0, 0)))
-        if not full_minute:
-            con.execute(
-                f"""
-                INSERT INTO {PENDING}
-                SELECT DISTINCT 'minute', NULL, patient_id, metric, date_trunc('minute', ts_utc)
-                FROM _th_batch WHERE rule IS NULL
-                """
-            )
-        if not full_gap:
-            con.execute(
-                f"""
-                INSERT INTO {PENDING}
-                SELECT DISTINCT 'gap', device_id, NULL, NULL, NULL
-                FROM _th_batch WHERE rule IS NULL
-                """
-            )
-        row = con.execute(
-            """
-            SELECT count(*), count(*) FILTER (rule IS NULL),
-                   count(*) FILTER (rule = 'duplicate'),
-                   count(*) FILTER (rule IS NULL AND implausible)
-            FROM _th_batch
-            """
-        ).fetchone()
-        late = con.execute(
+    late = 0
+    if n_marks:
+        n_late = con.execute(
             f"SELECT count(*) FROM {READING} WHERE late AND source_file IN "
             "(SELECT source_file FROM _th_todo)"
         ).fetchone()
-        for t in (
-            "_th_batch",
-            "_th_drop",
-            "_th_dup",
-            "_th_seen",
-            "_th_watermark",
-            "_th_todo",
-            "_th_gone",
-            "_th_files",
-        ):
-            con.execute(f"DROP TABLE IF EXISTS {t}")
-    assert row is not None
-    total, ok, dup, impl = (int(x) for x in row)
-    return TelemetryResult(
-        int(n_todo[0]), total, ok, total - ok, dup, impl, int(late[0]) if late else 0
+        late = int(n_late[0]) if n_late else 0
+    return total, n_ok, int(n_dup), impl, late
+
+
+def _quarantine_rejected(store: Store, with_duplicates: bool) -> None:
+    """Rows of the batch that are not harmonized go to quarantine with rule and reason."""
+    rejected = "SELECT * FROM _th_mapped WHERE rule IS NOT NULL"
+    if with_duplicates:
+        rejected += (
+            " UNION ALL SELECT * REPLACE ('duplicate' AS rule) FROM _th_mapped "
+            "SEMI JOIN _th_dup USING (lineage_key) WHERE rule IS NULL"
+        )
+    qid = QUARANTINE_ID_SQL.format(
+        stage="'harmonize'",
+        table=f"'{READING}'",
+        file="source_file",
+        pos="position",
+        rule="rule",
+    )
+    reason = (
+        "source_file || ' [' || position || ']: ' || CASE rule "
+        "WHEN 'unknown_metric' THEN 'metric ' || original_metric || "
+        "' is not in the telemetry vocabulary' "
+        "WHEN 'bad_unit' THEN 'unit ' || coalesce(original_unit, '(none)') || "
+        "' cannot be converted to ' || coalesce(unit, '?') || ' for ' || metric "
+        "WHEN 'missing_device' THEN 'reading has no device id' "
+        "WHEN 'duplicate' THEN 'exact duplicate of a reading already kept (device ' || "
+        "device_id || ', ' || metric || ' at ' || ts_utc || ')' END"
+    )
+    store.con.execute(
+        f"""
+        INSERT INTO governance.quarantine
+        SELECT {qid}, ?, 'harmonize', '{READING}', source_kind, source_file, position,
+               rule, {reason},
+               json_object('device_id', device_id, 'metric', original_metric,
+                           'value', original_value, 'unit', original_unit,
+                           'ts', CAST(ts_utc AS VARCHAR)),
+               lineage_key, now()
+        FROM ({rejected})
+        """,
+        [store.run_id],
     )
 
 
-def _patient_sql(store: Store) -> str:
-    """The patient of a reading: as sent, else by MRN, else the device's patient at that time."""
-    parts = ["r.patient_id"]
+def _patient_sql(store: Store, r: str = "r") -> str:
+    """The patient of reading ``r``: as sent, else by MRN, else the device's patient then."""
+    parts = [f"{r}.patient_id"]
     if store.table_exists("harmonized.patient"):
         parts.append(
             "(SELECT any_value(p.patient_id) FROM harmonized.patient p "
-            "WHERE r.patient_mrn IS NOT NULL AND p.mrn = r.patient_mrn)"
+            f"WHERE {r}.patient_mrn IS NOT NULL AND p.mrn = {r}.patient_mrn)"
         )
     if store.table_exists("harmonized.device_association"):
         parts.append(
             "(SELECT any_value(da.patient_id) FROM harmonized.device_association da "
-            "WHERE da.device_id = r.device_id AND r.ts >= da.valid_from "
-            "AND (da.valid_to IS NULL OR r.ts < da.valid_to))"
+            f"WHERE da.device_id = {r}.device_id AND {r}.ts >= da.valid_from "
+            f"AND (da.valid_to IS NULL OR {r}.ts < da.valid_to))"
         )
     return parts[0] if len(parts) == 1 else f"coalesce({', '.join(parts)})"
 

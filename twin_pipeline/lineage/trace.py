@@ -22,7 +22,7 @@ import prov.model as pm
 from twin_pipeline.activity import activities
 from twin_pipeline.errors import TwinPipelineError
 from twin_pipeline.lineage import prov_build
-from twin_pipeline.store import Store, lineage_key
+from twin_pipeline.store import Store, lineage_key, position_lineage_key
 
 _TABLE = re.compile(r"^[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*$")
 MAX_DEPTH = 12
@@ -313,6 +313,8 @@ def _reader_candidates(kind: str, path: Path, position: str) -> dict[str, str] |
 
 
 def _source(store: Store, raw: dict[str, Any], key: str) -> Source:
+    if raw["record_hash"] is None:  # hashed lazily (telemetry lines): filled in below
+        raw = {**raw, "record_hash": ""}
     reg = store.con.execute(
         "SELECT sha256, abs_path, size_bytes, kind FROM governance.source_file WHERE path = ?",
         [raw["source_file"]],
@@ -333,7 +335,10 @@ def _source(store: Store, raw: dict[str, Any], key: str) -> Source:
         abs_path=str(reg[1]),
         size=int(reg[2]) if reg[2] is not None else None,
     )
-    src.lineage_key_ok = lineage_key(src.sha256, src.position, src.record_hash) == key
+    src.lineage_key_ok = key in (
+        lineage_key(src.sha256, src.position, src.record_hash),
+        position_lineage_key(src.sha256, src.position),
+    )
     path = Path(src.abs_path or "")
     if not path.is_file():
         src.note = "source file is no longer at its registered location"
@@ -350,6 +355,19 @@ def _source(store: Store, raw: dict[str, Any], key: str) -> Source:
     if not candidates:
         src.record_hash_ok = False
         src.note = f"file has no record at {src.position}"
+        return src
+    if not src.record_hash:
+        # Not hashed at load: the record is the one at this position of the registered file
+        # version, so it is verified by the file's sha256; its hash is computed now.
+        method = "md5(line)" if "md5(line)" in candidates else next(iter(candidates))
+        src.record_hash = candidates[method]
+        src.record_hash_method = f"{method}, hashed at trace time"
+        src.record_hash_ok = bool(src.file_sha256_ok)
+        if not src.file_sha256_ok:
+            src.note = (
+                f"the file changed since it was loaded: the record at {src.position} cannot be "
+                "verified (it was hashed only as part of the whole file)"
+            )
         return src
     for method, digest in candidates.items():
         if digest == src.record_hash:

@@ -10,13 +10,25 @@ returns is split exactly with ``read_text`` instead, so positions are always tru
 Bad lines (unparseable, missing field, bad value, bad timestamp, unknown metric) go to
 quarantine with their line number. Raw rows land in ``raw.telemetry_reading``, a table the HL7 v2
 and WFDB readers share (column ``source_kind`` says which reader wrote a row).
+
+One pass per file: the parsed and checked lines go straight into ``raw.telemetry_reading``. A
+file is clean when the rows loaded equal its line count (counted while the file is checked for
+UTF-8); only a file with a bad or blank line is parsed a second time, to quarantine exactly its
+bad lines with their numbers and reasons.
+
+Keys: a loaded line's ``lineage_key`` is :func:`twin_pipeline.store.position_lineage_key` (the
+file's sha256 prefix and ``line:N``), made per row by string concatenation, and its
+``record_hash`` is left NULL: the record is the line at that position of the registered file
+version, whose sha256 covers it; ``twin lineage trace`` re-reads the line and hashes it when a
+trace needs it (a changed line changes the file's sha256). Quarantined lines keep the md5 of the
+line as received.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
-import hashlib
 import io
 import re
 from collections.abc import Iterable, Sequence
@@ -28,15 +40,15 @@ import duckdb
 import pyarrow as pa
 
 from twin_pipeline.harmonize.telemetry_config import TelemetrySpec, load_telemetry_spec
-from twin_pipeline.sources import LoadStats, SourceFile, SourceReader, register
-from twin_pipeline.store import Store, lineage_key
+from twin_pipeline.sources import FileStats, LoadStats, SourceFile, SourceReader, register
+from twin_pipeline.store import QuarantineRow, Store, lineage_key, position_lineage_key
 
 RAW_TABLE = "raw.telemetry_reading"
 RAW_DDL = f"""
 CREATE TABLE IF NOT EXISTS {RAW_TABLE} (
-    lineage_key VARCHAR,
+    lineage_key VARCHAR USING COMPRESSION uncompressed,
     source_file VARCHAR,
-    position VARCHAR,
+    position VARCHAR USING COMPRESSION uncompressed,
     record_hash VARCHAR,
     source_kind VARCHAR,      -- telemetry | hl7v2 | wfdb
     device_id VARCHAR,
@@ -46,15 +58,14 @@ CREATE TABLE IF NOT EXISTS {RAW_TABLE} (
     value DOUBLE,             -- value as received (unit as received)
     unit VARCHAR,
     ts TIMESTAMPTZ,           -- the instant (offset applied, or the default time zone)
-    ts_text VARCHAR           -- timestamp as received
+    ts_text VARCHAR USING COMPRESSION uncompressed  -- timestamp as received
 )
 """
 FIELDS = ("device_id", "patient_id", "metric", "value", "unit", "ts")
 REQUIRED = ("device_id", "metric", "value", "unit", "ts")
 _EXT = re.compile(r"\.(ndjson|jsonl|csv)$", re.IGNORECASE)
 
-# SQL for the same keys as twin_pipeline.store.lineage_key / quarantine_id.
-LINEAGE_SQL = "substr(sha256({sha} || '|' || {pos} || '|' || {rh}), 1, 32)"
+# SQL for the same key as twin_pipeline.store.quarantine_id.
 QUARANTINE_ID_SQL = (
     "substr(sha256({stage} || chr(31) || {table} || chr(31) || {file} || chr(31) || {pos} "
     "|| chr(31) || {rule}), 1, 24)"
@@ -160,50 +171,90 @@ class TelemetryReader(SourceReader):
         spec = load_telemetry_spec()
         vocabulary_table(store, spec)
         con = store.con
-        con.execute(f"CREATE OR REPLACE TEMP TABLE _tele_checked ({_CHECKED_COLS})")
-        for f in files:
-            if not _stage_lines(con, f):
-                continue  # the whole file was quarantined (not UTF-8 text)
-            parsed = _csv_parse_sql(con, f) if f.rel.lower().endswith(".csv") else _JSON_PARSE_SQL
-            if parsed:
-                _classify(store, spec, parsed, f)
-            con.execute("DROP VIEW IF EXISTS _tele_one")
-            con.execute("DROP TABLE IF EXISTS _tele_raw")
-            con.execute("DROP TABLE IF EXISTS _tele_py")
-            con.execute("DROP TABLE IF EXISTS _tele_lines")
-        _insert_checked(store)
-        _file_stats(store, files, stats)
+        prev_tz = con.execute("SELECT current_setting('TimeZone')").fetchone()
+        con.execute(f"SET TimeZone = '{spec.default_timezone}'")
+        try:
+            for f in files:
+                _load_file(store, f, stats.file(f.rel))
+                con.execute("DROP VIEW IF EXISTS _tele_one")
+                for table in ("_tele_raw", "_tele_py", "_tele_lines", "_tele_cls"):
+                    con.execute(f"DROP TABLE IF EXISTS {table}")
+        finally:
+            if prev_tz:
+                with contextlib.suppress(duckdb.Error):
+                    con.execute(f"SET TimeZone = '{prev_tz[0]}'")
         return stats
 
 
-_CHECKED_COLS = (
-    "source_file VARCHAR, file_sha VARCHAR, position VARCHAR, record_hash VARCHAR, "
-    "rule VARCHAR, device_id VARCHAR, patient_id VARCHAR, metric VARCHAR, value DOUBLE, "
-    "unit VARCHAR, ts TIMESTAMPTZ, ts_text VARCHAR, payload VARCHAR"
-)
 _STRUCT = "{" + ",".join(f'"{c}":"VARCHAR"' for c in FIELDS) + "}"
 _JSON_PARSE_SQL = f"""
     SELECT n, line, j.device_id, j.patient_id, j.metric, j.value, j.unit, j.ts,
            j IS NOT NULL AS parsed
-    FROM (SELECT n, line, try(json_transform(line, '{_STRUCT}')) AS j FROM _tele_one)
+    FROM (SELECT n, line, try(json_transform(line, '{_STRUCT}')) AS j FROM ({{src}}))
 """
+# A required field is missing when absent or blank. A value or instant that casts is not
+# blank, so those two are trimmed only when their cast fails (the casts skip surrounding
+# spaces themselves; the instant is cast again trimmed when the plain cast fails).
+_MISSING = (
+    "coalesce(device_id_trim, '') = '' OR coalesce(metric_trim, '') = '' "
+    "OR coalesce(unit_trim, '') = '' "
+    "OR (value_d IS NULL AND coalesce(trim(value), '') = '') "
+    "OR (ts_t IS NULL AND coalesce(trim(ts), '') = '')"
+)
+# Every parsed line with its rule (NULL: a good reading) and its typed, trimmed fields, each
+# expression computed once. The instant is read in the session time zone, set to the spec's
+# default for the load. A blank line is never a good reading (it does not parse).
+_CLASSIFIED_SQL = f"""
+    SELECT n, line, rule, device_id_trim AS device_id, nullif(patient_id_trim, '') AS patient_id,
+           metric_trim AS metric, value_d, unit_trim AS unit, ts_t, ts
+    FROM (
+        SELECT t.*, CASE
+                 WHEN NOT t.parsed THEN 'broken_record'
+                 WHEN {_MISSING} THEN 'missing_required'
+                 WHEN value_d IS NULL OR isnan(value_d) THEN 'bad_value'
+                 WHEN ts_t IS NULL THEN 'bad_timestamp'
+                 WHEN a.metric IS NULL THEN 'unknown_metric'
+               END AS rule
+        FROM (
+            SELECT n, line, parsed, ts, value, trim(device_id) AS device_id_trim,
+                   trim(patient_id) AS patient_id_trim, trim(metric) AS metric_trim,
+                   trim(unit) AS unit_trim, try_cast(value AS DOUBLE) AS value_d,
+                   coalesce(try_cast(ts AS TIMESTAMPTZ), try_cast(trim(ts) AS TIMESTAMPTZ)) AS ts_t
+            FROM ({{parsed}})
+        ) t LEFT JOIN _tele_alias a ON a.alias = upper(t.metric_trim)
+    )
+"""
+_REASON_SQL = (
+    "source_file || ' [' || position || ']: ' || CASE rule "
+    "WHEN 'broken_record' THEN 'line is not a valid record' "
+    "WHEN 'missing_required' THEN 'a required field (device_id, metric, value, unit, ts) "
+    "is missing' "
+    "WHEN 'bad_value' THEN 'value is missing or not a number' "
+    "WHEN 'bad_timestamp' THEN 'timestamp ' || coalesce(ts, '') || ' cannot be read' "
+    "WHEN 'unknown_metric' THEN 'metric ' || coalesce(metric, '') || "
+    "' is not in the telemetry vocabulary' END"
+)
 
 
-def _stage_lines(con: duckdb.DuckDBPyConnection, f: SourceFile) -> bool:
-    """``_tele_one(n, line)``: the file's non-blank lines with their true 1-based numbers.
+def _sql_str(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
-    DuckDB refuses a whole file over one byte that is not UTF-8 (and the refusal would abort
-    the caller's transaction), so the file is checked first: a UTF-16/32 file (byte-order
-    mark) is quarantined whole, and a file with invalid UTF-8 goes through a line-by-line
-    Python split that quarantines only the bad lines. Returns False when nothing is left to
-    parse."""
-    path = str(f.path).replace("'", "''")
+
+def _load_file(store: Store, f: SourceFile, fs: FileStats) -> None:
+    """Load one file: every line parsed and checked once into ``_tele_cls`` (no filter under
+    the parse: DuckDB would re-evaluate the JSON transform per field), good lines into raw;
+    bad lines, only if the file has any, into quarantine."""
+    con = store.con
     check = inspect_file(f.path)
     if check.wide_bom:
-        _quarantine_file(con, f, check.wide_bom)
-        return False
+        fs.records_in += 1
+        fs.quarantined += store.quarantine([_file_quarantine(f, check.wide_bom)])
+        return
+    bad = 0
+    path = str(f.path).replace("'", "''")
+    # ``src``: every line (blank ones too) with its true 1-based number ``n``.
     if not check.utf8:
-        _stage_lines_python(con, f)
+        bad = _stage_lines_python(store, f)
         src = "SELECT n, line FROM _tele_lines"
     elif check.special:
         # Exact split (slower): read_csv treats a lone CR as a line break.
@@ -222,17 +273,75 @@ def _stage_lines(con: duckdb.DuckDBPyConnection, f: SourceFile) -> bool:
         )
         # Insertion order is preserved, so the rowid offset is the line number (blank lines
         # are kept as NULL rows; rowids of a table made inside a transaction do not start at 0).
-        src = "SELECT rowid - (SELECT min(rowid) FROM _tele_raw) + 1 AS n, line FROM _tele_raw"
-    # A UTF-8 byte-order mark on the first line is not part of the record.
-    # A view, not a copy: the lines are scanned once more by the classifying INSERT.
+        (first,) = con.execute("SELECT coalesce(min(rowid), 0) FROM _tele_raw").fetchone() or (0,)
+        src = f"SELECT rowid - {int(first) - 1} AS n, line FROM _tele_raw"
+    if check.bom:  # a UTF-8 byte-order mark on the first line is not part of the record
+        src = f"""
+            SELECT n, CASE WHEN n = 1 THEN ltrim(line, chr(65279)) ELSE line END AS line
+            FROM ({src})
+        """
+    fs.records_in += bad
+    fs.quarantined += bad
     con.execute(
         f"""
         CREATE OR REPLACE TEMP VIEW _tele_one AS
-        SELECT n, CASE WHEN n = 1 THEN ltrim(line, chr(65279)) ELSE line END AS line
-        FROM ({src}) WHERE line IS NOT NULL AND trim(line) <> ''
+        SELECT n, line FROM ({src}) WHERE line IS NOT NULL AND trim(line) <> ''
         """
     )
-    return True
+    is_csv = f.rel.lower().endswith(".csv")
+    parsed = _csv_parse_sql(con, f, src) if is_csv else _JSON_PARSE_SQL.replace("{src}", src)
+    if not parsed:
+        return
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _tele_cls AS " + _CLASSIFIED_SQL.replace("{parsed}", parsed)
+    )
+    prefix = _sql_str(position_lineage_key(f.sha256, ""))
+    row = con.execute(
+        f"""
+        INSERT INTO {RAW_TABLE}
+        SELECT {prefix} || 'line:' || n, {_sql_str(f.rel)}, 'line:' || n, NULL, 'telemetry',
+               device_id, patient_id, NULL, metric, value_d, unit, ts_t, ts
+        FROM _tele_cls WHERE rule IS NULL
+        """
+    ).fetchone()
+    loaded = int(row[0]) if row else 0
+    fs.records_in += loaded
+    fs.loaded += loaded
+    # Clean file: every line (the CSV header aside) became a raw row; nothing to quarantine.
+    if bad == 0 and loaded == check.lines - (1 if is_csv else 0):
+        return
+    qid = QUARANTINE_ID_SQL.format(
+        stage="'read'", table=f"'{RAW_TABLE}'", file="source_file", pos="position", rule="rule"
+    )
+    # Blank lines are not records: they fail to parse but are neither loaded nor quarantined.
+    row = con.execute(
+        f"""
+        INSERT INTO governance.quarantine
+        SELECT {qid}, ?, 'read', '{RAW_TABLE}', 'telemetry', source_file, position, rule,
+               {_REASON_SQL}, line, {prefix} || position, now()
+        FROM (SELECT *, {_sql_str(f.rel)} AS source_file, 'line:' || n AS position
+              FROM _tele_cls WHERE rule IS NOT NULL AND line IS NOT NULL AND trim(line) <> '')
+        """,
+        [store.run_id],
+    ).fetchone()
+    quarantined = int(row[0]) if row else 0
+    fs.records_in += quarantined
+    fs.quarantined += quarantined
+
+
+def _file_quarantine(f: SourceFile, encoding: str) -> QuarantineRow:
+    """A UTF-16/32 file: one quarantined record (``file``) naming the encoding."""
+    return QuarantineRow(
+        stage="read",
+        table_name=RAW_TABLE,
+        source_kind="telemetry",
+        source_file=f.rel,
+        position="file",
+        rule="bad_encoding",
+        reason=f"{f.rel} [file]: not UTF-8 text: the file is {encoding} encoded "
+        "(byte-order mark); telemetry files must be UTF-8",
+        lineage_key=position_lineage_key(f.sha256, "file"),
+    )
 
 
 @dataclass(frozen=True)
@@ -242,6 +351,8 @@ class FileCheck:
     special: bool  # a carriage return or unit separator (needs the exact line split)
     utf8: bool  # the whole file is valid UTF-8
     wide_bom: str | None  # "UTF-16" / "UTF-32" when the file starts with such a byte-order mark
+    lines: int = 0  # lines split at LF (a last line without LF counts; an empty file has 0)
+    bom: bool = False  # starts with a UTF-8 byte-order mark
 
 
 _WIDE_BOMS = (
@@ -253,17 +364,22 @@ _WIDE_BOMS = (
 
 
 def inspect_file(path: Path, chunk: int = 1 << 20) -> FileCheck:
-    """One chunked pass: line-break oddities, UTF-8 validity and a UTF-16/32 byte-order mark."""
+    """One chunked pass: line-break oddities, UTF-8 validity, a UTF-16/32 byte-order mark and
+    the number of lines."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    special, utf8, wide = False, True, None
+    special, utf8, wide, bom = False, True, None, False
+    newlines, last = 0, b"\n"
     with path.open("rb") as fh:
         first = True
         while block := fh.read(chunk):
             if first:
-                wide = next((name for bom, name in _WIDE_BOMS if block.startswith(bom)), None)
+                wide = next((name for mark, name in _WIDE_BOMS if block.startswith(mark)), None)
+                bom = block.startswith(codecs.BOM_UTF8)
                 first = False
             if not special and (b"\r" in block or b"\x1f" in block):
                 special = True
+            newlines += block.count(b"\n")
+            last = block[-1:]
             # ASCII needs no decoding unless a multi-byte sequence is pending from the last block
             if utf8 and not (block.isascii() and not decoder.getstate()[0]):
                 try:
@@ -275,66 +391,52 @@ def inspect_file(path: Path, chunk: int = 1 << 20) -> FileCheck:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
             utf8 = False
-    return FileCheck(special, utf8, wide)
+    return FileCheck(special, utf8, wide, newlines + (last != b"\n"), bom)
 
 
-def _stage_lines_python(con: duckdb.DuckDBPyConnection, f: SourceFile) -> None:
+def _stage_lines_python(store: Store, f: SourceFile) -> int:
     """``_tele_lines(n, line)`` from a file that is not all UTF-8: each line decoded on its own;
-    a line that is not UTF-8 goes to ``_tele_checked`` as ``bad_encoding`` (its record hash is
-    the md5 of its bytes, as for every line), the others are parsed like any line."""
+    a line that is not UTF-8 is quarantined as ``bad_encoding``, the others are parsed like any
+    line. Returns the number of lines quarantined."""
     good_n: list[int] = []
     good: list[str] = []
-    bad: list[tuple[object, ...]] = []
+    bad: list[QuarantineRow] = []
     for n, raw in enumerate(f.path.read_bytes().split(b"\n"), start=1):
         raw = raw.rstrip(b"\r")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            payload = raw.decode("utf-8", "backslashreplace")
+            position = f"line:{n}"
             bad.append(
-                (
-                    f.rel,
-                    f.sha256,
-                    f"line:{n}",
-                    hashlib.md5(raw, usedforsecurity=False).hexdigest(),
-                    "bad_encoding",
-                    f"invalid byte at offset {exc.start} of the line",
-                    payload,
+                QuarantineRow(
+                    stage="read",
+                    table_name=RAW_TABLE,
+                    source_kind="telemetry",
+                    source_file=f.rel,
+                    position=position,
+                    rule="bad_encoding",
+                    reason=f"{f.rel} [{position}]: not UTF-8 text: invalid byte at offset "
+                    f"{exc.start} of the line",
+                    payload=raw.decode("utf-8", "backslashreplace"),
+                    lineage_key=position_lineage_key(f.sha256, position),
                 )
             )
             continue
         good_n.append(n)
         good.append(text)
     batch = pa.table({"n": pa.array(good_n, pa.int64()), "line": pa.array(good, pa.string())})
+    con = store.con
     con.register("_tele_lines_batch", batch)
     try:
         con.execute("CREATE OR REPLACE TEMP TABLE _tele_lines AS SELECT * FROM _tele_lines_batch")
     finally:
         con.unregister("_tele_lines_batch")
-    if bad:
-        con.executemany(
-            "INSERT INTO _tele_checked (source_file, file_sha, position, record_hash, rule, "
-            "ts_text, payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            bad,
-        )
+    return store.quarantine(bad)
 
 
-def _quarantine_file(con: duckdb.DuckDBPyConnection, f: SourceFile, encoding: str) -> None:
-    """A UTF-16/32 file: one quarantined record (``file``) naming the encoding."""
-    con.execute(
-        "INSERT INTO _tele_checked (source_file, file_sha, position, record_hash, rule, "
-        "ts_text, payload) VALUES (?, ?, 'file', ?, 'bad_encoding', ?, NULL)",
-        [
-            f.rel,
-            f.sha256,
-            f.sha256,
-            f"the file is {encoding} encoded (byte-order mark); telemetry files must be UTF-8",
-        ],
-    )
-
-
-def _csv_parse_sql(con: duckdb.DuckDBPyConnection, f: SourceFile) -> str | None:
-    """A SELECT over ``_tele_one`` parsing CSV rows (the header row names the fields)."""
+def _csv_parse_sql(con: duckdb.DuckDBPyConnection, f: SourceFile, src: str) -> str | None:
+    """A SELECT over the lines ``src`` parsing CSV rows (the first non-blank line, the header,
+    names the fields)."""
     head = con.execute("SELECT n, line FROM _tele_one ORDER BY n LIMIT 1").fetchone()
     if head is None:
         return None
@@ -375,88 +477,5 @@ def _csv_parse_sql(con: duckdb.DuckDBPyConnection, f: SourceFile) -> str | None:
 
     return f"""
         SELECT n, line, {", ".join(col(c) for c in FIELDS)}, len(p) = {width} AS parsed
-        FROM (SELECT n, line, string_split(line, ',') AS p FROM _tele_one WHERE n <> {header_n})
+        FROM (SELECT n, line, string_split(line, ',') AS p FROM ({src}) WHERE n <> {header_n})
     """
-
-
-def _classify(store: Store, spec: TelemetrySpec, parsed_sql: str, f: SourceFile) -> None:
-    con = store.con
-    prev_tz = con.execute("SELECT current_setting('TimeZone')").fetchone()
-    con.execute(f"SET TimeZone = '{spec.default_timezone}'")
-    missing = " OR ".join(f"nullif(trim(p.{c}), '') IS NULL" for c in REQUIRED)
-    try:
-        con.execute(
-            f"""
-            INSERT INTO _tele_checked
-            SELECT ?, ?, 'line:' || n, md5(line), rule, trim(device_id),
-                   nullif(trim(patient_id), ''), trim(metric), value_d, trim(unit), ts_t, ts,
-                   CASE WHEN rule IS NOT NULL THEN line END
-            FROM (
-                SELECT p.*, try_cast(trim(p.value) AS DOUBLE) AS value_d,
-                       try_cast(trim(p.ts) AS TIMESTAMPTZ) AS ts_t,
-                       CASE
-                         WHEN NOT p.parsed THEN 'broken_record'
-                         WHEN {missing} THEN 'missing_required'
-                         WHEN value_d IS NULL OR isnan(value_d) THEN 'bad_value'
-                         WHEN ts_t IS NULL THEN 'bad_timestamp'
-                         WHEN a.metric IS NULL THEN 'unknown_metric'
-                       END AS rule
-                FROM ({parsed_sql}) p LEFT JOIN _tele_alias a ON a.alias = upper(trim(p.metric))
-            )
-            """,
-            [f.rel, f.sha256],
-        )
-    finally:
-        if prev_tz:
-            con.execute(f"SET TimeZone = '{prev_tz[0]}'")
-
-
-def _insert_checked(store: Store) -> None:
-    con = store.con
-    lk = LINEAGE_SQL.format(sha="file_sha", pos="position", rh="record_hash")
-    con.execute(
-        f"""
-        INSERT INTO {RAW_TABLE}
-        SELECT {lk}, source_file, position, record_hash, 'telemetry', device_id, patient_id,
-               NULL, metric, value, unit, ts, ts_text
-        FROM _tele_checked WHERE rule IS NULL
-        """
-    )
-    qid = QUARANTINE_ID_SQL.format(
-        stage="'read'", table=f"'{RAW_TABLE}'", file="source_file", pos="position", rule="rule"
-    )
-    reason = (
-        "source_file || ' [' || position || ']: ' || CASE rule "
-        "WHEN 'broken_record' THEN 'line is not a valid record' "
-        "WHEN 'missing_required' THEN 'a required field (device_id, metric, value, unit, ts) "
-        "is missing' "
-        "WHEN 'bad_value' THEN 'value is missing or not a number' "
-        "WHEN 'bad_timestamp' THEN 'timestamp ' || coalesce(ts_text, '') || ' cannot be read' "
-        "WHEN 'unknown_metric' THEN 'metric ' || coalesce(metric, '') || "
-        "' is not in the telemetry vocabulary' "
-        "WHEN 'bad_encoding' THEN 'not UTF-8 text: ' || coalesce(ts_text, '?') END"
-    )
-    con.execute(
-        f"""
-        INSERT INTO governance.quarantine
-        SELECT {qid}, ?, 'read', '{RAW_TABLE}', 'telemetry', source_file, position, rule,
-               {reason}, payload, {lk}, now()
-        FROM _tele_checked WHERE rule IS NOT NULL
-        """,
-        [store.run_id],
-    )
-
-
-def _file_stats(store: Store, files: Sequence[SourceFile], stats: LoadStats) -> None:
-    rows = store.con.execute(
-        "SELECT source_file, count(*), count(*) FILTER (rule IS NULL) FROM _tele_checked "
-        "GROUP BY source_file"
-    ).fetchall()
-    by_file = {r[0]: (int(r[1]), int(r[2])) for r in rows}
-    for f in files:
-        total, ok = by_file.get(f.rel, (0, 0))
-        fs = stats.file(f.rel)
-        fs.records_in += total
-        fs.loaded += ok
-        fs.quarantined += total - ok
-    store.con.execute("DROP TABLE IF EXISTS _tele_checked")
