@@ -217,3 +217,24 @@ def test_broken_pool_falls_back_for_the_files_not_read(
 
     assert len(got) == len(files)
     assert plain(got) == plain(want)
+
+
+@pytest.mark.parametrize(
+    "name", ["CT_small.dcm", "liver.dcm", "eCT_Supplemental.dcm", "test-SR.dcm"]
+)
+def test_sequences_decoded_without_pydicom(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Explicit VR sequences (nested, undefined lengths, enhanced CT functional groups, an SR
+    content tree) are decoded from the bytes, with the JSON pydicom's conversion gives."""
+
+    def no_pydicom(*args: object) -> None:
+        raise AssertionError("pydicom converted an element")
+
+    path = Path(get_testdata_file(name))
+    monkeypatch.setattr(D, "_pydicom_items", no_pydicom)
+    D.clear_cache()
+    got = D.fast_part10(path)
+    assert got is not None
+    assert any(v["vr"] == "SQ" and v.get("Value") for v in got.public.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert (got.public_text, got.private_text) == _slow(path)[:2]

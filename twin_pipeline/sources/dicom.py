@@ -593,6 +593,14 @@ def _fast_parse(fh: Any, data: Any, size: int) -> FastHeader:
             raise _Decline
         prev = tag
         if length == 0xFFFFFFFF:
+            if fast and charset_seen and vr == "SQ" and not group & 1:
+                try:
+                    item, pos = _native_sequence(data, vpos, length, size, little, encoding)
+                except (_Decline, ValueError, struct.error):  # pydicom converts it
+                    pass
+                else:
+                    add(_hit(tag, item))
+                    continue
             pos = _undefined_length(
                 fh, data, size, tag, vr, vpos, implicit, little, ts, raws, seq_encoding
             )
@@ -610,12 +618,18 @@ def _fast_parse(fh: Any, data: Any, size: int) -> FastHeader:
             raws.append((tag, vr, length, None if length > BULK_LIMIT else data[vpos:end], vpos))
             pos = end
             continue
-        if fast and charset_seen and length <= _CACHE_VALUE_MAX:
+        if (
+            fast
+            and charset_seen
+            and (length <= _CACHE_VALUE_MAX or (vr == "SQ" and length <= _SQ_CACHE_VALUE_MAX))
+        ):
             key = data[pos:end]  # tag, VR, length and value
             hit = cache_get(key)
             if hit is None:
                 value = data[vpos:end]
                 item = _fast_item(vr, length, value, True, little, encoding)
+                if item is None and vr == "SQ" and not group & 1:
+                    item = _try_native_sequence(data, vpos, length, end, little, encoding)
                 if item is not None:
                     hit = _remember(cache, key, _hit(tag, item))
             if hit is not None:
@@ -659,6 +673,8 @@ def _fast_parse(fh: Any, data: Any, size: int) -> FastHeader:
             continue
         charset_seen = True  # none in this file (past its place): the default applies
         item = _fast_item(vr, length, value, fast, little, encoding)
+        if item is None and fast and vr == "SQ" and not group & 1:
+            item = _try_native_sequence(data, vpos, length, end, little, encoding)
         if item is None:
             pending.append(tag)
         else:
@@ -758,6 +774,211 @@ def _fast_item(
         return _fast_value_json(value, vr, little, encoding)
     except Exception as exc:  # a badly encoded value must not lose the header
         return {"vr": vr, "error": type(exc).__name__}
+
+
+# --- Sequences without pydicom ---------------------------------------------------------------
+# A sequence's DICOM JSON is what ``_element_json`` makes of pydicom's conversion of each item
+# element (items keep their public elements only; pixel data groups are left out). For explicit
+# VR items in a plain character set the same values are decoded here from the bytes, following
+# pydicom's converters (pydicom.values) value by value; anything else (implicit VR items, UN,
+# a character set or escape sequence inside, odd lengths, values pydicom would warn about)
+# declines and pydicom converts the sequence.
+
+_NUM_FMT = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "UV": "Q", "SV": "q"}
+_NUM_SIZE = {vr: struct.calcsize("=" + code) for vr, code in _NUM_FMT.items()}
+_STRING_VRS = frozenset({"AS", "CS", "DA", "DT", "TM"})  # pydicom's convert_string
+_TEXT_MULTI_VRS = frozenset({"LO", "SH", "UC"})  # convert_text
+_TEXT_SINGLE_VRS = frozenset({"LT", "ST", "UT"})  # convert_single_string
+_ITEM_DELIM = 0xFFFEE00D
+
+
+def _nested_value(vr: str, b: bytes, little: bool, encoding: str) -> dict[str, Any]:
+    """``_element_json`` of pydicom's conversion of a non-empty explicit VR item value."""
+    if vr in _STRING_VRS or vr == "UI":
+        text = b.decode("latin-1")
+        if vr == "UI":
+            text = text.rstrip("\0 ")
+        parts = text.rstrip(" \x00").split("\\")
+        if len(parts) == 1 and not parts[0]:
+            return {"vr": vr}
+        return {"vr": vr, "Value": parts}
+    if vr in _TEXT_MULTI_VRS or vr in _TEXT_SINGLE_VRS or vr == "PN":
+        if b"\x1b" in b:
+            raise _Decline  # ISO 2022 escape sequences: pydicom's decoder
+        raw = b.rstrip(b"\x00 ") if vr == "PN" else b
+        text = raw.decode(encoding)  # strict: a bad byte is pydicom's to replace and warn
+        if vr in _TEXT_SINGLE_VRS:
+            text = text.rstrip("\0 ")
+            return {"vr": vr, "Value": [text]} if text else {"vr": vr}
+        parts = text.split("\\")
+        if vr == "PN":
+            if len(parts) == 1 and not parts[0]:
+                return {"vr": vr}
+            return {"vr": vr, "Value": [{"Alphabetic": p} for p in parts]}
+        parts = [p.rstrip("\0 ") for p in parts]
+        if len(parts) == 1 and not parts[0]:
+            return {"vr": vr}
+        return {"vr": vr, "Value": parts}
+    if vr == "AE":
+        parts = [p.strip() for p in b.decode("latin-1").split("\\")]
+        if len(parts) == 1 and not parts[0]:
+            return {"vr": vr}
+        return {"vr": vr, "Value": parts}
+    if vr in ("IS", "DS"):
+        text = b.decode("latin-1")
+        if vr == "DS":
+            text = text.strip()
+        parts = text.rstrip(" \x00").split("\\")
+        if len(parts) == 1 and not parts[0]:
+            return {"vr": vr}
+        if vr == "IS":
+            return {"vr": vr, "Value": [int(p) for p in parts]}  # "1.0", "": pydicom's
+        values = [float(p) for p in parts]
+        if any(v != v or v in (float("inf"), float("-inf")) for v in values):
+            raise _Decline
+        return {"vr": vr, "Value": values}
+    code = _NUM_FMT.get(vr)
+    if code is not None:
+        size = _NUM_SIZE[vr]
+        if len(b) % size:
+            raise _Decline
+        fmt = ("<" if little else ">") + f"{len(b) // size}{code}"
+        return {"vr": vr, "Value": list(struct.unpack(fmt, b))}
+    if vr in ("OB", "OD", "OF", "OL", "OV", "OW"):
+        if len(b) > BULK_LIMIT:
+            return {"vr": vr}
+        return {"vr": vr, "InlineBinary": base64.b64encode(b).decode()}
+    if vr == "AT":
+        if len(b) % 4:
+            raise _Decline
+        tags = struct.unpack(("<" if little else ">") + f"{len(b) // 2}H", b)
+        return {
+            "vr": vr,
+            "Value": [f"{tags[i] << 16 | tags[i + 1]:08X}" for i in range(0, len(tags), 2)],
+        }
+    raise _Decline  # UN, UR, ambiguous or unknown VRs
+
+
+def _native_sequence(
+    data: Any, start: int, length: int, size: int, little: bool, encoding: str, depth: int = 0
+) -> tuple[dict[str, Any], int]:
+    """(DICOM JSON of the explicit VR sequence whose value starts at ``start``, offset after
+    it); ``length`` 0xFFFFFFFF: up to the sequence delimiter."""
+    if depth > 16 or _converter_options_changed():
+        raise _Decline
+    undefined = length == 0xFFFFFFFF
+    end = size if undefined else start + length
+    if end > size:
+        raise _Decline
+    tag_of = _TAG[little].unpack_from
+    ulong = _ULONG[little].unpack_from
+    hdr = _HDR[(False, little)].unpack_from
+    items: list[dict[str, Any]] = []
+    pos = start
+    while True:
+        if not undefined and pos >= end:
+            if pos != end:
+                raise _Decline
+            break
+        if pos + 8 > end:
+            raise _Decline
+        group, elem = tag_of(data, pos)
+        ilen = ulong(data, pos + 4)[0]
+        pos += 8
+        tag = group << 16 | elem
+        if tag == _SEQ_DELIM and undefined:
+            if ilen != 0:
+                raise _Decline
+            break
+        if tag != _ITEM:
+            raise _Decline
+        item_undefined = ilen == 0xFFFFFFFF
+        item_end = end if item_undefined else pos + ilen
+        if item_end > end:
+            raise _Decline
+        if pos + 6 <= item_end:  # pydicom reads an item with an implicit-looking start as such
+            b0, b1 = data[pos + 4], data[pos + 5]
+            if not (0x40 < b0 < 0x5B and 0x40 < b1 < 0x5B) and tag_of(data, pos) != (
+                0xFFFE,
+                0xE00D,
+            ):
+                raise _Decline
+        out: dict[str, Any] = {}
+        prev = -1
+        while True:
+            if not item_undefined and pos >= item_end:
+                if pos != item_end:
+                    raise _Decline
+                break
+            if pos + 8 > item_end:
+                raise _Decline
+            group, elem, vrb, vlen = hdr(data, pos)
+            etag = group << 16 | elem
+            if etag == _ITEM_DELIM and item_undefined:
+                if vlen != 0 or vrb != b"\x00\x00":
+                    raise _Decline
+                pos += 8
+                break
+            vr = _VR_OF.get(vrb)
+            if vr is None or etag <= prev or group == 0xFFFE or etag == _CHARSET_TAG:
+                raise _Decline
+            prev = etag
+            vpos = pos + 8
+            if vr in _VR32:
+                if vpos + 4 > item_end:
+                    raise _Decline
+                vlen = ulong(data, vpos)[0]
+                vpos += 4
+            if vlen == 0xFFFFFFFF:
+                if vr != "SQ":
+                    raise _Decline
+                value_json, pos = _native_sequence(
+                    data, vpos, vlen, item_end, little, encoding, depth + 1
+                )
+                if group & 1 or group == 0x7FE0:
+                    continue
+            else:
+                pos = vpos + vlen
+                if pos > item_end:
+                    raise _Decline
+                if group & 1 or group == 0x7FE0:
+                    continue  # private and pixel data: not in nested JSON
+                if vr == "SQ":
+                    value_json, seq_end = _native_sequence(
+                        data, vpos, vlen, pos, little, encoding, depth + 1
+                    )
+                    if seq_end != pos:
+                        raise _Decline
+                elif vlen:
+                    value_json = _nested_value(vr, bytes(data[vpos:pos]), little, encoding)
+                else:
+                    value_json = {"vr": vr}
+            out[f"{etag:08X}"] = value_json
+        items.append(out)
+    return ({"vr": "SQ", "Value": items} if items else {"vr": "SQ"}), pos
+
+
+def _converter_options_changed() -> bool:
+    """pydicom options that change the values decoded here from their defaults."""
+    cfg = pydicom.config
+    return bool(
+        cfg.datetime_conversion
+        or cfg.use_DS_numpy
+        or cfg.use_IS_numpy
+        or cfg.use_DS_decimal
+        or cfg.settings.reading_validation_mode == cfg.RAISE
+    )
+
+
+def _try_native_sequence(
+    data: Any, vpos: int, length: int, end: int, little: bool, encoding: str
+) -> dict[str, Any] | None:
+    """:func:`_native_sequence` of a defined-length sequence, or None: pydicom converts it."""
+    try:
+        item, stop = _native_sequence(data, vpos, length, end, little, encoding)
+    except (_Decline, ValueError, struct.error):  # (UnicodeDecodeError is a ValueError)
+        return None
+    return item if stop == end else None
 
 
 def _undefined_length(
