@@ -217,34 +217,51 @@ def test_engines_agree_on_random_tables(dirty_store: Store, rows: list[tuple[obj
 def test_data_docs_render_both_engines_without_row_values(
     dirty_store: Store, tmp_path: Path
 ) -> None:
-    from twin_pipeline.quality import gx as gxa
+    from twin_pipeline.quality import docs, results
 
     suites = load_suites()
-    run_suite(
-        dirty_store,
-        suites["harmonized.encounter"],
-        as_of=AS_OF,
-        quarantine=False,
-        record=False,
-        engine="gx",
+    for table, engine in (("harmonized.encounter", "gx"), ("harmonized.observation", "sql")):
+        run_suite(
+            dirty_store, suites[table], as_of=AS_OF, quarantine=False, record=True, engine=engine
+        )
+    # Both engines record the same GX configuration (tokens resolved, datetimes kept).
+    recorded = {r["expectation"]: r for r in results.latest(dirty_store)}
+    config = results.decode_config(recorded["encounter_end_after_start"]["gx_config"])
+    assert (
+        config is not None and config["type"] == "expect_column_pair_values_a_to_be_greater_than_b"
     )
-    run_suite(
-        dirty_store,
-        suites["harmonized.observation"],
-        as_of=AS_OF,
-        quarantine=False,
-        record=False,
-        engine="sql",
-    )
-    index = gxa.build_data_docs(tmp_path / "docs")
-    assert index.is_file()
-    pages = {
-        p.relative_to(tmp_path / "docs").as_posix(): p.read_text()
-        for p in (tmp_path / "docs").rglob("*.html")
-    }
+    assert config["meta"]["severity"] == "error"
+    assert recorded["observation_patient_exists"]["gx_config"] is None  # twin.foreign_key
+    target = tmp_path / "docs"
+    assert docs.status(dirty_store, target) == "missing"
+    index, rendered = docs.render(dirty_store, target)
+    assert rendered and index.is_file()
+    assert docs.status(dirty_store, target) == "current"
+    assert docs.render(dirty_store, target) == (index, False), "a current site is not redone"
+    pages = {p.relative_to(target).as_posix(): p.read_text() for p in target.rglob("*.html")}
     assert any(k.startswith("validations/encounter/") for k in pages)
     assert any(k.startswith("validations/observation/") for k in pages)
     text = "\n".join(pages.values())
     assert "encounter_class_in_actcode_valueset" in text or "class_code" in text
     # planted bad values (an unknown class code, an unknown LOINC code) never reach the docs
     assert "XYZ" not in text and "99999-9" not in text
+    # A new run of a suite makes the site stale until it is rendered again.
+    first_run, dirty_store.run_id = dirty_store.run_id, "later-run"
+    try:
+        run_suite(dirty_store, suites["harmonized.encounter"], as_of=AS_OF, quarantine=False)
+    finally:
+        dirty_store.run_id = first_run
+    assert docs.status(dirty_store, target) == "stale"
+    assert docs.render(dirty_store, target)[1]
+    assert any("later-run" in str(p) for p in target.rglob("*.html"))
+
+
+def test_data_docs_refuse_to_replace_a_foreign_folder(dirty_store: Store, tmp_path: Path) -> None:
+    from twin_pipeline.errors import ConfigError
+    from twin_pipeline.quality import docs
+
+    run_suite(dirty_store, load_suites()["harmonized.patient"], as_of=AS_OF, quarantine=False)
+    (tmp_path / "mine.txt").write_text("not Data Docs")
+    with pytest.raises(ConfigError, match="not a Data Docs folder"):
+        docs.render(dirty_store, tmp_path)
+    assert (tmp_path / "mine.txt").read_text() == "not Data Docs"

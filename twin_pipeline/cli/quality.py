@@ -1,4 +1,4 @@
-"""``twin quality report [--json]``, ``twin quality run`` and ``twin quality suites``."""
+"""``twin quality report [--json]``, ``run``, ``docs`` and ``suites``."""
 
 from __future__ import annotations
 
@@ -34,17 +34,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     run.set_defaults(func=cmd_run)
 
+    d = qsub.add_parser(
+        "docs", help="render Great Expectations Data Docs for the latest run of every suite"
+    )
+    d.add_argument("--force", action="store_true", help="render even if the site is current")
+    d.set_defaults(func=cmd_docs)
+
     s = qsub.add_parser("suites", help="list the suites and their expectations")
     s.set_defaults(func=cmd_suites)
     q.set_defaults(func=cmd_report, json=False, failed=False)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from twin_pipeline.quality.docs import status
     from twin_pipeline.quality.results import latest, report_json
 
-    with Store.open(Settings.from_env(), read_only=True) as store:
+    settings = Settings.from_env()
+    with Store.open(settings, read_only=True) as store:
         doc = report_json(store)
         rows = latest(store)
+        docs_status = status(store, settings.data_docs_dir)
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -78,6 +87,21 @@ def cmd_report(args: argparse.Namespace) -> int:
         f"{len(rows)} expectations in {len({r['suite'] for r in rows})} suites: "
         f"{n_fail} failed, {blocked} blocking, {quarantined:,} rows quarantined"
     )
+    index = settings.data_docs_dir / "index.html"
+    if docs_status == "current":
+        console.print(f"Data Docs: {index}")
+    else:
+        console.print(f"Data Docs: {docs_status} ({index}); render with `twin quality docs`")
+    return 0
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    from twin_pipeline.quality.docs import render
+
+    settings = Settings.from_env()
+    with Store.open(settings, read_only=True) as store:
+        index, rendered = render(store, settings.data_docs_dir, force=args.force)
+    print(f"{index} ({'rendered' if rendered else 'already current'})")
     return 0
 
 

@@ -1,10 +1,14 @@
 """The one module that talks to Great Expectations (1.x). GX APIs change between versions.
 
-GX is imported lazily (it takes seconds) and once per process; one ephemeral context holds a
-pandas datasource. Suites are validated on pandas DataFrames fetched from DuckDB (GX's SQL
-datasource does not work over duckdb-engine), indexed by the DuckDB ``rowid`` so that
-``result_format=COMPLETE`` gives the failing rows' ids. Results are stripped of row values
-before they are kept for Data Docs, so the docs hold counts, never patient data.
+GX is imported lazily (it costs about two CPU seconds) and once per process. Two uses:
+
+- :func:`validate` runs GX expectations on a pandas DataFrame (indexed by the DuckDB
+  ``rowid``, so ``result_format=COMPLETE`` gives the failing rows' ids), for expectations the
+  DuckDB push-down cannot compile and for ``--engine gx``.
+- :func:`build_data_docs` renders GX Data Docs from recorded results: every expectation's GX
+  configuration and counts as kept in ``governance.validation_result``. GX builds each
+  expectation from its configuration, holds the suite validation results and renders the
+  site; the results hold counts, never row values, so neither do the docs.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import shutil
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -24,16 +29,8 @@ from twin_pipeline.errors import ConfigError
 _LOCK = threading.RLock()
 _STATE: dict[str, Any] = {}
 SITE = "twin"
-_VALUE_KEYS = (
-    "unexpected_list",
-    "partial_unexpected_list",
-    "partial_unexpected_counts",
-    "unexpected_index_list",
-    "partial_unexpected_index_list",
-    "unexpected_index_query",
-    "unexpected_rows",
-    "details",
-)
+#: Written into a Data Docs folder: which suite runs it shows (see ``quality.docs``).
+MARKER = "twin_docs.json"
 
 
 @dataclass
@@ -132,16 +129,6 @@ def build_suite(name: str, expectations: list[Any]) -> Any:
     return suite
 
 
-@dataclass
-class PushedDown:
-    """An expectation evaluated in DuckDB: what GX needs to show it in Data Docs."""
-
-    type_name: str
-    kwargs: dict[str, Any]
-    meta: dict[str, Any]
-    outcome: GXOutcome
-
-
 def validate(
     suite_name: str, expectations: list[Any], df: Any, *, run_name: str
 ) -> list[GXOutcome]:
@@ -179,82 +166,13 @@ def validate(
             run_id=run_id,
         )
         outcomes = [_outcome(r, len(df)) for r in result.results]
-        # GX stored the raw result (with row values); we keep a sanitized copy instead.
+        # GX stored the raw result (with row values): drop it. What Data Docs show is
+        # rendered from governance.validation_result (counts only), see build_data_docs.
         store = ctx.validation_results_store
         for key in store.list_keys():
             if key.expectation_suite_identifier.name == suite_name and key.run_id == run_id:
                 store.remove_key(key)
-        _sanitize(result)
-        _STATE.setdefault("results", {})[(suite_name, run_name)] = result
     return outcomes
-
-
-def remember(suite_name: str, run_name: str, pushed: list[PushedDown]) -> None:
-    """Keep expectations evaluated in DuckDB for Data Docs (no GX import needed)."""
-    with _LOCK:
-        _STATE.setdefault("pushed", {}).setdefault((suite_name, run_name), []).extend(pushed)
-
-
-def _summary(o: GXOutcome) -> dict[str, Any]:
-    if o.observed is not None and not o.index and o.unexpected == 0:
-        return {"observed_value": o.observed, "element_count": o.evaluated}
-    pct = 100.0 * o.unexpected / o.evaluated if o.evaluated else 0.0
-    return {
-        "element_count": o.evaluated,
-        "unexpected_count": o.unexpected,
-        "unexpected_percent": pct,
-        "unexpected_percent_total": pct,
-    }
-
-
-def _store_pending(ctx: Any) -> list[Any]:
-    """Turn this process's pending results into stored GX validation results; their keys."""
-    from great_expectations.core.expectation_validation_result import (
-        ExpectationSuiteValidationResult,
-        ExpectationValidationResult,
-    )
-    from great_expectations.core.run_identifier import RunIdentifier
-    from great_expectations.data_context.types.resource_identifiers import (
-        ExpectationSuiteIdentifier,
-        ValidationResultIdentifier,
-    )
-
-    results: dict[tuple[str, str], Any] = _STATE.pop("results", {})
-    pushed: dict[tuple[str, str], list[PushedDown]] = _STATE.pop("pushed", {})
-    keys = []
-    for suite_run in sorted(set(results) | set(pushed)):
-        suite_name, run_name = suite_run
-        extra = [
-            ExpectationValidationResult(
-                success=p.outcome.success,
-                expectation_config=build_expectation(p.type_name, p.kwargs, p.meta).configuration,
-                result=_summary(p.outcome),
-                exception_info={
-                    "raised_exception": p.outcome.error is not None,
-                    "exception_message": p.outcome.error,
-                    "exception_traceback": None,
-                },
-            )
-            for p in pushed.get(suite_run, [])
-        ]
-        result = results.get(suite_run)
-        if result is None:
-            run_id = RunIdentifier(run_name=run_name, run_time=datetime.now(UTC))
-            result = ExpectationSuiteValidationResult(
-                success=all(e.success for e in extra),
-                results=extra,
-                suite_name=suite_name,
-                meta={"run_id": run_id, "engine": "duckdb"},
-            )
-        else:
-            result.results.extend(extra)
-            result.success = bool(result.success) and all(e.success for e in extra)
-        key = ValidationResultIdentifier(
-            ExpectationSuiteIdentifier(name=suite_name), result.meta["run_id"], "twin"
-        )
-        ctx.validation_results_store.set(key, result)
-        keys.append(key)
-    return keys
 
 
 def _outcome(r: Any, n_rows: int) -> GXOutcome:
@@ -283,49 +201,104 @@ def _outcome(r: Any, n_rows: int) -> GXOutcome:
     )
 
 
-def _sanitize(result: Any) -> None:
-    """Drop row values from a result (Data Docs must not show patient data)."""
-    for r in result.results:
-        if r.result:
-            for key in _VALUE_KEYS:
-                r.result.pop(key, None)
-        if isinstance(r.exception_info, dict):
-            # Tracebacks may quote row values; keep the message (renderers need the keys).
-            for v in r.exception_info.values():
-                if isinstance(v, dict) and "exception_traceback" in v:
-                    v["exception_traceback"] = None
-            if "exception_traceback" in r.exception_info:
-                r.exception_info["exception_traceback"] = None
+@dataclass
+class DocResult:
+    """One recorded expectation outcome, as Data Docs show it."""
+
+    type_name: str
+    kwargs: dict[str, Any]
+    meta: dict[str, Any]
+    success: bool
+    evaluated: int
+    unexpected: int
+    observed: str | None = None  # an aggregate's observed value (max, min, row count)
+    error: str | None = None
 
 
-def build_data_docs(target: Path) -> Path:
-    """Render the Data Docs site for this process's validations into ``target``; the index.
+@dataclass
+class DocRun:
+    """The recorded results of one suite run."""
 
-    The first call for a folder renders every validation of this process; later calls render
-    only the validations since the last call, plus the index.
-    """
-    ctx = context()
-    target.mkdir(parents=True, exist_ok=True)
+    suite: str
+    run_name: str
+    run_time: datetime
+    results: list[DocResult]
+
+
+def _summary(r: DocResult) -> dict[str, Any]:
+    if r.observed is not None:
+        return {"observed_value": r.observed, "element_count": r.evaluated}
+    pct = 100.0 * r.unexpected / r.evaluated if r.evaluated else 0.0
+    return {
+        "element_count": r.evaluated,
+        "unexpected_count": r.unexpected,
+        "unexpected_percent": pct,
+        "unexpected_percent_total": pct,
+    }
+
+
+def _suite_result(run: DocRun) -> Any:
+    from great_expectations.core.expectation_validation_result import (
+        ExpectationSuiteValidationResult,
+        ExpectationValidationResult,
+    )
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    results = [
+        ExpectationValidationResult(
+            success=r.success,
+            expectation_config=build_expectation(r.type_name, r.kwargs, r.meta).configuration,
+            result=_summary(r),
+            exception_info={
+                "raised_exception": r.error is not None,
+                "exception_message": r.error,
+                "exception_traceback": None,
+            },
+        )
+        for r in run.results
+    ]
+    return ExpectationSuiteValidationResult(
+        success=all(r.success for r in results),
+        results=results,
+        suite_name=run.suite,
+        meta={"run_id": RunIdentifier(run_name=run.run_name, run_time=run.run_time)},
+    )
+
+
+def build_data_docs(target: Path, runs: list[DocRun]) -> Path:
+    """Render the Data Docs site for ``runs`` into ``target`` (replacing what was there); the
+    index page. A fresh ephemeral context each time, so a site holds exactly these runs."""
+    from great_expectations.data_context.types.resource_identifiers import (
+        ExpectationSuiteIdentifier,
+        ValidationResultIdentifier,
+    )
+
+    gx = _gx()
     with _LOCK:
-        pending = _store_pending(ctx)
-        incremental = _STATE.get("docs_dir") == str(target)
-        if not incremental:
-            with contextlib.suppress(Exception):  # no site yet
-                ctx.delete_data_docs_site(SITE)
-            ctx.add_data_docs_site(
-                site_name=SITE,
-                site_config={
-                    "class_name": "SiteBuilder",
-                    "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-                    "store_backend": {
-                        "class_name": "TupleFilesystemStoreBackend",
-                        "base_directory": str(target),
-                    },
-                },
+        ctx = gx.get_context(mode="ephemeral")
+        ours = any((target / n).exists() for n in ("index.html", MARKER))
+        if target.exists() and any(target.iterdir()) and not ours:
+            raise ConfigError(
+                "not a Data Docs folder (no index.html): not replacing it", path=str(target)
             )
-            _STATE["docs_dir"] = str(target)
-        if incremental and pending:
-            ctx.build_data_docs(site_names=[SITE], resource_identifiers=pending)
-        elif not incremental:
-            ctx.build_data_docs(site_names=[SITE])
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True, exist_ok=True)
+        ctx.add_data_docs_site(
+            site_name=SITE,
+            site_config={
+                "class_name": "SiteBuilder",
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(target),
+                },
+            },
+        )
+        for run in runs:
+            result = _suite_result(run)
+            key = ValidationResultIdentifier(
+                ExpectationSuiteIdentifier(name=run.suite), result.meta["run_id"], "twin"
+            )
+            ctx.validation_results_store.set(key, result)
+        ctx.build_data_docs(site_names=[SITE])
     return target / "index.html"

@@ -1,7 +1,13 @@
-"""``governance.validation_result``: one row per expectation per suite run, and the report."""
+"""``governance.validation_result``: one row per expectation per suite run, and the report.
+
+Each row also keeps the Great Expectations configuration of its expectation (type, kwargs as
+evaluated, meta), so Data Docs can be rendered from the store, by GX, for any run, later and
+in another process than the one that validated.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -25,9 +31,31 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     quarantined_rows BIGINT,     -- rows moved to governance.quarantine (stage quality)
     action VARCHAR,              -- none | quarantined | would_quarantine | recorded | blocked
     observed VARCHAR,
-    created_at TIMESTAMPTZ
+    created_at TIMESTAMPTZ,
+    gx_config VARCHAR,           -- GX expectation as JSON: type, kwargs, meta; NULL for twin.*
+    error VARCHAR                -- why the expectation could not be evaluated, if it could not
 )
 """
+#: Columns added after the first release, for stores created before them.
+_ADDED = (("gx_config", "VARCHAR"), ("error", "VARCHAR"))
+_COLUMNS = (
+    "run_id",
+    "suite",
+    "table_name",
+    "expectation",
+    "expectation_type",
+    "severity",
+    "row_level",
+    "passed",
+    "evaluated_rows",
+    "failed_rows",
+    "quarantined_rows",
+    "action",
+    "observed",
+    "created_at",
+    "gx_config",
+    "error",
+)
 
 
 @dataclass
@@ -44,6 +72,8 @@ class ExpectationResult:
     quarantined_rows: int
     action: str
     observed: str | None
+    gx_config: dict[str, Any] | None = None
+    error: str | None = None
 
     @property
     def blocking(self) -> bool:
@@ -56,6 +86,31 @@ class ExpectationResult:
 
 def ensure(store: Store) -> None:
     store.con.execute(DDL)
+    have = {c for c, _ in store.columns(TABLE)}
+    for column, dtype in _ADDED:
+        if column not in have:  # a store from before the column existed
+            store.con.execute(f"ALTER TABLE {TABLE} ADD COLUMN {column} {dtype}")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return {"$datetime": value.isoformat()}
+    raise TypeError(f"cannot store {type(value).__name__} in gx_config")
+
+
+def _json_hook(obj: dict[str, Any]) -> Any:
+    if set(obj) == {"$datetime"}:
+        return datetime.fromisoformat(obj["$datetime"])
+    return obj
+
+
+def encode_config(config: dict[str, Any] | None) -> str | None:
+    """The GX configuration as JSON (datetimes tagged, so they come back as datetimes)."""
+    return None if config is None else json.dumps(config, default=_json_default, sort_keys=True)
+
+
+def decode_config(text: str | None) -> dict[str, Any] | None:
+    return None if text is None else dict(json.loads(text, object_hook=_json_hook))
 
 
 def write(store: Store, run_id: str, results: Sequence[ExpectationResult]) -> None:
@@ -85,46 +140,35 @@ def write(store: Store, run_id: str, results: Sequence[ExpectationResult]) -> No
                 r.action,
                 r.observed,
                 now,
+                encode_config(r.gx_config),
+                r.error,
             )
             for r in results
         ]
-        marks = ", ".join(["(" + ", ".join("?" * len(rows[0])) + ")"] * len(rows))
-        store.con.execute(f"INSERT INTO {TABLE} VALUES {marks}", [v for row in rows for v in row])
+        marks = ", ".join(["(" + ", ".join("?" * len(_COLUMNS)) + ")"] * len(rows))
+        store.con.execute(
+            f"INSERT INTO {TABLE} ({', '.join(_COLUMNS)}) VALUES {marks}",
+            [v for row in rows for v in row],
+        )
 
 
 def latest(store: Store) -> list[dict[str, Any]]:
     """The latest run of every suite, one dict per expectation (suite, expectation order)."""
     if not store.table_exists(TABLE):
         return []
+    names = {c for c, _ in store.columns(TABLE)}
+    select = ", ".join(f"v.{c}" if c in names else f"NULL AS {c}" for c in _COLUMNS)
     rows = store.con.execute(
         f"""
         WITH last AS (
             SELECT suite, arg_max(run_id, created_at) AS run_id FROM {TABLE} GROUP BY suite
         )
-        SELECT v.run_id, v.suite, v.table_name, v.expectation, v.expectation_type, v.severity,
-               v.row_level, v.passed, v.evaluated_rows, v.failed_rows, v.quarantined_rows,
-               v.action, v.observed, v.created_at
+        SELECT {select}
         FROM {TABLE} v JOIN last USING (suite, run_id)
         ORDER BY v.suite, v.rowid
         """
     ).fetchall()
-    cols = [
-        "run_id",
-        "suite",
-        "table_name",
-        "expectation",
-        "expectation_type",
-        "severity",
-        "row_level",
-        "passed",
-        "evaluated_rows",
-        "failed_rows",
-        "quarantined_rows",
-        "action",
-        "observed",
-        "created_at",
-    ]
-    return [dict(zip(cols, r, strict=True)) for r in rows]
+    return [dict(zip(_COLUMNS, r, strict=True)) for r in rows]
 
 
 def report_json(store: Store) -> dict[str, Any]:

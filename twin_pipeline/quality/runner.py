@@ -168,7 +168,14 @@ def run_suite(
         timings["conservation_s"] = time.perf_counter() - t0
 
         results_list = [
-            _result(suite, spec, outcomes[spec.name], quarantined.get(spec.name, 0), quarantine)
+            _result(
+                suite,
+                spec,
+                outcomes[spec.name],
+                quarantined.get(spec.name, 0),
+                quarantine,
+                _gx_config(spec, now=now, as_of=as_of),
+            )
             for spec in suite.expectations
         ]
         if record:
@@ -203,11 +210,30 @@ def run_suites(
             if catalog.exists(s.table)
         ]
     if docs_dir is not None and runs:
-        gxa.build_data_docs(docs_dir)
+        from twin_pipeline.quality import docs
+
+        docs.render(store, docs_dir)
     return runs
 
 
 # -- GX -------------------------------------------------------------------------------------
+def _meta(spec: ExpectationSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "severity": spec.severity,
+        "row_level": spec.row_level,
+        "why": spec.why,
+    }
+
+
+def _gx_config(spec: ExpectationSpec, *, now: datetime, as_of: datetime) -> dict[str, Any] | None:
+    """What GX needs to rebuild the expectation as evaluated (for Data Docs), or None."""
+    if not spec.is_gx:
+        return None
+    kwargs = resolve_tokens(spec.kwargs, now=now, as_of=as_of)
+    return {"type": spec.type, "kwargs": kwargs, "meta": _meta(spec)}
+
+
 def _columns_of(spec: ExpectationSpec, table_cols: list[str]) -> set[str]:
     cols: set[str] = set()
     for k in _COLUMN_KWARGS:
@@ -242,12 +268,8 @@ def _run_gx(
     types = dict(catalog.columns(suite.table))
     table_cols = list(types)
     resolved = [resolve_tokens(s.kwargs, now=now, as_of=as_of) for s in specs]
-    metas = [
-        {"name": s.name, "severity": s.severity, "row_level": s.row_level, "why": s.why}
-        for s in specs
-    ]
+    metas = [_meta(s) for s in specs]
     outcomes: dict[str, GXOutcome] = {}
-    pushed: list[gxa.PushedDown] = []
     in_gx: list[int] = []
     plans: list[tuple[int, sqlengine.Compiled]] = []
     for i, (s, kw) in enumerate(zip(specs, resolved, strict=True)):
@@ -258,11 +280,7 @@ def _run_gx(
             plans.append((i, plan))
     batch = sqlengine.run_batch(store, suite.table, [(specs[i].name, p) for i, p in plans])
     for i, _ in plans:
-        out = batch[specs[i].name]
-        outcomes[specs[i].name] = out
-        pushed.append(gxa.PushedDown(specs[i].type, resolved[i], metas[i], out))
-    if pushed:
-        gxa.remember(suite.suite, store.run_id, pushed)
+        outcomes[specs[i].name] = batch[specs[i].name]
     if in_gx:
         needs_all = any(specs[i].type.startswith("expect_table_column") for i in in_gx)
         wanted: set[str] = set(table_cols) if needs_all else set()
@@ -398,7 +416,12 @@ def _row_label(suite: Suite, row: dict[str, Any]) -> str:
 
 # -- results ------------------------------------------------------------------------------
 def _result(
-    suite: Suite, spec: ExpectationSpec, out: GXOutcome, quarantined: int, quarantine: bool
+    suite: Suite,
+    spec: ExpectationSpec,
+    out: GXOutcome,
+    quarantined: int,
+    quarantine: bool,
+    gx_config: dict[str, Any] | None = None,
 ) -> ExpectationResult:
     passed = out.success
     if passed:
@@ -428,6 +451,8 @@ def _result(
         quarantined_rows=quarantined,
         action=action,
         observed=observed,
+        gx_config=gx_config,
+        error=out.error,
     )
 
 

@@ -1,14 +1,16 @@
 """Data-quality gates: one Dagster asset check per expectation suite (``expectations/*.yaml``).
 
-The checks are the specs of one multi-asset check (one step, one store connection, one
-Data Docs render). A check runs its suite on the table its asset wrote. Rows failing a row-level expectation
+The checks are the specs of one multi-asset check (one step, one store connection). A check
+runs its suite on the table its asset wrote. Rows failing a row-level expectation
 are quarantined (stage ``quality``) and removed inside the check's own store transaction, so
 they do not fail the table; the check fails only when an ``error`` expectation still fails
 afterwards (schema, conservation, a value that could not be evaluated). Suites with error
 expectations are *blocking*: de-identification and the twin wait for them and do not run on
 a failed gate. Each run of the checks is recorded in the ledger as an activity whose inputs
 are the checked tables and whose outputs include ``governance.validation_result`` and
-``governance.quarantine``, so validations appear in lineage.
+``governance.quarantine``, so validations appear in lineage. Results are recorded with each
+expectation's GX configuration; Great Expectations renders them as Data Docs on demand
+(``twin quality docs``), so a check step never pays GX's import.
 
 Checks are only created for asset keys that some other stage defines (a check on an undefined
 asset would break loading the code location).
@@ -152,9 +154,9 @@ def build_checks(suites: Sequence[Suite], existing: set[dg.AssetKey]) -> dg.Asse
 
     Dagster runs it in as few steps as the asset graph allows (a step per group of assets
     built together); each step opens the store once, runs its suites in reference order
-    (patients before the rows that point at them, so quarantine cascades in the same run),
-    records one activity in the ledger and renders Data Docs once. A check also waits for the
-    tables its foreign keys reference. Suites with error expectations are blocking.
+    (patients before the rows that point at them, so quarantine cascades in the same run) and
+    records one activity in the ledger. A check also waits for the tables its foreign keys
+    reference. Suites with error expectations are blocking.
     """
     chosen = [s for s in suites if dg.AssetKey(s.asset_key) in existing]
     specs = [
@@ -232,18 +234,10 @@ def build_checks(suites: Sequence[Suite], existing: set[dg.AssetKey]) -> dg.Asse
                 )
         finally:
             store.close()
-        _render_docs(twin)
         for suite, run, error in results:
             yield _result(suite, run, error)
 
     return expectation_suites
-
-
-def _render_docs(twin: TwinResource) -> None:
-    """Great Expectations Data Docs for this process's validations, in TWIN_HOME/data_docs."""
-    from twin_pipeline.quality import gx as gxa
-
-    gxa.build_data_docs(twin.settings().data_docs_dir)
 
 
 def _all_checks() -> list[dg.AssetChecksDefinition]:

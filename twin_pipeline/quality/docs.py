@@ -1,0 +1,88 @@
+"""Great Expectations Data Docs for the latest run of every suite, rendered on demand.
+
+The pipeline's checks record every outcome with its GX configuration in
+``governance.validation_result`` and do not import GX at all (about two CPU seconds per
+process, more than the validation itself). The Data Docs site is a view over those records,
+rendered by GX when asked for (``twin quality docs``, ``twin quality run``), much as
+``dbt docs generate`` renders a project's docs from its artifacts. A marker file in the site
+says which suite runs it shows, so ``twin quality report`` can say whether it is current and
+``twin quality docs`` does nothing when it already is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from twin_pipeline.quality import gx as gxa
+from twin_pipeline.quality import results as res
+from twin_pipeline.quality.sqlengine import AGG_TYPES
+from twin_pipeline.store import Store
+
+Status = Literal["current", "stale", "missing", "no_results"]
+
+
+def _latest_runs(records: list[dict[str, Any]]) -> dict[str, str]:
+    return {str(r["suite"]): str(r["run_id"]) for r in records}
+
+
+def doc_runs(records: list[dict[str, Any]]) -> list[gxa.DocRun]:
+    """Recorded results (``results.latest`` rows) as GX-renderable suite runs. Our own
+    cross-table checks (``twin.*``) have no GX configuration and are left out of the docs."""
+    runs: dict[tuple[str, str], gxa.DocRun] = {}
+    for r in records:
+        config = res.decode_config(r.get("gx_config"))
+        if config is None:
+            continue
+        key = (str(r["suite"]), str(r["run_id"]))
+        run = runs.get(key)
+        if run is None:
+            run = runs[key] = gxa.DocRun(key[0], key[1], r["created_at"], [])
+        aggregate = config["type"] in AGG_TYPES and not r.get("error")
+        run.results.append(
+            gxa.DocResult(
+                type_name=str(config["type"]),
+                kwargs=dict(config["kwargs"]),
+                meta=dict(config["meta"]),
+                success=bool(r["passed"]),
+                evaluated=int(r["evaluated_rows"] or 0),
+                unexpected=int(r["failed_rows"] or 0),
+                observed=r["observed"] if aggregate else None,
+                error=r.get("error"),
+            )
+        )
+    return list(runs.values())
+
+
+def _shown(target: Path) -> dict[str, str] | None:
+    try:
+        doc = json.loads((target / gxa.MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    runs = doc.get("runs") if isinstance(doc, dict) else None
+    return {str(k): str(v) for k, v in runs.items()} if isinstance(runs, dict) else None
+
+
+def status(store: Store, target: Path) -> Status:
+    """Whether the site at ``target`` shows the latest run of every suite."""
+    latest = _latest_runs(res.latest(store))
+    if not latest:
+        return "no_results"
+    shown = _shown(target)
+    if shown is None or not (target / "index.html").is_file():
+        return "missing"
+    return "current" if shown == latest else "stale"
+
+
+def render(store: Store, target: Path, *, force: bool = False) -> tuple[Path, bool]:
+    """Render the latest run of every suite into ``target`` unless the site is already
+    current (or ``force``); the index page and whether it was rendered now."""
+    records = res.latest(store)
+    latest = _latest_runs(records)
+    index = target / "index.html"
+    if not force and latest and _shown(target) == latest and index.is_file():
+        return index, False
+    index = gxa.build_data_docs(target, doc_runs(records))
+    (target / gxa.MARKER).write_text(json.dumps({"runs": latest}, indent=1, sort_keys=True))
+    return index, True
