@@ -54,6 +54,7 @@ def build(settings: Settings, patients: int) -> dict[str, int]:
     """The four de-identified tables, and their version cache rows (as the pipeline leaves)."""
     KeyRing(settings.keys_dir).init(if_missing=True)
     n = int(patients)
+    zips = max(2, min(16, n // 1000))  # common ZIP3 areas: ~30+ patients per class either size
     with Store.open(settings) as store, store.transaction() as con:
         # pseudonyms of patients (and their devices) and encounters, computed once and joined
         con.execute(
@@ -72,7 +73,7 @@ def build(settings: Settings, patients: int) -> dict[str, int]:
             "AS birth_year, NULL::TIMESTAMPTZ AS deceased_at, 'MA' AS state, "
             "CASE WHEN i % 53 = 3 THEN CAST(100 + i % 400 AS VARCHAR) "
             "ELSE ['010', '011', '012', '013', '014', '016', '017', '018', '019', '021', '022', "
-            "'023', '024', '025', '026', '027'][1 + i % 16] END AS postal_code, "
+            f"'023', '024', '025', '026', '027'][1 + i % {zips}] END AS postal_code, "
             "(i % 10 <> 0) AS research_consent, NULL::VARCHAR AS managing_organization_id, "
             "NULL::VARCHAR AS version_id, NULL::TIMESTAMPTZ AS last_updated, "
             "(i % 500 = 7) AS deleted, md5('lp' || i) AS lineage_key, 1 AS key_version "

@@ -207,7 +207,7 @@ class Cohort(_Strict):
 
 def _read_yaml(path: Path) -> Any:
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except FileNotFoundError as exc:
         raise ConfigError("file is missing", path=str(path)) from exc
     except (OSError, yaml.YAMLError) as exc:

@@ -768,7 +768,7 @@ def _finish(
     )
     manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
 
-    from twin_pipeline.lineage import prov_build, runs, storage
+    from twin_pipeline.lineage import runs, storage
 
     total_rows = sum(int(t["rows"]) for t in table_docs)
     total_bytes = sum(int(f["bytes"]) for f in files.values()) + len(manifest_bytes)
@@ -830,9 +830,8 @@ def _finish(
         ).fetchone()
         if not (has_prov and has_prov[0]):
             runs.record_prov(store, record)
-        storage.store_bundle(
-            store, store.run_id, prov_build.to_json(runs.run_document(store, store.run_id)), keyring
-        )
+        # the run's fragments merged, as the pipeline's finalize_run stores them
+        storage.store_bundle(store, store.run_id, runs.run_json(store, store.run_id), keyring)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

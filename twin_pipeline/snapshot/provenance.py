@@ -11,11 +11,13 @@ they live in the audit log, and the document stays byte-identical across reruns.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import prov.model as pm
+from prov.serializers.provjson import ProvJSONSerializer
 
 from twin_pipeline.lineage import prov_build
 
@@ -143,4 +145,8 @@ def build(
             },
         )
         doc.used(act, kid, other_attributes={"prov:role": "key"})
-    return json.dumps(json.loads(prov_build.to_json(doc)), sort_keys=True, indent=2) + "\n"
+    buf = io.StringIO()
+    # the PROV-JSON serializer itself (what prov_build.to_json reaches through prov's registry,
+    # whose first use imports every serializer, rdflib included)
+    ProvJSONSerializer(doc).serialize(buf)
+    return json.dumps(json.loads(buf.getvalue()), sort_keys=True, indent=2) + "\n"
