@@ -424,3 +424,24 @@ def test_key_versions_in_data_after_a_rotation(snap_home: Settings, tmp_path: Pa
     assert kv["pseudonym_versions_in_data"] == [1, 2]  # type: ignore[index]
     versions = {r["key_version"] for r in _table(tmp_path / "snap", "observation")}
     assert versions == {1, 2}
+
+
+def test_parquet_format_version_2_holds_the_same_rows(shared: Shared, tmp_path: Path) -> None:
+    """``parquet.format_version: 2`` (data pages v2, delta encodings): other bytes, same rows."""
+    out = tmp_path / "v2"
+    r = create_snapshot(
+        "researcher", out, settings=shared.settings, snapshot_policy=_policy(format_version=2)
+    )
+    assert verify(out).ok
+    assert _manifest(out)["parquet"]["format_version"] == 2  # type: ignore[index]
+    meta = pq.ParquetFile(out / "data" / "observation.parquet").metadata
+    encodings = {
+        e
+        for g in range(meta.num_row_groups)
+        for c in range(meta.num_columns)
+        for e in meta.row_group(g).column(c).encodings
+    }
+    assert any(e.startswith("DELTA") for e in encodings), encodings
+    for t in r.tables:
+        name = t["file"].split("/")[1].removesuffix(".parquet")
+        assert _table(out, name) == _table(shared.out, name), name

@@ -119,6 +119,10 @@ class ParquetSettings(_Strict):
     compression_level: int | None = Field(default=1, ge=1, le=19)
     row_group_size: int = Field(default=131_072, ge=1_024, le=8_388_608)
     order: Literal["store", "lineage_key"] = "store"
+    # 1: data pages v1, plain/dictionary encodings: every Parquet reader. 2: data pages v2 and
+    # delta encodings (DuckDB PARQUET_VERSION V2): ~25% smaller, ~9% less CPU here, but older
+    # readers (Spark < 3.3's vectorized reader, fastparquet) cannot read the delta encodings.
+    format_version: Literal[1, 2] = 1
 
 
 class SnapshotPolicy(_Strict):

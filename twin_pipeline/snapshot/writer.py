@@ -80,6 +80,8 @@ def copy_options(settings: ParquetSettings) -> list[str]:
     ]
     if settings.compression == "zstd" and settings.compression_level:
         opts.append(f"COMPRESSION_LEVEL {int(settings.compression_level)}")
+    if settings.format_version == 2:
+        opts.append("PARQUET_VERSION V2")
     return opts
 
 
