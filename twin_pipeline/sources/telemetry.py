@@ -205,7 +205,7 @@ _MISSING = (
 # expression computed once. The instant is read in the session time zone, set to the spec's
 # default for the load. A blank line is never a good reading (it does not parse).
 _CLASSIFIED_SQL = f"""
-    SELECT n, line, rule, device_id_trim AS device_id, nullif(patient_id_trim, '') AS patient_id,
+    SELECT n, rule, device_id_trim AS device_id, nullif(patient_id_trim, '') AS patient_id,
            metric_trim AS metric, value_d, unit_trim AS unit, ts_t, ts
     FROM (
         SELECT t.*, CASE
@@ -216,7 +216,7 @@ _CLASSIFIED_SQL = f"""
                  WHEN a.metric IS NULL THEN 'unknown_metric'
                END AS rule
         FROM (
-            SELECT n, line, parsed, ts, value, trim(device_id) AS device_id_trim,
+            SELECT n, parsed, ts, value, trim(device_id) AS device_id_trim,
                    trim(patient_id) AS patient_id_trim, trim(metric) AS metric_trim,
                    trim(unit) AS unit_trim, try_cast(value AS DOUBLE) AS value_d,
                    coalesce(try_cast(ts AS TIMESTAMPTZ), try_cast(trim(ts) AS TIMESTAMPTZ)) AS ts_t
@@ -314,13 +314,15 @@ def _load_file(store: Store, f: SourceFile, fs: FileStats) -> None:
         stage="'read'", table=f"'{RAW_TABLE}'", file="source_file", pos="position", rule="rule"
     )
     # Blank lines are not records: they fail to parse but are neither loaded nor quarantined.
+    # The line itself (the payload) is read again from ``src``: the checked rows do not carry it.
     row = con.execute(
         f"""
         INSERT INTO governance.quarantine
         SELECT {qid}, ?, 'read', '{RAW_TABLE}', 'telemetry', source_file, position, rule,
                {_REASON_SQL}, line, {prefix} || position, now()
-        FROM (SELECT *, {_sql_str(f.rel)} AS source_file, 'line:' || n AS position
-              FROM _tele_cls WHERE rule IS NOT NULL AND line IS NOT NULL AND trim(line) <> '')
+        FROM (SELECT c.*, s.line, {_sql_str(f.rel)} AS source_file, 'line:' || n AS position
+              FROM _tele_cls c JOIN ({src}) s USING (n)
+              WHERE c.rule IS NOT NULL AND s.line IS NOT NULL AND trim(s.line) <> '')
         """,
         [store.run_id],
     ).fetchone()
