@@ -187,14 +187,20 @@ def _measure(landing: Path, workdir: Path, *, harmonize: bool) -> dict[str, Any]
     (the reader decides on the pool), with harmonization after the latter."""
     files = sorted(f for f in landing.rglob("*.ndjson") if f.name != "log.ndjson")
     plain_s, plain_cpu, plain_rows = _plain(files, workdir / "plain.duckdb")
+    from twin_pipeline.sources import fhir as fhir_reader
+
     saved = os.environ.get("TWIN_FHIR_WORKERS")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     try:
         os.environ["TWIN_FHIR_WORKERS"] = "1"
         single = _governed(landing, workdir / "home-single", harmonize=False)
+        os.environ["TWIN_FHIR_WORKERS"] = str(cores or 1)
+        pool = _governed(landing, workdir / "home-pool", harmonize=False)
         if saved is None:
             os.environ.pop("TWIN_FHIR_WORKERS", None)
         else:
             os.environ["TWIN_FHIR_WORKERS"] = saved
+        chosen = fhir_reader._workers()  # what the reader picks now (idle cores)
         gov = _governed(landing, workdir / "home", harmonize=harmonize)
     finally:
         if saved is None:
@@ -220,6 +226,14 @@ def _measure(landing: Path, workdir: Path, *, harmonize: bool) -> dict[str, Any]
         "single_process_ingest_resources_per_s": round(n / single["ingest_s"]),
         "single_process_ingest_cpu_s": round(single["ingest_cpu_s"], 3),
         "single_process_ratio_vs_plain": round(single["ingest_s"] / plain_s, 2),
+        "pool_workers": cores,
+        "pool_ingest_s": round(pool["ingest_s"], 3),
+        "pool_ingest_resources_per_s": round(n / pool["ingest_s"]),
+        "pool_ingest_cpu_s": round(pool["ingest_cpu_s"], 3),
+        "pool_ingest_worker_cpu_s": round(pool["ingest_worker_cpu_s"], 3),
+        "pool_ratio_vs_plain": round(pool["ingest_s"] / plain_s, 2),
+        "pipeline_workers_chosen": chosen,
+        "load_average": round(os.getloadavg()[0], 2),
         **{k: v for k, v in gov.items() if k not in ("records_in",)},
     }
     print(f"   resources: {n:,} in {len(files)} NDJSON files")
@@ -228,7 +242,13 @@ def _measure(landing: Path, workdir: Path, *, harmonize: bool) -> dict[str, Any]
         f"({out['plain_resources_per_s']:,}/s; CPU {plain_cpu:.3f} s)"
     )
     print(
-        f"   governed ingest (pipeline path):  {gov['ingest_s']:7.3f} s  "
+        f"   governed ingest, {cores}-process pool:  {pool['ingest_s']:7.3f} s  "
+        f"({out['pool_ingest_resources_per_s']:,}/s)  ratio {out['pool_ratio_vs_plain']}x; "
+        f"CPU {pool['ingest_cpu_s']:.3f} s ({pool['ingest_worker_cpu_s']:.3f} in workers)"
+    )
+    print(
+        f"   governed ingest (pipeline path, {chosen} worker(s) at load "
+        f"{out['load_average']}): {gov['ingest_s']:7.3f} s  "
         f"({out['ingest_resources_per_s']:,}/s)  ratio {out['ratio_ingest_vs_plain']}x; "
         f"CPU {gov['ingest_cpu_s']:.3f} s ({gov['ingest_worker_cpu_s']:.3f} in pool workers; "
         f"{out['ingest_resources_per_cpu_s']:,}/CPU-s, {out['ratio_ingest_cpu_vs_plain_cpu']}x "

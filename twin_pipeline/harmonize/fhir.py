@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,7 +244,10 @@ def build_versions(store: Store, *, force: bool = False) -> dict[str, int]:
             FROM (SELECT resource_type, resource_id,
                          unnest(from_json(json_extract(payload, '$.identifier'),
                                           '[{{"system":"VARCHAR","value":"VARCHAR"}}]')) AS i
-                  FROM {current_sql()})
+                  FROM {current_sql()}
+                  -- only documents that can hold the key are parsed ('\\u': escaped keys)
+                  WHERE contains(payload::VARCHAR, 'identifier')
+                     OR contains(payload::VARCHAR, '\\u'))
             WHERE i.value IS NOT NULL
         )
         SELECT ref, min(resource_type) AS resource_type, min(resource_id) AS resource_id,
@@ -266,19 +269,15 @@ def _status_counts(store: Store) -> dict[str, int]:
 
 
 def current_sql(resource_type: str | None = None) -> str:
-    """The current versions (of one type) with their payload, read from raw (not copied).
-
-    A semi-join on the raw rows keeps the scan narrow; ``deleted`` comes from the few
-    resources that have one."""
-    t = f"resource_type = {_q(resource_type)}" if resource_type else "true"
+    """The current versions (of one type) with their payload, read from raw (not copied):
+    raw joined to ``harmonized.fhir_resource`` on the row it chose (one raw row each)."""
+    q = _q(resource_type) if resource_type else ""
+    t = f" AND c.resource_type = {q} AND r.resource_type = {q}" if resource_type else ""
     return (
-        f"(SELECT r.resource_type, r.resource_id, r.version_id, r.last_updated, "
-        f"d.resource_id IS NOT NULL AS deleted, r.record_hash, r.source_file, r.position, "
-        f"r.lineage_key, r.full_url, r.payload FROM {RAW} r "
-        f"LEFT JOIN (SELECT resource_type, resource_id FROM {CURRENT} WHERE deleted AND {t}) d "
-        "ON d.resource_type = r.resource_type AND d.resource_id = r.resource_id "
-        f"WHERE {'r.' + t if resource_type else t} AND r.lineage_key || '|' || r.source_file IN "
-        f"(SELECT lineage_key || '|' || source_file FROM {CURRENT} WHERE {t}))"
+        f"(SELECT r.resource_type, r.resource_id, r.version_id, r.last_updated, c.deleted, "
+        f"r.record_hash, r.source_file, r.position, r.lineage_key, r.full_url, r.payload "
+        f"FROM {CURRENT} c JOIN {RAW} r ON r.lineage_key = c.lineage_key "
+        f"AND r.source_file = c.source_file{t})"
     )
 
 
@@ -382,15 +381,21 @@ _TRAILER_COLS = ("version_id", "last_updated", "deleted", "source_file", "source
                  "lineage_key")  # fmt: skip
 
 
-def extract_sql(spec: TableSpec, columns: list[Column] | None = None, extra: str = "") -> str:
-    """Stage 1: one pass over the resources of the table's type, payload parsed once."""
+def extract_sql(
+    spec: TableSpec,
+    columns: list[Column] | None = None,
+    extra: Callable[[_Paths], str] | None = None,
+) -> str:
+    """Stage 1: one pass over the resources of the table's type, payload parsed once
+    (``extra`` adds columns over the same parse: it gets the path collector)."""
     s = _Paths()
     cols = columns if columns is not None else spec.columns
     exprs = [f"{column_sql(c, s)} AS {c.name}" for c in cols]
     # the reference as written, for harmonized.fhir_reference / dangling_reference
     exprs += [f"{_ref_raw(c, s)} AS refraw_{c.name}" for c in cols if c.kind == "ref"]
+    more = extra(s) if extra is not None else ""
     return (
-        f"SELECT r.resource_id AS _rid, {', '.join(exprs)}{extra}, r.version_id, "
+        f"SELECT r.resource_id AS _rid, {', '.join(exprs)}{more}, r.version_id, "
         "r.last_updated, r.deleted, "
         "r.source_file, r.position AS source_position, r.lineage_key\n"
         f"FROM (SELECT *, payload AS p, {s.select()} FROM {current_sql(spec.resource)}) r"
@@ -519,12 +524,15 @@ def _build_observation(store: Store, spec: EhrSpec) -> TableStats:
     base = [c for c in tspec.columns if c.name not in ("code_system", "code", "display")]
     known_list = "[" + ", ".join(_q(c) for c in known) + "]"
     panel_list = "[" + ", ".join(_q(c) for c in sorted(panels)) + "]"
-    # one more parse of the payload for the three structured parts
-    extra = (
-        ", json_extract(p, ['$.code.coding', '$.valueQuantity', '$.component']) AS _j, "
-        f"from_json(_j[1], '{_CODINGS}') AS codings, from_json(_j[2], '{_QTY}') AS vq, "
-        "_j[3] AS components"
-    )
+
+    # the three structured parts come from the same parse (as JSON text)
+    def extra(s: _Paths) -> str:
+        return (
+            f", from_json({s('$.code.coding')}, '{_CODINGS}') AS codings, "
+            f"from_json({s('$.valueQuantity')}, '{_QTY}') AS vq, "
+            f"{s('$.component')} AS components"
+        )
+
     con.execute(f"CREATE OR REPLACE TEMP TABLE _x AS {extract_sql(tspec, base, extra)}")
     _record_refs(store, "observation", tspec, base)
     # One row per resource with the chosen LOINC coding (first coding whose code we know).

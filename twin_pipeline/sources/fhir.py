@@ -332,8 +332,9 @@ def shutdown_pool() -> None:
 
 def _workers() -> int:
     """Validation processes: ``TWIN_FHIR_WORKERS`` if set, else the cores not busy with other
-    work (load average, this process left out), so the pool is used when it can pay: on a
-    machine whose cores are all taken, forked workers only add copying and switching."""
+    work now (runnable tasks besides this one, from ``/proc/loadavg``; else the 1-minute load
+    average), so the pool is used when it can pay: on a machine whose cores are all taken,
+    forked workers only add copying and switching."""
     try:
         asked = int(os.environ.get("TWIN_FHIR_WORKERS", "0"))
     except ValueError:
@@ -342,11 +343,21 @@ def _workers() -> int:
         return asked
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
+    return max(1, min(cores, round(cores - _busy())))
+
+
+def _busy() -> float:
+    """Cores taken by other work: runnable tasks other than this one."""
     try:
-        others = max(0.0, os.getloadavg()[0] - 1.0)
+        with open("/proc/loadavg") as fh:
+            running = int(fh.read().split()[3].split("/")[0])
+        return float(max(0, running - 1))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return max(0.0, os.getloadavg()[0] - 1.0)
     except OSError:
-        others = 0.0
-    return max(1, min(cores, round(cores - others)))
+        return 0.0
 
 
 def _meta_of(res: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
