@@ -445,3 +445,49 @@ def test_parquet_format_version_2_holds_the_same_rows(shared: Shared, tmp_path: 
     for t in r.tables:
         name = t["file"].split("/")[1].removesuffix(".parquet")
         assert _table(out, name) == _table(shared.out, name), name
+
+
+def test_many_row_groups_same_bytes_whatever_the_workers(
+    twin_home: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A table of many vectors and row groups (the fixture's fit in one): rows in the store's
+    order, and the same bytes with one export worker or four, run after run."""
+    from twin_pipeline.activity import table_versions
+    from twin_pipeline.snapshot import create as create_mod
+
+    with Store.open(twin_home) as store, store.transaction() as con:
+        con.execute(
+            "CREATE TABLE deid.patient AS SELECT 'p' || i AS patient_id, "
+            "['female', 'male'][1 + i % 2] AS gender, 1950 + 10 * (i % 3) AS birth_year, "
+            "'02139' AS postal_code, i % 10 <> 0 AS research_consent, false AS deleted, "
+            "md5('p' || i) AS lineage_key, 1 AS key_version FROM range(600) t(i)"
+        )
+        con.execute(
+            "CREATE TABLE deid.telemetry_reading AS SELECT md5('r' || j) AS lineage_key, "
+            "'p' || ((j * 7919) % 600) AS patient_id, 60.0 + j % 50 AS value, "
+            "TIMESTAMPTZ '2024-01-01 00:00:00+00' + to_seconds(j) AS ts_utc, "
+            "1 AS key_version FROM range(60000) t(j)"
+        )
+        table_versions(store, ["deid.patient", "deid.telemetry_reading"])
+        stored = [
+            lk
+            for lk, pid in con.execute(
+                "SELECT lineage_key, patient_id FROM deid.telemetry_reading"
+            ).fetchall()
+            if int(pid[1:]) % 10
+        ]
+    policy = _policy(row_group_size=4096)
+    tables = ["deid.patient", "deid.telemetry_reading"]
+    runs = []
+    for workers in (4, 1, 4):
+        monkeypatch.setattr(create_mod.os, "cpu_count", lambda w=workers: w)
+        out = tmp_path / f"w{workers}-{len(runs)}"
+        runs.append(
+            create_snapshot(
+                "researcher", out, settings=twin_home, tables=tables, snapshot_policy=policy
+            )
+        )
+    assert len({r.manifest_sha256 for r in runs}) == 1
+    meta = pq.ParquetFile(out / "data" / "telemetry_reading.parquet").metadata
+    assert meta.num_row_groups > 10
+    assert [r["lineage_key"] for r in _table(out, "telemetry_reading")] == stored
