@@ -461,12 +461,19 @@ class Store:
         if not data:
             return 0
         ids = [d[0] for d in data]
+        # ids as a relation (a hash semi-join) and multi-row INSERTs: list_contains compares
+        # every stored row with every id, and DuckDB's executemany runs one INSERT per row.
         self.con.execute(
-            "DELETE FROM governance.quarantine WHERE list_contains(?, quarantine_id)", [ids]
+            "DELETE FROM governance.quarantine WHERE quarantine_id IN "
+            "(SELECT unnest(?::VARCHAR[]))",
+            [ids],
         )
-        self.con.executemany(
-            "INSERT INTO governance.quarantine VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", data
-        )
+        for start in range(0, len(data), 500):
+            chunk = data[start : start + 500]
+            marks = ", ".join(["(?,?,?,?,?,?,?,?,?,?,?,?)"] * len(chunk))
+            self.con.execute(
+                f"INSERT INTO governance.quarantine VALUES {marks}", [v for d in chunk for v in d]
+            )
         return len(data)
 
     def clear_quarantine(self, stage: str, table_name: str) -> None:

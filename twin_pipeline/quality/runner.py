@@ -42,6 +42,9 @@ STAGE = "quality"
 SQL_MIN_ROWS = 0
 _COLUMN_KWARGS = ("column", "column_A", "column_B")
 _LIST_KWARGS = ("column_list",)
+#: A list parameter of row ids as a relation: a hash semi-join, where ``list_contains`` would
+#: compare every row of the table with every id.
+_IDS = "(SELECT unnest(?::BIGINT[]))"
 _NAIVE_TIME_TYPES = ("DATE", "TIMESTAMP", "TIMESTAMP_NS", "TIMESTAMP_MS", "TIMESTAMP_S")
 
 
@@ -340,7 +343,7 @@ def _all_but_first(
     rows = store.con.execute(
         f"SELECT rid FROM (SELECT rowid AS rid, row_number() OVER "
         f"(PARTITION BY {part} ORDER BY {order}) AS n FROM {table} "
-        f"WHERE list_contains(?, rowid)) WHERE n > 1 ORDER BY rid",
+        f"WHERE rowid IN {_IDS}) WHERE n > 1 ORDER BY rid",
         [rowids],
     ).fetchall()
     return [int(r[0]) for r in rows]
@@ -362,15 +365,16 @@ def _quarantine(
     if raw and "lineage_key" in cols:
         join = (
             f"LEFT JOIN (SELECT lineage_key, any_value(source_file) AS source_file, "
-            f"any_value(position) AS position FROM ({raw}) GROUP BY lineage_key) r "
+            f"any_value(position) AS position FROM ({raw}) WHERE lineage_key IN "
+            f"(SELECT lineage_key FROM {table} WHERE rowid IN {_IDS}) GROUP BY lineage_key) r "
             f"ON r.lineage_key = t.lineage_key "
             f"LEFT JOIN governance.source_file f ON f.path = r.source_file"
         )
         src = "r.source_file, r.position, f.kind"
     rows = store.con.execute(
         f"SELECT t.rowid, {lk}, {src}, to_json(t)::VARCHAR FROM {table} t {join} "
-        f"WHERE list_contains(?, t.rowid)",
-        [all_ids],
+        f"WHERE t.rowid IN {_IDS}",
+        [all_ids, all_ids] if join else [all_ids],
     ).fetchall()
     by_id = {int(r[0]): r for r in rows}
     grouped: dict[tuple[str, str, str], list[Any]] = defaultdict(list)
@@ -404,7 +408,7 @@ def _quarantine(
             )
         )
     store.quarantine(qrows)
-    store.con.execute(f"DELETE FROM {table} WHERE list_contains(?, rowid)", [all_ids])
+    store.con.execute(f"DELETE FROM {table} WHERE rowid IN {_IDS}", [all_ids])
     return counts
 
 
