@@ -450,8 +450,9 @@ def test_parquet_format_version_2_holds_the_same_rows(shared: Shared, tmp_path: 
 def test_many_row_groups_same_bytes_whatever_the_workers(
     twin_home: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A table of many vectors and row groups (the fixture's fit in one): rows in the store's
-    order, and the same bytes with one export worker or four, run after run."""
+    """A table of several storage row groups (DuckDB scans those in parallel; the fixture's
+    tables fit in one): rows in the store's order, and the same bytes with one export worker or
+    four. (With two DuckDB threads per file this fails: rows come in scheduling order.)"""
     from twin_pipeline.activity import table_versions
     from twin_pipeline.snapshot import create as create_mod
 
@@ -463,10 +464,8 @@ def test_many_row_groups_same_bytes_whatever_the_workers(
             "md5('p' || i) AS lineage_key, 1 AS key_version FROM range(600) t(i)"
         )
         con.execute(
-            "CREATE TABLE deid.telemetry_reading AS SELECT md5('r' || j) AS lineage_key, "
-            "'p' || ((j * 7919) % 600) AS patient_id, 60.0 + j % 50 AS value, "
-            "TIMESTAMPTZ '2024-01-01 00:00:00+00' + to_seconds(j) AS ts_utc, "
-            "1 AS key_version FROM range(60000) t(j)"
+            "CREATE TABLE deid.telemetry_reading AS SELECT j AS lineage_key, "
+            "'p' || ((j * 7919) % 600) AS patient_id FROM range(400000) t(j)"
         )
         table_versions(store, ["deid.patient", "deid.telemetry_reading"])
         stored = [
@@ -476,18 +475,13 @@ def test_many_row_groups_same_bytes_whatever_the_workers(
             ).fetchall()
             if int(pid[1:]) % 10
         ]
-    policy = _policy(row_group_size=4096)
     tables = ["deid.patient", "deid.telemetry_reading"]
     runs = []
-    for workers in (4, 1, 4):
+    for workers in (4, 1):
         monkeypatch.setattr(create_mod.os, "cpu_count", lambda w=workers: w)
-        out = tmp_path / f"w{workers}-{len(runs)}"
-        runs.append(
-            create_snapshot(
-                "researcher", out, settings=twin_home, tables=tables, snapshot_policy=policy
-            )
-        )
-    assert len({r.manifest_sha256 for r in runs}) == 1
-    meta = pq.ParquetFile(out / "data" / "telemetry_reading.parquet").metadata
-    assert meta.num_row_groups > 10
-    assert [r["lineage_key"] for r in _table(out, "telemetry_reading")] == stored
+        out = tmp_path / f"w{workers}"
+        runs.append(create_snapshot("researcher", out, settings=twin_home, tables=tables))
+    assert runs[0].manifest_sha256 == runs[1].manifest_sha256
+    assert pq.ParquetFile(out / "data" / "telemetry_reading.parquet").metadata.num_row_groups > 2
+    got = pq.read_table(out / "data" / "telemetry_reading.parquet", columns=["lineage_key"])
+    assert got.column(0).to_pylist() == stored
