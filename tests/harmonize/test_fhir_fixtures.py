@@ -234,6 +234,28 @@ def test_process_pool_gives_identical_tables(
     from twin_pipeline.sources import fhir as fhir_source
 
     monkeypatch.setattr(fhir_source, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(fhir_source, "PARALLEL_MIN_BYTES", 1 << 40)  # bundles read here
+    monkeypatch.setattr(fhir_source, "CHUNK", 3)
+    monkeypatch.setattr(fhir_source, "PRIME_PER_FILE", 1)  # most lines go to the workers
+    monkeypatch.setattr(fhir_source, "FLUSH_ROWS", 2)  # rows inserted while workers check
+    monkeypatch.setenv("TWIN_FHIR_WORKERS", "2")
+    fhir_source.reset_validation()
+    env = private_env(tmp_path)
+    env.copy_fixtures()
+    try:
+        env.run()
+    finally:
+        fhir_source.shutdown_pool()
+    assert env.hashes() == loaded.hashes()
+    assert env.quarantine() == loaded.quarantine()
+
+
+def test_bundle_files_in_the_pool_give_identical_tables(
+    loaded: Ehr, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twin_pipeline.sources import fhir as fhir_source
+
+    monkeypatch.setattr(fhir_source, "PARALLEL_MIN", 1)
     monkeypatch.setattr(fhir_source, "PARALLEL_MIN_BYTES", 1)
     monkeypatch.setattr(fhir_source, "CHUNK", 3)
     monkeypatch.setenv("TWIN_FHIR_WORKERS", "2")
@@ -245,6 +267,19 @@ def test_process_pool_gives_identical_tables(
         fhir_source.shutdown_pool()
     assert env.hashes() == loaded.hashes()
     assert env.quarantine() == loaded.quarantine()
+
+
+@pytest.mark.parametrize(("asked", "busy", "expected"), [("3", 0.0, 3), ("", 0.0, 2),
+                         ("", 1.0, 1), ("", 7.0, 1), ("x", 0.0, 2), ("", 0.4, 2)])  # fmt: skip
+def test_workers_are_the_cores_idle_now_unless_asked(
+    asked: str, busy: float, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twin_pipeline.sources import fhir as fhir_source
+
+    monkeypatch.setenv("TWIN_FHIR_WORKERS", asked)
+    monkeypatch.setattr(fhir_source, "_busy", lambda: busy)
+    monkeypatch.setattr(fhir_source.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    assert fhir_source._workers() == expected
 
 
 def test_pool_ends_with_the_load_and_releases_inherited_locks(

@@ -270,7 +270,10 @@ class FastValidator:
         return _Shape(list(groups.values()))
 
 
-_MAX_VALID = 200_000  # values remembered per field type
+# Values remembered per field type, and their length: the ones that repeat (systems, codes,
+# units, references) are short; long ones (attachments, narrative) would only take memory.
+_MAX_VALID = 20_000
+_MAX_VALID_LEN = 128
 
 
 def _failing(plan: _Plan, items: typing.Sequence[tuple[int, typing.Sequence[Any]]]) -> set[int]:
@@ -316,7 +319,7 @@ def _failing(plan: _Plan, items: typing.Sequence[tuple[int, typing.Sequence[Any]
         for n, key in enumerate(keys):
             if n in rejected:
                 bad.update(novel[key])
-            elif type(key) is str:
+            elif type(key) is str and len(key) <= _MAX_VALID_LEN:
                 valid.add(key)
     return bad
 
@@ -491,6 +494,8 @@ class TextShapes:
     ) -> None:
         """Compile the text shape of ``text``, a document ``model`` accepted (parsed:
         ``resource``); ``bound``: top-level elements with a required binding."""
+        if len(self.shapes) >= _MAX_SHAPES:
+            return
         cut = self._cut(text)
         if cut is None:
             return
