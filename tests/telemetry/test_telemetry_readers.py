@@ -233,3 +233,39 @@ def test_wfdb_parts_orphans_and_late_parts(
         "SELECT count(*) FROM raw.wfdb_annotation WHERE source_file = 'wfdb/100.hea'",
     )
     assert n == (2274,)
+
+
+# Every way a file is split into lines: plain UTF-8 (parsed straight from the file), a byte-order
+# mark, CRLF line breaks (exact split), a line that is not UTF-8 (Python split).
+LAYOUTS = {
+    "plain": (b"", b"\n", None),
+    "bom": (b"\xef\xbb\xbf", b"\n", None),
+    "crlf": (b"", b"\r\n", None),
+    "latin1_line": (b"", b"\n", b'{"device_id": "caf\xe9"}'),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_split_path_quarantines_the_same_lines(
+    twin_home: Settings, tmp_path: Path, layout: str
+) -> None:
+    head, eol, extra = LAYOUTS[layout]
+    good = [_line(ts=f"2024-03-05T10:0{i}:00-05:00") for i in range(3)]
+    lines = [good[0], "", BAD_CASES[0][0], good[1], *(c[0] for c in BAD_CASES[1:]), good[2]]
+    body = [ln.encode() for ln in lines] + ([extra] if extra else [])
+    landing = tmp_path / "landing"
+    (landing / "telemetry").mkdir(parents=True)
+    (landing / "telemetry" / "f.ndjson").write_bytes(head + eol.join(body) + eol)
+    fs = ingest(twin_home, landing)["telemetry"].stats.per_file["telemetry/f.ndjson"]
+    n_bad = len(BAD_CASES) + (1 if extra else 0)
+    assert (fs.records_in, fs.loaded, fs.quarantined) == (3 + n_bad, 3, n_bad)
+    got = query(twin_home, "SELECT position, rule FROM governance.quarantine ORDER BY position")
+    expected = [("line:3", "broken_record")]
+    expected += [(f"line:{i + 5}", rule) for i, (_, rule) in enumerate(BAD_CASES[1:])]
+    if extra:
+        expected.append((f"line:{len(lines) + 1}", "bad_encoding"))
+    assert sorted(got) == sorted(expected)
+    raw = query(twin_home, "SELECT position FROM raw.telemetry_reading")
+    assert sorted(r[0] for r in raw) == sorted(["line:1", "line:4", f"line:{len(lines)}"])
+    payloads = dict(query(twin_home, "SELECT position, payload FROM governance.quarantine"))
+    assert payloads["line:3"] == BAD_CASES[0][0]

@@ -8,11 +8,16 @@ and gaps must be recomputed. A full rebuild gives the same table content.
 Mapping: every metric code (MDC, LOINC, alias) to the canonical MDC metric; units through the
 UCUM synonym table and the metric's conversions to its canonical unit (no conversion → quarantine
 ``bad_unit``); exact duplicates (device, metric, instant, value) quarantined as ``duplicate``
-(the copy with the smallest lineage key, or the one already harmonized, is kept); readings
+(the first copy, by file registration then line, or the one already harmonized, is kept); readings
 outside the plausible range flagged ``implausible``; readings older than their device's watermark
 at arrival (latest instant from files registered before theirs) flagged ``late`` and, beyond the
 late-arrival window, ``late_beyond_window``. Late and out-of-order readings are still accepted;
 aggregates and gaps are computed in ``ts_utc`` order, never in arrival order.
+
+Cost: the batch is a view over raw joined once to the mapping of each distinct (code, unit)
+received, never copied; duplicates are screened by one 64-bit hash per reading and ranked
+exactly only within colliding groups; minute buckets are integer arithmetic on microseconds;
+gaps are found over each device's distinct instants.
 """
 
 from __future__ import annotations

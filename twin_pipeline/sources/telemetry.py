@@ -11,17 +11,18 @@ Bad lines (unparseable, missing field, bad value, bad timestamp, unknown metric)
 quarantine with their line number. Raw rows land in ``raw.telemetry_reading``, a table the HL7 v2
 and WFDB readers share (column ``source_kind`` says which reader wrote a row).
 
-One pass per file: the parsed and checked lines go straight into ``raw.telemetry_reading``. A
-file is clean when the rows loaded equal its line count (counted while the file is checked for
-UTF-8); only a file with a bad or blank line is parsed a second time, to quarantine exactly its
-bad lines with their numbers and reasons.
+One parse per file: every line is parsed and checked once into a scratch table of typed fields
+and rule (no filter sits under the JSON parse: DuckDB would re-run it per field), and the good
+lines go from there into ``raw.telemetry_reading``. A file is clean when the rows loaded equal
+its line count (counted while the file is checked for UTF-8); only for a file with a bad or
+blank line does a second statement quarantine its bad lines, with numbers, reasons and text.
 
 Keys: a loaded line's ``lineage_key`` is :func:`twin_pipeline.store.position_lineage_key` (the
-file's sha256 prefix and ``line:N``), made per row by string concatenation, and its
-``record_hash`` is left NULL: the record is the line at that position of the registered file
-version, whose sha256 covers it; ``twin lineage trace`` re-reads the line and hashes it when a
-trace needs it (a changed line changes the file's sha256). Quarantined lines keep the md5 of the
-line as received.
+file's sha256 prefix and ``line:N``), made per row by string concatenation instead of a sha256
+per row, and its ``record_hash`` is left NULL: the record is the line at that position of the
+registered file version, whose sha256 covers it; ``twin lineage trace`` re-reads the line and
+hashes it when a trace needs it, and a changed line shows as a changed file. Quarantined lines
+carry the same kind of key and the line as received.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ class TelemetryReader(SourceReader):
             for f in files:
                 _load_file(store, f, stats.file(f.rel))
                 con.execute("DROP VIEW IF EXISTS _tele_one")
-                for table in ("_tele_raw", "_tele_py", "_tele_lines", "_tele_cls"):
+                for table in ("_tele_raw", "_tele_py", "_tele_lines", "_tele_cls", "_tele_unknown"):
                     con.execute(f"DROP TABLE IF EXISTS {table}")
         finally:
             if prev_tz:
@@ -201,9 +202,11 @@ _MISSING = (
     "OR (value_d IS NULL AND coalesce(trim(value), '') = '') "
     "OR (ts_t IS NULL AND coalesce(trim(ts), '') = '')"
 )
-# Every parsed line with its rule (NULL: a good reading) and its typed, trimmed fields, each
-# expression computed once. The instant is read in the session time zone, set to the spec's
-# default for the load. A blank line is never a good reading (it does not parse).
+# Every parsed line with its rule (NULL: a good reading, unless its metric code is unknown) and
+# its typed, trimmed fields, each expression computed once. The instant is read in the session
+# time zone, set to the spec's default for the load. A blank line is never a good reading (it
+# does not parse). Metric codes are checked afterwards, once per distinct code (the check is
+# the last rule, so it applies only where this one is NULL).
 _CLASSIFIED_SQL = f"""
     SELECT n, rule, device_id_trim AS device_id, nullif(patient_id_trim, '') AS patient_id,
            metric_trim AS metric, value_d, unit_trim AS unit, ts_t, ts
@@ -213,7 +216,6 @@ _CLASSIFIED_SQL = f"""
                  WHEN {_MISSING} THEN 'missing_required'
                  WHEN value_d IS NULL OR isnan(value_d) THEN 'bad_value'
                  WHEN ts_t IS NULL THEN 'bad_timestamp'
-                 WHEN a.metric IS NULL THEN 'unknown_metric'
                END AS rule
         FROM (
             SELECT n, parsed, ts, value, trim(device_id) AS device_id_trim,
@@ -221,7 +223,7 @@ _CLASSIFIED_SQL = f"""
                    trim(unit) AS unit_trim, try_cast(value AS DOUBLE) AS value_d,
                    coalesce(try_cast(ts AS TIMESTAMPTZ), try_cast(trim(ts) AS TIMESTAMPTZ)) AS ts_t
             FROM ({{parsed}})
-        ) t LEFT JOIN _tele_alias a ON a.alias = upper(t.metric_trim)
+        ) t
     )
 """
 _REASON_SQL = (
@@ -252,8 +254,19 @@ def _load_file(store: Store, f: SourceFile, fs: FileStats) -> None:
         return
     bad = 0
     path = str(f.path).replace("'", "''")
+    is_csv = f.rel.lower().endswith(".csv")
+    read_lines = (
+        f"read_csv('{path}', columns={{'line': 'VARCHAR'}}, delim=chr(31), quote='', "
+        "escape='', header=false, auto_detect=false, strict_mode=false)"
+    )
+    # The common case, plain UTF-8 JSON lines, is parsed straight from the file; the checked
+    # rows keep the file's line order (insertion order is preserved), so their rowid offset is
+    # the line number (blank lines are kept as NULL rows).
+    direct = check.utf8 and not check.special and not check.bom and not is_csv
     # ``src``: every line (blank ones too) with its true 1-based number ``n``.
-    if not check.utf8:
+    if direct:
+        src = f"SELECT NULL::BIGINT AS n, line FROM {read_lines}"
+    elif not check.utf8:
         bad = _stage_lines_python(store, f)
         src = "SELECT n, line FROM _tele_lines"
     elif check.special:
@@ -264,17 +277,7 @@ def _load_file(store: Store, f: SourceFile, fs: FileStats) -> None:
                 FROM (SELECT string_split(content, chr(10)) AS l FROM read_text('{path}')))
         """
     else:
-        con.execute(
-            f"""
-            CREATE OR REPLACE TEMP TABLE _tele_raw AS
-            SELECT line FROM read_csv('{path}', columns={{'line': 'VARCHAR'}}, delim=chr(31),
-                quote='', escape='', header=false, auto_detect=false, strict_mode=false)
-            """
-        )
-        # Insertion order is preserved, so the rowid offset is the line number (blank lines
-        # are kept as NULL rows; rowids of a table made inside a transaction do not start at 0).
-        (first,) = con.execute("SELECT coalesce(min(rowid), 0) FROM _tele_raw").fetchone() or (0,)
-        src = f"SELECT rowid - {int(first) - 1} AS n, line FROM _tele_raw"
+        src = _staged_lines(con, read_lines)
     if check.bom:  # a UTF-8 byte-order mark on the first line is not part of the record
         src = f"""
             SELECT n, CASE WHEN n = 1 THEN ltrim(line, chr(65279)) ELSE line END AS line
@@ -288,20 +291,32 @@ def _load_file(store: Store, f: SourceFile, fs: FileStats) -> None:
         SELECT n, line FROM ({src}) WHERE line IS NOT NULL AND trim(line) <> ''
         """
     )
-    is_csv = f.rel.lower().endswith(".csv")
     parsed = _csv_parse_sql(con, f, src) if is_csv else _JSON_PARSE_SQL.replace("{src}", src)
     if not parsed:
         return
     con.execute(
         "CREATE OR REPLACE TEMP TABLE _tele_cls AS " + _CLASSIFIED_SQL.replace("{parsed}", parsed)
     )
+    n = "n"
+    if direct:
+        (first,) = con.execute("SELECT coalesce(min(rowid), 0) FROM _tele_cls").fetchone() or (0,)
+        n = f"(rowid - {int(first) - 1})"
+    # Metric codes not in the vocabulary, looked up once per distinct code received.
+    # (Two statements: as one, the optimizer would run upper() on every row before DISTINCT.)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _tele_unknown AS "
+        "SELECT DISTINCT metric FROM _tele_cls WHERE rule IS NULL"
+    )
+    con.execute("DELETE FROM _tele_unknown WHERE upper(metric) IN (SELECT alias FROM _tele_alias)")
+    (n_unknown,) = con.execute("SELECT count(*) FROM _tele_unknown").fetchone() or (0,)
+    known = " AND metric NOT IN (SELECT metric FROM _tele_unknown)" if n_unknown else ""
     prefix = _sql_str(position_lineage_key(f.sha256, ""))
     row = con.execute(
         f"""
         INSERT INTO {RAW_TABLE}
-        SELECT {prefix} || 'line:' || n, {_sql_str(f.rel)}, 'line:' || n, NULL, 'telemetry',
-               device_id, patient_id, NULL, metric, value_d, unit, ts_t, ts
-        FROM _tele_cls WHERE rule IS NULL
+        SELECT {prefix} || 'line:' || {n}, {_sql_str(f.rel)}, 'line:' || {n}, NULL,
+               'telemetry', device_id, patient_id, NULL, metric, value_d, unit, ts_t, ts
+        FROM _tele_cls WHERE rule IS NULL{known}
         """
     ).fetchone()
     loaded = int(row[0]) if row else 0
@@ -310,8 +325,14 @@ def _load_file(store: Store, f: SourceFile, fs: FileStats) -> None:
     # Clean file: every line (the CSV header aside) became a raw row; nothing to quarantine.
     if bad == 0 and loaded == check.lines - (1 if is_csv else 0):
         return
+    if direct:  # the lines themselves are needed now, for the quarantine payloads
+        src = _staged_lines(con, read_lines)
     qid = QUARANTINE_ID_SQL.format(
         stage="'read'", table=f"'{RAW_TABLE}'", file="source_file", pos="position", rule="rule"
+    )
+    rule = "coalesce(c.rule, 'unknown_metric')" if n_unknown else "c.rule"
+    bad_rows = "c.rule IS NOT NULL" + (
+        " OR c.metric IN (SELECT metric FROM _tele_unknown)" if n_unknown else ""
     )
     # Blank lines are not records: they fail to parse but are neither loaded nor quarantined.
     # The line itself (the payload) is read again from ``src``: the checked rows do not carry it.
@@ -320,15 +341,25 @@ def _load_file(store: Store, f: SourceFile, fs: FileStats) -> None:
         INSERT INTO governance.quarantine
         SELECT {qid}, ?, 'read', '{RAW_TABLE}', 'telemetry', source_file, position, rule,
                {_REASON_SQL}, line, {prefix} || position, now()
-        FROM (SELECT c.*, s.line, {_sql_str(f.rel)} AS source_file, 'line:' || n AS position
-              FROM _tele_cls c JOIN ({src}) s USING (n)
-              WHERE c.rule IS NOT NULL AND s.line IS NOT NULL AND trim(s.line) <> '')
+        FROM (SELECT c.* REPLACE ({rule} AS rule), s.line, {_sql_str(f.rel)} AS source_file,
+                     'line:' || s.n AS position
+              FROM (SELECT *, {n} AS n_ FROM _tele_cls) c JOIN ({src}) s ON s.n = c.n_
+              WHERE ({bad_rows}) AND s.line IS NOT NULL AND trim(s.line) <> '')
         """,
         [store.run_id],
     ).fetchone()
     quarantined = int(row[0]) if row else 0
     fs.records_in += quarantined
     fs.quarantined += quarantined
+
+
+def _staged_lines(con: duckdb.DuckDBPyConnection, read_lines: str) -> str:
+    """Copy a file's lines into ``_tele_raw``; a SELECT of ``(n, line)`` over it."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _tele_raw AS SELECT line FROM {read_lines}")
+    # Insertion order is preserved, so the rowid offset is the line number (blank lines are
+    # kept as NULL rows; rowids of a table made inside a transaction do not start at 0).
+    (first,) = con.execute("SELECT coalesce(min(rowid), 0) FROM _tele_raw").fetchone() or (0,)
+    return f"SELECT rowid - {int(first) - 1} AS n, line FROM _tele_raw"
 
 
 def _file_quarantine(f: SourceFile, encoding: str) -> QuarantineRow:
