@@ -421,7 +421,8 @@ class TextShapes:
         lits = _TOKEN.findall(skel)
         if lits:
             for x in lits:
-                if _LIT.fullmatch(x) is None:
+                # long literals (int() refuses over 4,300 digits) are the parser's to judge
+                if len(x) > 64 or _LIT.fullmatch(x) is None:
                     return None
             kinds = "".join(
                 "n" if x == "null" else "b" if x[0] in "tf" else "f" if _is_float(x) else "i"
