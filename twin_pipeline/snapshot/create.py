@@ -70,6 +70,9 @@ from twin_pipeline.store import Store, fully_qualified
 # as their text form, e.g. INTERVAL '3 days'.
 AS_TEXT = frozenset({"INTERVAL", "UHUGEINT", "VARINT", "BIGNUM", "TIME WITH TIME ZONE", "TIMETZ"})
 _IDS = "(SELECT unnest(CAST(? AS VARCHAR[])))"
+# Tables exported at once (one per core, at most this many): each writer holds a row group in
+# memory, and they share the gateway connection's memory limit.
+MAX_WORKERS = 8
 
 
 class _ExportGateway(Gateway):
@@ -415,7 +418,7 @@ def create_snapshot(
                 as_of=as_of,
                 tmp=tmp,
                 sql_of=sql_of,
-                workers=os.cpu_count() or 1,
+                workers=min(os.cpu_count() or 1, MAX_WORKERS),
             )
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
