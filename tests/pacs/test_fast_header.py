@@ -238,3 +238,19 @@ def test_sequences_decoded_without_pydicom(name: str, monkeypatch: pytest.Monkey
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert (got.public_text, got.private_text) == _slow(path)[:2]
+
+
+def test_element_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-process element cache is cleared when it holds too many bytes or entries."""
+    monkeypatch.setattr(D, "_ITEM_CACHE_BYTES", 20_000)
+    D.clear_cache()
+    paths = [Path(get_testdata_file(n)) for n in ("CT_small.dcm", "MR_small.dcm")]
+    for _ in range(5):
+        for p in paths:
+            assert D.fast_part10(p) is not None
+            total = sum(len(hit[3]) for c in D._ITEM_CACHE.values() for hit in c.values())
+            assert total < 2 * 20_000
+    monkeypatch.setattr(D, "_ITEM_CACHE_MAX", 10)
+    D.fast_part10(paths[0])
+    D.fast_part10(paths[1])  # starts from an empty cache
+    assert sum(len(c) for c in D._ITEM_CACHE.values()) < 100

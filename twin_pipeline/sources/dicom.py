@@ -421,7 +421,9 @@ class FastHeader:
 Hit = tuple[int, str, dict[str, Any], str, str | None, Any]
 _ITEM_CACHE: dict[Any, dict[Any, Hit]] = {}
 _ITEM_CACHE_MAX = 100_000  # entries over all caches; cleared when full
+_ITEM_CACHE_BYTES = 32 << 20  # bytes of keys and JSON text over all caches; cleared when full
 _cache_size = 0
+_cache_bytes = 0
 _CACHE_VALUE_MAX = 128  # bytes; longer values (rare, seldom repeated) are not kept
 _SQ_CACHE_VALUE_MAX = BULK_LIMIT
 _c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
@@ -456,10 +458,10 @@ def _hit(tag: int, item: dict[str, Any]) -> Hit:
 
 def _cache_for(key: Any) -> dict[Any, Hit]:
     """The cache of one context (byte order and character set, or a sequence context)."""
-    global _cache_size
-    if _cache_size >= _ITEM_CACHE_MAX:
+    global _cache_size, _cache_bytes
+    if _cache_size >= _ITEM_CACHE_MAX or _cache_bytes >= _ITEM_CACHE_BYTES:
         _ITEM_CACHE.clear()
-        _cache_size = 0
+        _cache_size = _cache_bytes = 0
     cache = _ITEM_CACHE.get(key)
     if cache is None:
         cache = _ITEM_CACHE[key] = {}
@@ -467,17 +469,18 @@ def _cache_for(key: Any) -> dict[Any, Hit]:
 
 
 def _remember(cache: dict[Any, Hit], key: Any, hit: Hit) -> Hit:
-    global _cache_size
+    global _cache_size, _cache_bytes
     cache[key] = hit
     _cache_size += 1
+    _cache_bytes += len(hit[3]) + (len(key) if isinstance(key, bytes) else 64)
     return hit
 
 
 def clear_cache() -> None:
     """Forget every remembered element (tests; a long-lived process may call it)."""
-    global _cache_size
+    global _cache_size, _cache_bytes
     _ITEM_CACHE.clear()
-    _cache_size = 0
+    _cache_size = _cache_bytes = 0
 
 
 def fast_part10(path: Path) -> FastHeader | None:
