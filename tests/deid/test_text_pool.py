@@ -183,12 +183,13 @@ def test_pipeline_path_forks_workers_past_the_threshold(
     monkeypatch.setattr(text_mod, "TextPool", SpyPool)
     monkeypatch.setenv("TWIN_DEID_WORKERS", "2")
     monkeypatch.setattr(text_mod, "POOL_MIN_NOTES", 1000)
-    deidentify_table(store, policy, "document_reference")
-    assert started == []  # too few notes: one process
+    res = deidentify_table(store, policy, "document_reference")
+    assert started == [] and res.text_workers == 1  # too few notes: one process
     monkeypatch.setattr(text_mod, "POOL_MIN_NOTES", 4)
     monkeypatch.setattr(text_mod, "BATCH_SIZE", 4)
     res = deidentify_table(store, policy, "document_reference")
-    assert started == [2]
+    assert started == [2] and res.text_workers == 2
+    assert res.metadata()["text_workers"] == 2
     assert _notes(store) == single and res.texts_redacted == len(single)
 
 

@@ -36,6 +36,7 @@ class DeidResult:
     key_fingerprint: str | None = None
     columns: dict[str, str] = field(default_factory=dict)  # output column -> action
     texts_redacted: int = 0
+    text_workers: int = 0  # worker processes the free text used (1: no pool)
     reason: str | None = None
     unused_rules: list[str] = field(default_factory=list)
 
@@ -49,6 +50,7 @@ class DeidResult:
             md["actions"] = ", ".join(f"{c}={a}" for c, a in self.columns.items())
         if self.texts_redacted:
             md["texts_redacted"] = self.texts_redacted
+            md["text_workers"] = self.text_workers
         if self.unused_rules:
             md["unused_rules"] = ", ".join(self.unused_rules)
         return md
@@ -252,7 +254,7 @@ def deidentify_table(
     select: list[str] = []
     joins: list[str] = [join] if join else []
     actions: dict[str, str] = {}
-    texts = 0
+    texts = text_workers = 0
     registered: list[str] = []
     try:
         pm, _ = _keyed_map(
@@ -300,6 +302,7 @@ def deidentify_table(
                 ).fetchall()
                 fn_text = text_fn or default_text_fn(store, policy.date_shift.max_days)
                 redacted = fn_text([(p, t) for _, p, t in rows], key) if rows else []
+                text_workers = max(text_workers, getattr(fn_text, "workers_used", 0) or 0)
                 view = f"__t_{col}"
                 con.register(
                     view,
@@ -343,30 +346,39 @@ def deidentify_table(
         key_fingerprint=kv.fingerprint,
         columns=actions,
         texts_redacted=texts,
+        text_workers=text_workers,
         unused_rules=unused,
     )
 
 
-def default_text_fn(
-    store: Store,
-    max_days: int = keyed.MAX_SHIFT_DAYS,
-    *,
-    workers: int | None = None,
-    batch_size: int | None = None,
-) -> TextFn:
-    """Presidio engine with deny-lists from the store; one day offset per patient from the key.
+class PresidioText:
+    """The default :data:`TextFn`: the Presidio engine with deny-lists from the store and one day
+    offset per patient from the key. ``workers=None`` picks worker processes from the number of
+    texts (:func:`~twin_pipeline.deid.text.pool_workers`: every usable core from a few hundred
+    texts up); the output is the same either way. ``workers_used`` tells what the last call
+    used (asset metadata)."""
 
-    ``workers=None`` picks worker processes from the number of texts
-    (:func:`~twin_pipeline.deid.text.pool_workers`: both cores from a few hundred notes up);
-    the output is the same either way.
-    """
-    from twin_pipeline.deid.context import deny_index_from_store
-    from twin_pipeline.deid.text import BATCH_SIZE, NoteContext, deidentify_stream, pool_workers
+    def __init__(
+        self,
+        store: Store,
+        max_days: int = keyed.MAX_SHIFT_DAYS,
+        *,
+        workers: int | None = None,
+        batch_size: int | None = None,
+    ):
+        from twin_pipeline.deid.context import deny_index_from_store
+        from twin_pipeline.deid.text import BATCH_SIZE
 
-    idx = deny_index_from_store(store.con)
-    size = batch_size or BATCH_SIZE
+        self.idx = deny_index_from_store(store.con)
+        self.max_days = max_days
+        self.workers = workers
+        self.batch_size = batch_size or BATCH_SIZE
+        self.workers_used = 0
 
-    def run(items: list[tuple[str, str]], key: bytes) -> list[str]:
+    def __call__(self, items: list[tuple[str, str]], key: bytes) -> list[str]:
+        from twin_pipeline.deid.text import NoteContext, deidentify_stream, pool_workers
+
+        idx, max_days = self.idx, self.max_days
         stream = (
             (
                 text,
@@ -378,9 +390,21 @@ def default_text_fn(
             )
             for p, text in items
         )
-        n = workers if workers is not None else pool_workers(len(items))
+        n = self.workers if self.workers is not None else pool_workers(len(items))
+        self.workers_used = max(1, n)
         return list(
-            deidentify_stream(stream, key, staff=sorted(idx.staff), workers=n, batch_size=size)
+            deidentify_stream(
+                stream, key, staff=sorted(idx.staff), workers=n, batch_size=self.batch_size
+            )
         )
 
-    return run
+
+def default_text_fn(
+    store: Store,
+    max_days: int = keyed.MAX_SHIFT_DAYS,
+    *,
+    workers: int | None = None,
+    batch_size: int | None = None,
+) -> TextFn:
+    """The default text function (:class:`PresidioText`)."""
+    return PresidioText(store, max_days, workers=workers, batch_size=batch_size)
