@@ -269,3 +269,19 @@ def test_every_split_path_quarantines_the_same_lines(
     assert sorted(r[0] for r in raw) == sorted(["line:1", "line:4", f"line:{len(lines)}"])
     payloads = dict(query(twin_home, "SELECT position, payload FROM governance.quarantine"))
     assert payloads["line:3"] == BAD_CASES[0][0]
+
+
+def test_csv_header_after_blank_lines(twin_home: Settings, tmp_path: Path) -> None:
+    """The header is the first non-blank line, wherever it is; positions stay true."""
+    landing = tmp_path / "landing"
+    (landing / "telemetry").mkdir(parents=True)
+    text = "\n  \nunit,value,metric,ts,device_id\nbpm,61,HR,2024-03-05T10:00:00Z,dev-3\nbpm,x,HR,2024-03-05T10:01:00Z,dev-3\n"
+    (landing / "telemetry" / "late_header.csv").write_text(text)
+    fs = ingest(twin_home, landing)["telemetry"].stats.per_file["telemetry/late_header.csv"]
+    assert (fs.records_in, fs.loaded, fs.quarantined) == (2, 1, 1)
+    assert query(twin_home, "SELECT position, rule FROM governance.quarantine") == [
+        ("line:5", "bad_value")
+    ]
+    assert query(twin_home, "SELECT position, device_id, value FROM raw.telemetry_reading") == [
+        ("line:4", "dev-3", 61.0)
+    ]

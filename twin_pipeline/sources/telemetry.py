@@ -470,7 +470,10 @@ def _stage_lines_python(store: Store, f: SourceFile) -> int:
 def _csv_parse_sql(con: duckdb.DuckDBPyConnection, f: SourceFile, src: str) -> str | None:
     """A SELECT over the lines ``src`` parsing CSV rows (the first non-blank line, the header,
     names the fields)."""
-    head = con.execute("SELECT n, line FROM _tele_one ORDER BY n LIMIT 1").fetchone()
+    # The header is nearly always line 1; otherwise the first non-blank line.
+    head = con.execute("SELECT n, line FROM _tele_one WHERE n = 1").fetchone()
+    if head is None:
+        head = con.execute("SELECT n, line FROM _tele_one ORDER BY n LIMIT 1").fetchone()
     if head is None:
         return None
     header_n, header = int(head[0]), str(head[1])
