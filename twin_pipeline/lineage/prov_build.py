@@ -316,13 +316,25 @@ def merge(documents: Iterable[pm.ProvDocument]) -> pm.ProvDocument:
     return unified
 
 
+# PROV-JSON through its serializer class: ``ProvDocument.serialize(format=...)`` looks the
+# format up in prov's serializer registry, whose first use imports rdflib (~0.4 s a process).
 def from_json(text: str) -> pm.ProvDocument:
-    doc: pm.ProvDocument = pm.ProvDocument.deserialize(content=text, format="json")
+    import io
+
+    from prov.serializers.provjson import ProvJSONSerializer
+
+    doc: pm.ProvDocument = ProvJSONSerializer().deserialize(io.StringIO(text))
     return doc
 
 
 def to_json(doc: pm.ProvDocument) -> str:
-    return str(doc.serialize(format="json"))
+    import io
+
+    from prov.serializers.provjson import ProvJSONSerializer
+
+    out = io.StringIO()
+    ProvJSONSerializer(doc).serialize(out)
+    return out.getvalue()
 
 
 def canonical_records(doc: pm.ProvDocument) -> set[tuple[str, str, tuple[tuple[str, str], ...]]]:
