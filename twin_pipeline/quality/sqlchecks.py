@@ -120,38 +120,48 @@ def row_conservation(
         hist_where = f"WHERE {hist_filter}" if hist_filter else ""
         hist_sql = f"UNION SELECT lineage_key FROM {history} {hist_where}"
     stages = ", ".join(f"'{s}'" for s in QUARANTINE_STAGES)
+    phantoms_sql = "0"
+    if spec.kwargs.get("phantoms", True):
+        phantoms_sql = (
+            f"(SELECT count(*) FROM {table} t WHERE t.lineage_key IS NULL OR NOT EXISTS "
+            f"(SELECT 1 FROM ({raw_keys}) r WHERE r.lineage_key = t.lineage_key))"
+        )
+    # One statement, hash joins only: a raw record is accounted for by its lineage key (in
+    # the table, its history or quarantine) or by its file and position (in quarantine).
     sql = f"""
-    WITH raw AS (
+    WITH raw AS MATERIALIZED (
         SELECT DISTINCT * FROM ({raw_union})
     ),
-    kept AS (SELECT lineage_key FROM {table} {hist_sql}),
-    q AS (
+    q AS MATERIALIZED (
         SELECT lineage_key, source_file, position FROM governance.quarantine
         WHERE table_name = ? AND stage IN ({stages})
     ),
-    accounted AS (
-        SELECT raw.*,
-               (raw.lineage_key IN (SELECT lineage_key FROM kept)
-                OR raw.lineage_key IN (SELECT lineage_key FROM q WHERE lineage_key IS NOT NULL)
-                OR EXISTS (SELECT 1 FROM q WHERE q.source_file = raw.source_file
-                           AND q.position = raw.position)) AS ok
+    kept AS (
+        SELECT lineage_key FROM {table} {hist_sql}
+        UNION SELECT lineage_key FROM q WHERE lineage_key IS NOT NULL
+    ),
+    qpos AS (SELECT DISTINCT source_file, position FROM q),
+    per_file AS (
+        SELECT raw.source_file, count(*) AS n_raw,
+               count(*) FILTER (WHERE k.lineage_key IS NULL AND p.source_file IS NULL)
+                   AS missing
         FROM raw
+        LEFT JOIN kept k ON k.lineage_key = raw.lineage_key
+        LEFT JOIN qpos p ON p.source_file = raw.source_file AND p.position = raw.position
+        GROUP BY raw.source_file
     )
-    SELECT source_file, count(*) AS n_raw, count(*) FILTER (WHERE NOT ok) AS missing
-    FROM accounted GROUP BY source_file HAVING count(*) FILTER (WHERE NOT ok) > 0
-    ORDER BY source_file
+    SELECT
+        (SELECT list((source_file, n_raw, missing) ORDER BY source_file)
+         FROM per_file WHERE missing > 0),
+        {phantoms_sql},
+        (SELECT count(DISTINCT lineage_key) FROM raw)
     """
-    unbalanced: list[Any] = store.con.execute(sql, [table]).fetchall()
-    phantoms = 0
-    if spec.kwargs.get("phantoms", True):
-        phantom_row = store.con.execute(
-            f"SELECT count(*) FROM {table} t WHERE t.lineage_key IS NULL OR NOT EXISTS "
-            f"(SELECT 1 FROM ({raw_keys}) r WHERE r.lineage_key = t.lineage_key)"
-        ).fetchone()
-        phantoms = int(phantom_row[0]) if phantom_row else 0
-    total_raw = store.con.execute(
-        f"SELECT count(DISTINCT lineage_key) FROM ({raw_union})"
-    ).fetchone()
+    row = store.con.execute(sql, [table]).fetchone()
+    unbalanced: list[Any] = [
+        (u[0], u[1], u[2]) if isinstance(u, tuple) else tuple(u.values())
+        for u in ((row[0] if row else None) or [])
+    ]
+    phantoms = int(row[1]) if row else 0
     missing = sum(int(r[2]) for r in unbalanced)
     parts = [f"{r[0]}: {r[2]} of {r[1]} records unaccounted" for r in unbalanced[:10]]
     if phantoms:
@@ -159,7 +169,7 @@ def row_conservation(
     return GXOutcome(
         name=spec.name,
         success=not unbalanced and not phantoms,
-        evaluated=int(total_raw[0]) if total_raw else 0,
+        evaluated=int(row[2]) if row else 0,
         unexpected=missing + phantoms,
         observed="; ".join(parts) or "every raw record is in the table or quarantine",
     )
