@@ -254,3 +254,65 @@ def test_element_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     D.fast_part10(paths[0])
     D.fast_part10(paths[1])  # starts from an empty cache
     assert sum(len(c) for c in D._ITEM_CACHE.values()) < 100
+
+
+def _mutations(seed: int, count: int) -> list[bytes]:
+    """Byte flips (mostly in header values), cuts, insertions and deletions of real files."""
+    import random
+
+    rng = random.Random(seed)
+    names = ["CT_small.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm", "liver.dcm", "test-SR.dcm"]
+    seeds = [Path(get_testdata_file(n)).read_bytes() for n in names]
+    out = []
+    for _ in range(count):
+        b = bytearray(rng.choice(seeds))
+        k = 0 if rng.random() < 0.6 else rng.randrange(1, 4)
+        hdr_end = min(len(b), 3000)
+        j = rng.randrange(132, hdr_end)
+        if k == 0:
+            for _ in range(rng.randint(1, 4)):
+                b[rng.randrange(132, hdr_end)] = rng.randrange(256)
+        elif k == 1:
+            b = b[: rng.randrange(132, len(b))]
+        elif k == 2:
+            b[j:j] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        else:
+            del b[j : j + rng.randint(1, 8)]
+        out.append(bytes(b))
+    return out
+
+
+def test_mutated_files_read_the_same_with_and_without_the_fast_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Differential fuzz: every mutated file gives the same record (row, JSON, or quarantine
+    rule and reason) whether the fast reader takes it or pydicom reads it."""
+    reader = D.DicomReader()
+    real = D.fast_part10
+    path = tmp_path / "m.dcm"
+    fast_taken = 0
+    for data in _mutations(7, 400):
+        path.write_bytes(data)
+        monkeypatch.setattr(D, "fast_part10", real)
+        got = reader._part10_path(path)
+        fast_taken += real(path) is not None
+        monkeypatch.setattr(D, "fast_part10", lambda p: None)
+        want = reader._part10_path(path)
+
+        def plain(res: tuple[str, object]) -> object:
+            pos, r = res
+            return (pos, (r.rule, str(r)) if isinstance(r, D.BadDicom) else r)
+
+        assert plain(got) == plain(want)
+    assert fast_taken > 50  # the fast reader did take (and agree on) many mutated files
+
+
+def test_file_meta_value_pydicom_cannot_convert_is_left_to_pydicom(tmp_path: Path) -> None:
+    """A group length of the wrong size: pydicom's reader fails on it (not_dicom), so the fast
+    reader must not accept the file."""
+    data = bytearray(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    assert data[132:138] == b"\x02\x00\x00\x00UL"
+    data[138:140] = (6).to_bytes(2, "little")  # (0002,0000) UL with 6 bytes
+    path = tmp_path / "meta.dcm"
+    path.write_bytes(bytes(data))
+    assert D.fast_part10(path) is None

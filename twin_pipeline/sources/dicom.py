@@ -370,6 +370,7 @@ _DEFLATED = "1.2.840.10008.1.2.1.99"
 _VR_OF = {b: b.decode("ascii") for b in ENCODED_VR}
 _VR32 = frozenset(str(v) for v in EXPLICIT_VR_LENGTH_32)
 _META_HDR = struct.Struct("<HH2sH")
+_META_NUM_SIZE = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "UV": 8, "SV": 8, "AT": 4}
 _HDR = {
     (False, True): struct.Struct("<HH2sH"),
     (False, False): struct.Struct(">HH2sH"),
@@ -530,6 +531,8 @@ def _file_meta_ts(data: Any, size: int) -> tuple[str, int]:
         end = vpos + length
         if length == 0xFFFFFFFF or end > size:
             raise _Decline
+        if length % _META_NUM_SIZE.get(vr, 1):
+            raise _Decline  # pydicom's reader converts meta elements: it would raise
         if elem == 0x0010:
             ts = bytes(data[vpos:end]).decode("ascii").rstrip("\0 ")
         pos = end
