@@ -32,3 +32,64 @@ def test_twenty_thousand_files_saved_and_replaced_in_one_transaction(
     assert len(loaded.known) == 20_000
     assert loaded.known["/landing/pacs/00000002.dcm"] == (7, 8, "f" * 64)
     assert loaded.known["/landing/pacs/00000003.dcm"] == (1003, 10**18 + 3, f"{3:064x}")
+
+
+def _reference_walk(landing, readers):  # the pathlib walk scan() replaced, kept as the oracle
+    from twin_pipeline.sources import IGNORED_NAMES, IGNORED_PARTS, classify
+
+    found, unclaimed, dangling = [], [], []
+    for path in sorted(landing.rglob("*")):
+        rel = path.relative_to(landing).as_posix()
+        parts = set(rel.split("/")[:-1])
+        if parts & IGNORED_PARTS or path.name in IGNORED_NAMES or path.name.startswith("."):
+            continue
+        if path.is_symlink() and not path.exists():
+            dangling.append(rel)
+            continue
+        if not path.is_file():
+            continue
+        (unclaimed if classify(rel, readers) is None else found).append(rel)
+    return found, unclaimed, dangling
+
+
+def test_scan_walks_like_sorted_rglob(tmp_path) -> None:
+    """Same files, same order, same unclaimed and dangling links as the pathlib walk: folders
+    and files sharing a prefix, hidden files, ignored folders, links to files and folders."""
+    from twin_pipeline.sources import load_readers, scan
+
+    land = tmp_path / "landing"
+    files = [
+        "ehr/bulk/Patient.ndjson",
+        "ehr/bulk/Patient.ndjson.gz",
+        "ehr/bulk-2/Observation.ndjson",
+        "ehr/bulk/a/Observation.ndjson",
+        "ehr/bundles/b.json",
+        "ehr/bundles/b.json.d/c.json",
+        "telemetry/m-1.ndjson",
+        "telemetry/m.ndjson",
+        "telemetry/M.csv",
+        "telemetry/.hidden.ndjson",
+        "telemetry/sub/x.ndjson",
+        ".cache/telemetry/y.ndjson",
+        "labels/phi.jsonl",
+        "pacs/1.2/3.4/5.dcm",
+        "pacs/1.2/3.4.5/6.dcm",
+        "notes.docx",
+        "manifest.json",
+    ]
+    for i, rel in enumerate(files):
+        (land / rel).parent.mkdir(parents=True, exist_ok=True)
+        (land / rel).write_text(f"{i}\n")
+    (land / "telemetry" / "link.ndjson").symlink_to(land / "telemetry" / "m.ndjson")
+    (land / "telemetry" / "gone.ndjson").symlink_to(land / "nowhere.ndjson")
+    (land / "ehr" / "linked").symlink_to(land / "telemetry", target_is_directory=True)
+    readers = load_readers()
+    found, unclaimed, dangling = _reference_walk(land, readers)
+    s = scan(land, readers)
+    assert [f.rel for f in s.found] == found
+    assert s.unclaimed == unclaimed
+    assert sorted(s.unreadable) == dangling == ["telemetry/gone.ndjson"]
+    assert "telemetry/sub/x.ndjson" in found and "labels/phi.jsonl" not in found + unclaimed
+    assert [f.rel for f in scan(land, readers, kinds={"telemetry"}).found] == [
+        f.rel for f in s.found if f.kind == "telemetry"
+    ]

