@@ -18,7 +18,7 @@ from typing import Any
 
 from twin_pipeline.deid.context import deny_index_from_fhir
 from twin_pipeline.deid.evaluate import i2b2_notes, load_labels, philter_corpus_dir, score
-from twin_pipeline.deid.text import NoteContext, TextPool, deidentify_stream, engine
+from twin_pipeline.deid.text import BATCH_SIZE, NoteContext, TextPool, deidentify_stream, engine
 
 KEY = bytes(range(32))
 
@@ -59,21 +59,23 @@ def bench_text(root: Path, philter_notes: int) -> dict[str, Any]:
     out["ours_min_type_recall"] = min(s.recall for s in rep.by_type.values() if s.gold)
 
     t0, c0 = time.perf_counter(), time.process_time()
-    list(deidentify_stream(zip(texts, ctxs, strict=True), KEY, staff=sorted(idx.staff)))
+    single = list(deidentify_stream(zip(texts, ctxs, strict=True), KEY, staff=sorted(idx.staff)))
     out["ours_deid_notes_s_1proc"] = round(_rate(len(texts), time.perf_counter() - t0), 1)
     out["ours_deid_notes_per_cpu_s"] = round(_rate(len(texts), time.process_time() - c0), 1)
     workers = min(2, os.cpu_count() or 1)
     items = list(zip(texts, ctxs, strict=True))
     t0 = time.perf_counter()
     with TextPool(KEY, workers=workers, staff=sorted(idx.staff)) as pool:
-        list(pool.map(items[: 2 * 32], batch_size=32))  # each worker loads spaCy once
+        list(pool.map(items[: 2 * BATCH_SIZE], batch_size=BATCH_SIZE))  # warm each worker
         out["pool_startup_s"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
-        list(pool.map(items, batch_size=32))
+        pooled = list(pool.map(items, batch_size=BATCH_SIZE))
         out[f"ours_deid_notes_s_{workers}proc"] = round(
             _rate(len(texts), time.perf_counter() - t0), 1
         )
     out["workers"] = workers
+    # the pipeline's guarantee: the same bytes whichever way the notes went
+    out["pool_output_identical"] = pooled == single
 
     from twin_pipeline.deid.peers import philter_available, philter_spans, stock_presidio_spans
 
@@ -290,7 +292,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"  precision {res['ours_precision']:.4f}  (min type recall {res['ours_min_type_recall']:.4f})\n"
         f"   ours   de-identify {res['ours_deid_notes_s_1proc']} notes/s (1 process), "
         f"{res['ours_deid_notes_s_' + str(res['workers']) + 'proc']} notes/s ({res['workers']} worker "
-        f"processes, after a {res['pool_startup_s']} s start)"
+        f"processes, after a {res['pool_startup_s']} s start; output identical: "
+        f"{res['pool_output_identical']})"
         f"\n   stock Presidio   {res['stock_presidio_notes_s']:>7} notes/s  recall "
         f"{res['stock_presidio_recall']:.4f}  precision {res['stock_presidio_precision']:.4f}\n"
         f"   ratio: ours is {res['speed_ratio_ours_vs_stock']}x stock Presidio's speed (wall); "
