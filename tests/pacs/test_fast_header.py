@@ -261,7 +261,15 @@ def _mutations(seed: int, count: int) -> list[bytes]:
     import random
 
     rng = random.Random(seed)
-    names = ["CT_small.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm", "liver.dcm", "test-SR.dcm"]
+    names = [
+        "CT_small.dcm",
+        "MR_small_bigendian.dcm",
+        "JPEG2000.dcm",
+        "liver.dcm",
+        "test-SR.dcm",
+        "MR_small_implicit.dcm",
+        "rtplan.dcm",
+    ]
     seeds = [Path(get_testdata_file(n)).read_bytes() for n in names]
     out = []
     for _ in range(count):
@@ -316,3 +324,27 @@ def test_file_meta_value_pydicom_cannot_convert_is_left_to_pydicom(tmp_path: Pat
     path = tmp_path / "meta.dcm"
     path.write_bytes(bytes(data))
     assert D.fast_part10(path) is None
+
+
+def test_implicit_vr_values_decoded_with_dictionary_vrs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Implicit VR: public elements with one dictionary VR are decoded here; pydicom converts
+    only the ambiguous ones ("US or SS") and private ones."""
+    converted: list[int] = []
+    real = D._pydicom_items
+
+    def spy(
+        raws: list[tuple[int, str | None, int, object, int]], pending: list[int], *a: object
+    ) -> None:
+        converted.extend(pending)
+        real(raws, pending, *a)  # type: ignore[arg-type]
+
+    path = Path(get_testdata_file("MR_small_implicit.dcm"))
+    monkeypatch.setattr(D, "_pydicom_items", spy)
+    D.clear_cache()
+    got = D.fast_part10(path)
+    assert got is not None
+    assert len(got.public) > 60 and len(converted) <= 2
+    assert all(tag >> 16 == 0x0028 for tag in converted)  # pixel value ranges: US or SS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert (got.public_text, got.private_text) == _slow(path)[:2]

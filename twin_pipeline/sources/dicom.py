@@ -568,11 +568,15 @@ def _fast_parse(fh: Any, data: Any, size: int) -> FastHeader:
     raws: list[tuple[int, str | None, int, Any, int]] = []
     pending: list[int] = []  # tags whose JSON pydicom makes
     early: list[int] = []  # tags before the character set (decided once it is known)
-    fast = not implicit
+    fast = not implicit  # explicit VR in a plain character set: values decoded here
+    # a plain character set and pydicom's default value options: implicit VR values are
+    # decoded here as pydicom does
+    options_ok = not _converter_options_changed()
+    plain = options_ok
     encoding = "latin-1"
     seq_encoding: Any = default_encoding  # what pydicom reads nested sequences with
     charset_seen = False
-    cache = _cache_for((little, encoding))
+    cache = _cache_for((implicit, little, encoding))
     cache_get = cache.get
     pixel_length: int | None = None
     prev = -1
@@ -624,6 +628,23 @@ def _fast_parse(fh: Any, data: Any, size: int) -> FastHeader:
             raws.append((tag, vr, length, None if length > BULK_LIMIT else data[vpos:end], vpos))
             pos = end
             continue
+        if not charset_seen and tag > _CHARSET_TAG:
+            charset_seen = True  # none in this file: the default character set applies
+        if implicit and plain and charset_seen and not group & 1 and 0 < length <= BULK_LIMIT:
+            key = data[pos:end]  # tag, length and value
+            hit = cache_get(key)
+            if hit is None:
+                item = _implicit_item(tag, data[vpos:end], little, encoding)
+                if item is not None:
+                    hit = _hit(tag, item)
+                    if length <= _CACHE_VALUE_MAX:
+                        _remember(cache, key, hit)
+            if hit is not None:
+                add(hit)
+                if group == 0x0028 or group == 0x5400:
+                    raws.append((tag, vr, length, data[vpos:end], vpos))  # context
+                pos = end
+                continue
         if (
             fast
             and charset_seen
@@ -650,9 +671,10 @@ def _fast_parse(fh: Any, data: Any, size: int) -> FastHeader:
         if tag == _CHARSET_TAG:
             charset_seen = True
             cs = bytes(value).decode("ascii", "replace").strip(" \x00")
+            plain = options_ok and cs in _FAST_CHARSETS
             fast = fast and cs in _FAST_CHARSETS
             encoding = "utf-8" if cs == "ISO_IR 192" else "latin-1"
-            cache = _cache_for((little, encoding))
+            cache = _cache_for((implicit, little, encoding))
             cache_get = cache.get
             seq_encoding = convert_encodings(convert_string(bytes(value), little))
             # pydicom's reader converts this element when it opens the file: same here
@@ -677,7 +699,6 @@ def _fast_parse(fh: Any, data: Any, size: int) -> FastHeader:
         if tag < _CHARSET_TAG:
             early.append(tag)
             continue
-        charset_seen = True  # none in this file (past its place): the default applies
         item = _fast_item(vr, length, value, fast, little, encoding)
         if item is None and fast and vr == "SQ" and not group & 1:
             item = _try_native_sequence(data, vpos, length, end, little, encoding)
@@ -974,6 +995,21 @@ def _converter_options_changed() -> bool:
         or cfg.use_DS_decimal
         or cfg.settings.reading_validation_mode == cfg.RAISE
     )
+
+
+def _implicit_item(tag: int, value: bytes, little: bool, encoding: str) -> dict[str, Any] | None:
+    """An implicit VR public element's JSON: pydicom converts it with the dictionary VR and
+    ``_element_json`` writes it; the same done here for unambiguous plain VRs (else None)."""
+    try:
+        vr = str(_dictionary_vr_fast(tag))
+    except KeyError:
+        return None
+    if vr in ("SQ", "UN") or " " in vr:  # sequences, unknown, ambiguous ("US or SS")
+        return None
+    try:
+        return _nested_value(vr, bytes(value), little, encoding)
+    except (_Decline, ValueError, struct.error):
+        return None
 
 
 def _try_native_sequence(
