@@ -173,3 +173,42 @@ def test_wfdb_numerics_harmonize(shared_data: Path, twin_home: Settings, tmp_pat
     assert res.implausible > 0
     ((n,),) = query(twin_home, "SELECT count(*) FROM harmonized.telemetry_reading")
     assert n == res.harmonized
+
+
+def test_patient_from_feed_mrn_or_device_association(twin_home: Settings, tmp_path: Path) -> None:
+    """A reading's patient: as sent; else by MRN (HL7 PID-3); else the patient the device was
+    associated with at that instant; else none."""
+    from tests.telemetry.test_telemetry_readers import MONITOR_ORU
+
+    land = tmp_path / "l"
+    rows = [
+        _r("HR", 70, "/min", "2024-03-05T10:00:00Z", dev="dev-a"),  # patient as sent
+        {**_r("HR", 71, "/min", "2024-03-05T10:01:00Z", dev="dev-b"), "patient_id": None},
+        {**_r("HR", 72, "/min", "2024-01-01T10:00:00Z", dev="dev-b"), "patient_id": None},
+    ]
+    _w(land / "telemetry" / "a.ndjson", rows)
+    (land / "feed.hl7").write_text(MONITOR_ORU, encoding="utf-8")  # MRN000123, no patient id
+    ingest(twin_home, land)
+    with Store.open(twin_home) as store:
+        store.con.execute(
+            "CREATE TABLE harmonized.patient AS SELECT 'pat-mrn' AS patient_id, 'MRN000123' AS mrn"
+        )
+        store.con.execute(
+            "CREATE TABLE harmonized.device_association AS SELECT 'dev-b' AS device_id, "
+            "'pat-assoc' AS patient_id, TIMESTAMPTZ '2024-03-01 00:00:00+00' AS valid_from, "
+            "NULL::TIMESTAMPTZ AS valid_to"
+        )
+    res = _harmonize(twin_home)
+    assert res.harmonized == 5
+    got = query(
+        twin_home,
+        "SELECT device_id, value, patient_id FROM harmonized.telemetry_reading "
+        "ORDER BY device_id, value",
+    )
+    assert got == [
+        ("BED12-MX800", 88.0, "pat-mrn"),
+        ("BED12-MX800", 97.0, "pat-mrn"),
+        ("dev-a", 70.0, "pat-1"),
+        ("dev-b", 71.0, "pat-assoc"),
+        ("dev-b", 72.0, None),  # before the association began
+    ]

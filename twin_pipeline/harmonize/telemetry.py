@@ -330,6 +330,7 @@ def _harmonize_batch(store: Store, spec: TelemetrySpec) -> tuple[int, int, int, 
             SELECT b.source_file, b.device_id,
                    count(*) AS n_in, count(*) FILTER ({ok}) AS n_ok,
                    count(*) FILTER ({ok} AND b.implausible) AS n_implausible,
+                   count(*) FILTER ({ok} AND b.patient_id IS NULL) AS n_no_patient,
                    max(b.ts_utc) FILTER ({ok}) AS max_ts
             FROM _th_mapped b{dup_join}
             GROUP BY b.source_file, b.device_id
@@ -364,17 +365,24 @@ def _harmonize_batch(store: Store, spec: TelemetrySpec) -> tuple[int, int, int, 
     else:  # no device had readings in an earlier file: nothing is late
         late_sql, mark_join = "false, false", ""
     anti = " ANTI JOIN _th_dup d USING (lineage_key)" if n_dup else ""
-    patient_sql = _patient_sql(store, "b")
-    con.execute(
-        f"""
+    insert = f"""
         INSERT INTO {READING}
         SELECT b.lineage_key, b.source_file, b.position, b.source_kind, b.device_id,
-               {patient_sql}, b.metric, b.loinc, b.value, b.unit, b.original_metric,
+               {{patient}}, b.metric, b.loinc, b.value, b.unit, b.original_metric,
                b.original_value, b.original_unit, b.ts_utc, b.implausible, {late_sql}
         FROM _th_mapped b{mark_join}{anti}
-        WHERE b.rule IS NULL
-        """
-    )
+        WHERE b.rule IS NULL{{which}}
+    """
+    patient_sql = _patient_sql(store, "b")
+    if patient_sql == "b.patient_id":
+        con.execute(insert.format(patient="b.patient_id", which=""))
+    else:
+        # The look-ups (by MRN, by the device's patient at that instant) run only for readings
+        # that arrive without a patient id: DuckDB would join them for every reading.
+        con.execute(insert.format(patient="b.patient_id", which=" AND b.patient_id IS NOT NULL"))
+        (n_no_patient,) = con.execute("SELECT sum(n_no_patient) FROM _th_agg").fetchone() or (0,)
+        if n_no_patient:
+            con.execute(insert.format(patient=patient_sql, which=" AND b.patient_id IS NULL"))
     sums = con.execute("SELECT sum(n_in), sum(n_ok), sum(n_implausible) FROM _th_agg").fetchone()
     total, n_ok, impl = (int(x or 0) for x in (sums or (0, 0, 0)))
     if total > n_ok:
