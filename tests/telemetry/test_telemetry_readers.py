@@ -285,3 +285,27 @@ def test_csv_header_after_blank_lines(twin_home: Settings, tmp_path: Path) -> No
     assert query(twin_home, "SELECT position, device_id, value FROM raw.telemetry_reading") == [
         ("line:4", "dev-3", 61.0)
     ]
+
+
+def test_large_file_line_numbers_survive_parallel_reads(
+    twin_home: Settings, tmp_path: Path
+) -> None:
+    """Line numbers of a plain JSON-lines file come from the insertion order of the checked
+    rows: on a file DuckDB reads in parallel chunks, each row must still sit at its line."""
+    landing = tmp_path / "landing"
+    (landing / "telemetry").mkdir(parents=True)
+    n = 400_000  # ~37 MB: several read buffers and row groups
+    lines = (
+        f'{{"device_id": "d{i % 97}", "metric": "HR", "value": {i}, "unit": "bpm", '
+        f'"ts": "2024-03-05T10:{i // 60 % 60:02d}:{i % 60:02d}Z"}}\n'
+        for i in range(1, n + 1)
+    )
+    (landing / "telemetry" / "big.ndjson").write_text("".join(lines))
+    fs = ingest(twin_home, landing)["telemetry"].stats.per_file["telemetry/big.ndjson"]
+    assert (fs.records_in, fs.loaded) == (n, n)
+    ((rows, misplaced),) = query(
+        twin_home,
+        "SELECT count(*), count(*) FILTER (position <> 'line:' || CAST(value AS BIGINT) "
+        "OR NOT ends_with(lineage_key, '/' || position)) FROM raw.telemetry_reading",
+    )
+    assert (rows, misplaced) == (n, 0)
