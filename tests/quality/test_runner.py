@@ -271,6 +271,12 @@ def test_cli_run_and_suites(twin_home: Settings, store: Store) -> None:
     assert real.returncode == 0, real.stderr
     assert "rows         6 ->         2" in real.stdout
     assert (twin_home.data_docs_dir / "index.html").is_file()
+    # `run` rendered the docs for its results: `docs` finds the site current, `report` says so.
+    docs = subprocess.run([*env_run, "docs"], capture_output=True, text=True, check=False)
+    assert docs.returncode == 0 and "already current" in docs.stdout, docs.stderr
+    report = subprocess.run([*env_run, "report"], capture_output=True, text=True, check=False)
+    assert f"Data Docs: {twin_home.data_docs_dir / 'index.html'}" in report.stdout
+    assert "render with" not in report.stdout
     bad = subprocess.run(
         [*env_run, "run", "--table", "harmonized.nope"], capture_output=True, text=True, check=False
     )
