@@ -271,11 +271,7 @@ def bench_dicom(work: Path, n_files: int) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "goal_files_per_s": 2000,
     }
-    pool = (
-        "worker pool"
-        if n_files >= D.POOL_MIN_FILES and out["dicom_workers"] != "0"
-        else "1 process"
-    )
+    pool = "worker pool" if n_files >= D.POOL_MIN_FILES and D._workers() >= 2 else "1 process"
     print(
         f"   dicom: {n_files:,} headers; ours {out['ours_files_per_s']:,} files/s "
         f"({pool}, store writes included) vs bare pydicom.dcmread "
