@@ -132,10 +132,9 @@ def build_suite(name: str, expectations: list[Any]) -> Any:
 def validate(
     suite_name: str, expectations: list[Any], df: Any, *, run_name: str
 ) -> list[GXOutcome]:
-    """Validate ``df`` (indexed by row id) against GX expectations; per-name outcomes.
-
-    The (sanitized) GX result is kept for Data Docs under this suite and run.
-    """
+    """Validate ``df`` (indexed by row id) against GX expectations; per-name outcomes (with
+    the failing rows' ids). The caller records them; GX keeps nothing (it would hold row
+    values)."""
     gx = _gx()
     from great_expectations.core.run_identifier import RunIdentifier
 
