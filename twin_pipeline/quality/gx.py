@@ -122,7 +122,9 @@ def build_expectation(type_name: str, kwargs: dict[str, Any], meta: dict[str, An
 
 
 def build_suite(name: str, expectations: list[Any]) -> Any:
+    """A GX suite of these expectations (GX needs an active context to hold one)."""
     gx = _gx()
+    context()
     suite = gx.ExpectationSuite(name=name)
     for e in expectations:
         suite.add_expectation(e)
