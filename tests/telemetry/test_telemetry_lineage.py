@@ -67,6 +67,11 @@ def test_trace_reaches_the_line_and_detects_a_change(
 
     assert src.record_hash == hashlib.md5(line, usedforsecurity=False).hexdigest()
     assert [s.table for s in t.steps] == ["harmonized.telemetry_reading", "raw.telemetry_reading"]
+    from twin_pipeline.cli.lineage import render_trace
+
+    text = render_trace(t)
+    assert "record hash not stored (hashed when traced)" in text
+    assert f"record at line:{target} matches record hash: yes" in text
     # The traced line is changed on disk: the trace no longer verifies.
     path.write_bytes(body.replace("64", "99").encode())
     with Store.open(twin_home, read_only=True) as store:
@@ -74,3 +79,4 @@ def test_trace_reaches_the_line_and_detects_a_change(
     assert changed.source is not None
     assert not changed.source.file_sha256_ok and changed.source.record_hash_ok is False
     assert not changed.verified
+    assert f"record at line:{target} matches record hash: NO" in render_trace(changed)

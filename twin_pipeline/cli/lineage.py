@@ -125,8 +125,9 @@ def render_trace(result: object) -> str:
             lines.append("     no recorded activity wrote this table")
         if step.record:
             r = step.record
+            rh = r["record_hash"] or "not stored (hashed when traced)"
             lines.append(
-                f"     raw record: {r['source_file']} at {r['position']}, record hash {r['record_hash']}"
+                f"     raw record: {r['source_file']} at {r['position']}, record hash {rh}"
             )
     s = result.source
     if s is None:
