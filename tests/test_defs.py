@@ -107,6 +107,11 @@ def test_whole_graph_on_a_generated_hospital(twin_home: Settings, tmp_path: Path
             assert n_in == loaded + quarantined, path
         for row in conservation(store):
             assert row["balanced"], row
+        # The run ends by rendering GX Data Docs of the checks it ran (outside the asset steps).
+        from twin_pipeline.quality.docs import status
+
+        assert status(store, twin_home.data_docs_dir) == "current"
+    assert "patient" in (twin_home.data_docs_dir / "index.html").read_text()
 
 
 def _ledger_rows(settings: Settings) -> int:

@@ -23,6 +23,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--summary", action="store_true", help="print a table summary (make demo)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.add_argument(
+        "--no-docs",
+        action="store_true",
+        help="do not render the Great Expectations Data Docs after the run",
+    )
     p.set_defaults(func=cmd_run)
 
     s = sub.add_parser("status", help="rows and content hash per table, quarantine counts")
@@ -57,7 +62,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     role = _role_of(args.user)
     summary = run_pipeline(
-        args.landing, settings, user=args.user, role=role, selection=args.select, wait=args.wait
+        args.landing,
+        settings,
+        user=args.user,
+        role=role,
+        selection=args.select,
+        wait=args.wait,
+        data_docs=not args.no_docs,
     )
     if args.json:
         print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -102,10 +103,12 @@ def run_pipeline(
     wait: bool = False,
     ephemeral: bool = False,
     extra_config: dict[str, Any] | None = None,
+    data_docs: bool = True,
 ) -> RunSummary:
     """Materialize the whole graph (or ``selection``, asset key paths like ``raw/fhir``).
 
     ``extra_config`` is merged into the run config (e.g. ``{"ops": {...}}`` asset config).
+    ``data_docs``: bring the Great Expectations Data Docs up to date after the run.
     """
     from twin_pipeline.definitions import ALL_JOB, defs
 
@@ -180,5 +183,11 @@ def run_pipeline(
                     if ev.is_step_failure
                 },
             )
+            if data_docs:
+                from twin_pipeline.quality.docs import refresh_after_run
+
+                docs = refresh_after_run(store, settings.data_docs_dir)
+                if docs.startswith("Data Docs not rendered"):
+                    print(f"twin: warning: {docs}", file=sys.stderr)
             status = store.status()
     return RunSummary(result.run_id, result.success, wall, status, mats, failures, steps)

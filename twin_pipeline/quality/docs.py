@@ -3,7 +3,9 @@
 The pipeline's checks record every outcome with its GX configuration in
 ``governance.validation_result`` and do not import GX at all (about two CPU seconds per
 process, more than the validation itself). The Data Docs site is a view over those records,
-rendered by GX when asked for (``twin quality docs``, ``twin quality run``), much as
+rendered by GX at the end of every run (``twin run``, and the run-status sensor for runs
+launched from the Dagster UI: :func:`refresh_after_run`), after the run's assets and checks,
+and when asked for (``twin quality docs``, ``twin quality run``), much as
 ``dbt docs generate`` renders a project's docs from its artifacts. A marker file in the site
 says which suite runs it shows, so ``twin quality report`` can say whether it is current and
 ``twin quality docs`` does nothing when it already is.
@@ -86,3 +88,18 @@ def render(store: Store, target: Path, *, force: bool = False) -> tuple[Path, bo
     index = gxa.build_data_docs(target, doc_runs(records))
     (target / gxa.MARKER).write_text(json.dumps({"runs": latest}, indent=1, sort_keys=True))
     return index, True
+
+
+def refresh_after_run(store: Store, target: Path) -> str:
+    """Bring the site up to date at the end of a pipeline run; what happened, for the log.
+
+    A failure to render never fails the run (the results are already recorded and the
+    site can be rendered again with ``twin quality docs``): it is reported instead."""
+    try:
+        state = status(store, target)
+        if state in ("current", "no_results"):
+            return f"Data Docs {state.replace('_', ' ')}"
+        index, _ = render(store, target)
+    except Exception as exc:  # reported: the run's data is already committed
+        return f"Data Docs not rendered ({type(exc).__name__}: {exc}); run `twin quality docs`"
+    return f"Data Docs rendered: {index}"

@@ -20,6 +20,9 @@ def _close(context: dg.RunStatusSensorContext, twin: TwinResource) -> dg.SkipRea
         if context.dagster_run.status == dg.DagsterRunStatus.FAILURE:
             failures = {"run": "run failed; see the Dagster event log"}
         result = runs.finalize_run(store, run_id, failures=failures)
+        from twin_pipeline.quality.docs import refresh_after_run
+
+        context.log.info(refresh_after_run(store, twin.settings().data_docs_dir))
     context.log.info(
         f"signed PROV bundle of run {run_id}: {result.activities} activities, "
         f"sha256 {result.sha256[:16]}, key v{result.key_version}"
