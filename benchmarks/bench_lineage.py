@@ -75,7 +75,7 @@ def _run(landing: Path, settings: Settings) -> float:
     from twin_pipeline.defs.runner import run_pipeline
 
     t0 = time.perf_counter()
-    summary = run_pipeline(landing, settings, user="bench", ephemeral=True)
+    summary = run_pipeline(landing, settings, user="engineer", ephemeral=True)
     wall = time.perf_counter() - t0
     if not summary.success:
         print(f"   warning: run had failures: {summary.failures[:3]}")
