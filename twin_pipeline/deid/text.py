@@ -428,6 +428,9 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(key: bytes, staff: tuple[str, ...], model: str, use_ner: bool) -> None:
+    from twin_pipeline.procs import worker_init
+
+    worker_init()
     eng = engine(model, use_ner)
     eng.set_staff(staff)
     _WORKER["engine"] = eng
@@ -487,7 +490,10 @@ class TextPool:
     def __enter__(self) -> TextPool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:  # done: let the workers finish and exit on their own
+            self.close()
+            return
         self._pool.terminate()
         self._pool.join()
 

@@ -1295,7 +1295,9 @@ class DicomReader(SourceReader):
         done = 0
         try:
             ctx = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            from twin_pipeline.procs import worker_init
+
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=worker_init) as pool:
                 chunk = max(16, min(256, len(files) // (workers * 8)))
                 for records in pool.map(
                     _read_one,

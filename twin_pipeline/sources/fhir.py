@@ -321,7 +321,9 @@ def _pool(workers: int) -> Executor:
 
         _warm()  # children inherit the imported models
         ctx = mp.get_context("fork")
-        _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        from twin_pipeline.procs import worker_init
+
+        _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init)
     return _POOL
 
 
