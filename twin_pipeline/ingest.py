@@ -97,13 +97,7 @@ def _register_files(
             "run_id": pa.array([store.run_id] * len(todo), pa.string()),
         }
     )
-    store.con.register("_source_file_batch", batch)
-    try:
-        store.con.execute(
-            "INSERT OR REPLACE INTO governance.source_file SELECT * FROM _source_file_batch"
-        )
-    finally:
-        store.con.unregister("_source_file_batch")
+    store.insert_arrow("governance.source_file", batch, or_replace=True)
 
 
 def quarantine_unclaimed(store: Store, landing: Path) -> int:

@@ -73,9 +73,8 @@ def launcher(
 def _policy_stamp() -> tuple[float, float]:
     from twin_pipeline.paths import POLICIES_DIR
 
-    return tuple(  # type: ignore[return-value]
-        (POLICIES_DIR / name).stat().st_mtime for name in ("roles.yaml", "users.yaml")
-    )
+    roles, users = POLICIES_DIR / "roles.yaml", POLICIES_DIR / "users.yaml"
+    return roles.stat().st_mtime, users.stat().st_mtime
 
 
 @functools.lru_cache(maxsize=64)

@@ -1172,11 +1172,7 @@ def _insert(store: Store, rows: list[tuple[Any, ...]]) -> None:
             for name, col in zip(COLUMNS, cols, strict=True)
         }
     )
-    store.con.register("_dicom_batch", batch)
-    try:
-        store.con.execute(f"INSERT INTO {TABLE} SELECT * FROM _dicom_batch")
-    finally:
-        store.con.unregister("_dicom_batch")
+    store.insert_arrow(TABLE, batch)
 
 
 # One process reads ~5,000 plain headers/s; a pool of forked workers costs ~30 ms of CPU to

@@ -144,11 +144,7 @@ def insert_readings(store: Store, rows: Iterable[ReadingRow]) -> int:
     if not n:
         return 0
     batch = pa.table(cols, schema=_ARROW_SCHEMA)
-    store.con.register("_tele_batch", batch)
-    try:
-        store.con.execute(f"INSERT INTO {RAW_TABLE} SELECT * FROM _tele_batch")
-    finally:
-        store.con.unregister("_tele_batch")
+    store.insert_arrow(RAW_TABLE, batch)
     return n
 
 
