@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from twin_pipeline.activity import activities
-from twin_pipeline.defs.runner import dagster_instance, run_pipeline
+from twin_pipeline.defs.runner import dagster_instance, run_pipeline, step_spans
 from twin_pipeline.generate import generate_hospital
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.paths import Settings
@@ -112,20 +112,8 @@ class CpuSampler:
 
 def _step_times(settings: Settings, run_id: str, sampler: CpuSampler) -> dict[str, list[float]]:
     """step -> [wall seconds, CPU seconds] from the run's STEP_START/STEP_SUCCESS events."""
-    instance = dagster_instance(settings)
-    started: dict[str, float] = {}
-    out: dict[str, list[float]] = {}
-    for entry in instance.all_logs(run_id):
-        ev = entry.dagster_event
-        if ev is None or not ev.step_key:
-            continue
-        key = ev.step_key.replace("__", "/")
-        if ev.event_type_value == "STEP_START":
-            started[key] = entry.timestamp
-        elif ev.event_type_value in ("STEP_SUCCESS", "STEP_FAILURE") and key in started:
-            t0, t1 = started[key], entry.timestamp
-            out[key] = [t1 - t0, sampler.at(t1) - sampler.at(t0)]
-    return out
+    spans = step_spans(dagster_instance(settings), run_id)
+    return {k: [t1 - t0, sampler.at(t1) - sampler.at(t0)] for k, (t0, t1) in spans.items()}
 
 
 def _is_check(step: str) -> bool:

@@ -68,10 +68,11 @@ def _root_cause(error: Any) -> str:
     return f"{cls}: {text}" if cls and not text.startswith(cls) else text
 
 
-def _step_seconds(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]:
-    """Wall seconds per step (asset) of a run, from the instance's event log."""
+def step_spans(instance: dg.DagsterInstance, run_id: str) -> dict[str, tuple[float, float]]:
+    """(start, end) timestamps of each finished step (asset key path) of a run, from the
+    instance's STEP_START and STEP_SUCCESS/STEP_FAILURE events."""
     started: dict[str, float] = {}
-    out: dict[str, float] = {}
+    out: dict[str, tuple[float, float]] = {}
     for entry in instance.all_logs(run_id):
         ev = entry.dagster_event
         if ev is None or not ev.step_key:
@@ -80,8 +81,13 @@ def _step_seconds(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]
         if ev.event_type_value == "STEP_START":
             started[key] = entry.timestamp
         elif ev.event_type_value in ("STEP_SUCCESS", "STEP_FAILURE") and key in started:
-            out[key] = round(entry.timestamp - started[key], 4)
+            out[key] = (started[key], entry.timestamp)
     return out
+
+
+def _step_seconds(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]:
+    """Wall seconds per step (asset) of a run, from the instance's event log."""
+    return {k: round(t1 - t0, 4) for k, (t0, t1) in step_spans(instance, run_id).items()}
 
 
 def dagster_instance(settings: Settings) -> dg.DagsterInstance:
