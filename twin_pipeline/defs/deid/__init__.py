@@ -11,6 +11,7 @@ skipped with metadata ``skipped: missing input``.
 
 import importlib
 import pkgutil
+from collections.abc import Iterator
 
 import dagster as dg
 
@@ -18,9 +19,10 @@ from twin_pipeline import defs as defs_pkg
 from twin_pipeline.defs.common import governed_run
 from twin_pipeline.defs.resources import TwinResource
 from twin_pipeline.deid.leaks import leak_check
-from twin_pipeline.deid.policy import TableRule, load_policy
+from twin_pipeline.deid.policy import DeidPolicy, TableRule, load_policy
 from twin_pipeline.deid.structured import deidentify_table
 from twin_pipeline.errors import PolicyViolation
+from twin_pipeline.store import Store
 
 
 def _upstream_keys() -> set[dg.AssetKey]:
@@ -67,9 +69,13 @@ def _deid_asset(table: str, rule: TableRule, upstream: set[dg.AssetKey]) -> dg.A
         kinds={"duckdb", "python"},
         owners=["team:privacy"],
         description=what,
+        check_specs=[_leak_check_spec(table)] if released else None,
     )
-    def _asset(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.MaterializeResult:
+    def _asset(
+        context: dg.AssetExecutionContext, twin: TwinResource
+    ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         policy = load_policy()
+        check: dg.AssetCheckResult | None = None
         with governed_run(context, twin, inputs=[f"harmonized.{t}" for t in reads]) as run:
             try:
                 result = deidentify_table(run.store, policy, table)
@@ -81,40 +87,47 @@ def _deid_asset(table: str, rule: TableRule, upstream: set[dg.AssetKey]) -> dg.A
             if result.status == "skipped":
                 md["skipped"] = result.reason or "missing input"
             run.meta(**md)
-        return run.result()
+            if released:
+                # The leak check runs in this step, on this transaction's table (no second
+                # step, no second store open). The table is committed either way, as a
+                # separate check step found it; a failed check fails the step and so
+                # blocks everything downstream of deid.<table>.
+                check = leak_check_result(run.store, policy, table)
+        yield run.result()
+        if check is not None:
+            yield check
 
+    return _asset
     return _asset
 
 
-def _leak_check(table: str) -> dg.AssetChecksDefinition:
-    @dg.asset_check(
+LEAK_CHECK = "no_raw_identifiers"
+
+
+def _leak_check_spec(table: str) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(
+        LEAK_CHECK,
         asset=dg.AssetKey(["deid", table]),
-        name="no_raw_identifiers",
         blocking=True,
         description=f"deid.{table} holds no raw patient identifier (MRN, SSN, phone, email, "
         "address, name, patient id) verbatim, and its free text none of the row's own "
         "patient's; blocks anything downstream of a leaking table.",
     )
-    def _check(twin: TwinResource) -> dg.AssetCheckResult:
-        store = twin.open_store()
-        try:
-            rep = leak_check(store, load_policy(), table)
-        finally:
-            store.close()
-        return dg.AssetCheckResult(
-            passed=rep.passed,
-            metadata={
-                "checked_columns": rep.checked_columns,
-                "hits": len(rep.hits),
-                "where": dg.MetadataValue.json(rep.hits[:20]),
-            },
-        )
-
-    return _check
 
 
-def build_checks() -> list[dg.AssetChecksDefinition]:
-    return [_leak_check(name) for name, rule in load_policy().tables.items() if rule.release]
+def leak_check_result(store: Store, policy: DeidPolicy, table: str) -> dg.AssetCheckResult:
+    """The ``deid/<table>:no_raw_identifiers`` evaluation of ``deid.<table>`` in ``store``."""
+    rep = leak_check(store, policy, table)
+    return dg.AssetCheckResult(
+        check_name=LEAK_CHECK,
+        passed=rep.passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "checked_columns": rep.checked_columns,
+            "hits": len(rep.hits),
+            "where": dg.MetadataValue.json(rep.hits[:20]),
+        },
+    )
 
 
 def build_assets() -> list[dg.AssetsDefinition]:
@@ -123,4 +136,4 @@ def build_assets() -> list[dg.AssetsDefinition]:
     return [_deid_asset(name, rule, upstream) for name, rule in policy.tables.items()]
 
 
-defs = dg.Definitions(assets=build_assets(), asset_checks=build_checks())
+defs = dg.Definitions(assets=build_assets())
