@@ -120,6 +120,26 @@ def test_lineage_key_must_be_kept_and_withheld_tables_need_reason(tmp_path: Path
         load_policy(bad)
 
 
+def test_policy_reloads_when_the_file_changes_and_each_load_is_its_own_object(
+    tmp_path: Path,
+) -> None:
+    from twin_pipeline.deid.policy import POLICY_FILE
+
+    path = tmp_path / "deid.yaml"
+    text = POLICY_FILE.read_text(encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
+    first = load_policy(path)
+    first.tables["patient"].release = False  # a caller changing its copy changes nobody else's
+    again = load_policy(path)
+    assert again.tables["patient"].release and again == load_policy()
+    edited = text.replace("version: 1", "version:  2", 1)  # new size as well as new mtime
+    path.write_text(edited, encoding="utf-8")
+    assert load_policy(path).version == 2
+    path.write_text("version: 1\ntables: {}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"deid\.yaml"):
+        load_policy(path)
+
+
 def test_every_harmonized_asset_has_a_policy_table_and_a_deid_asset() -> None:
     from twin_pipeline.definitions import defs
 
