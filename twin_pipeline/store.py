@@ -123,6 +123,9 @@ def configure_connection(con: duckdb.DuckDBPyConnection, settings: Settings) -> 
     con.execute(f"SET temp_directory = '{str(spill).replace(chr(39), chr(39) * 2)}'")
     con.execute("SET temp_file_encryption = true")
     con.execute(f"SET memory_limit = '{limit}'")
+    from twin_pipeline.memory import configure_duckdb
+
+    configure_duckdb(con)  # freed DuckDB memory goes back to the OS between steps (issue #11)
 
 
 def _attach_waiting(con: duckdb.DuckDBPyConnection, sql: str) -> None:

@@ -30,6 +30,7 @@ from twin_pipeline.activity import (
     table_versions,
 )
 from twin_pipeline.defs.resources import TwinResource
+from twin_pipeline.memory import release as release_memory
 from twin_pipeline.store import Store
 
 
@@ -121,6 +122,7 @@ def governed_run(
         run._result = dg.MaterializeResult(metadata=_metadata(outs, run._meta))
     finally:
         store.close()
+        release_memory()  # what the step freed goes back to the OS before the next one
 
 
 def _metadata(outs: list[TableVersion], extra: dict[str, Any]) -> dict[str, Any]:
