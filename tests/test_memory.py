@@ -77,3 +77,92 @@ def test_memory_a_query_freed_goes_back_to_the_os(twin_home: Settings) -> None:
         time.sleep(0.25)
     assert _anon_mb() - before <= 100
     _SHARED._evict_idle(keep=0)
+
+
+# -- forked worker pools share the parent's pages ---------------------------------------------
+
+
+def test_freeze_nests_and_unfreezes_once() -> None:
+    import gc
+
+    from twin_pipeline.procs import freeze_for_fork, unfreeze_after_pool
+
+    assert gc.get_freeze_count() == 0
+    freeze_for_fork()
+    freeze_for_fork()
+    assert gc.get_freeze_count() > 0
+    unfreeze_after_pool()
+    assert gc.get_freeze_count() > 0  # the outer pool still lives
+    unfreeze_after_pool()
+    assert gc.get_freeze_count() == 0
+    unfreeze_after_pool()  # unpaired: no-op
+    assert gc.get_freeze_count() == 0
+
+
+def _private_after_collect() -> int:
+    import gc
+
+    gc.collect()  # a full collection in the worker: touches every object it may
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Private_Dirty:"):
+            return int(line.split()[1]) // 1024
+    return -1
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="Linux /proc only")
+def test_fhir_pool_workers_do_not_copy_the_parents_objects() -> None:
+    """~250 MB of parent objects: a worker's full collection used to copy every page holding
+    one (each worker ended up with its own copy); frozen, they stay shared."""
+    import gc
+
+    from twin_pipeline.sources import fhir
+
+    held = [{"k": str(i), "v": [i, i]} for i in range(1_000_000)]
+    try:
+        fhir._pool(2)
+        assert gc.get_freeze_count() >= len(held)
+        futures = [fhir._pool(2).submit(_private_after_collect) for _ in range(2)]
+        private = [f.result() for f in futures]
+    finally:
+        fhir.shutdown_pool()
+    assert gc.get_freeze_count() == 0
+    assert all(0 <= p < 80 for p in private), private
+    del held
+
+
+def test_dicom_pool_frozen_while_it_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from twin_pipeline.sources import SourceFile
+    from twin_pipeline.sources import dicom as D
+
+    files = []
+    for i in range(6):
+        p = tmp_path / f"f{i}.dcm"
+        p.write_bytes(b"not dicom" * 10)
+        files.append(SourceFile(p, f"pacs/{p.name}", "dicom", "0" * 64, p.stat().st_size))
+    monkeypatch.setenv("TWIN_DICOM_WORKERS", "2")
+    monkeypatch.setattr(D, "POOL_MIN_FILES", 2)
+    it = D.DicomReader()._iter_read(files)
+    first = next(it)
+    assert gc.get_freeze_count() > 0
+    rest = list(it)
+    assert len([first, *rest]) == len(files)
+    assert gc.get_freeze_count() == 0
+
+
+def test_text_pool_frozen_while_alive() -> None:
+    import gc
+
+    from twin_pipeline.deid.text import NoteContext, TextPool
+
+    notes = [(f"Call 617-555-{i:04d}.", NoteContext(f"p{i}")) for i in range(8)]
+    with TextPool(b"k" * 32, workers=2, use_ner=False) as pool:
+        assert gc.get_freeze_count() > 0
+        out = list(pool.map(notes, batch_size=4))
+    assert gc.get_freeze_count() == 0
+    assert len(out) == 8 and all("617-555-0" not in t for t in out)
+    with pytest.raises(ValueError), TextPool(b"k" * 32, workers=2, use_ner=False) as pool:
+        next(iter(pool.map(notes, batch_size=4)))
+        raise ValueError("stop")
+    assert gc.get_freeze_count() == 0

@@ -474,18 +474,28 @@ class TextPool:
     ):
         import multiprocessing as mp
 
+        from twin_pipeline.procs import freeze_for_fork
+
         ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
-        self._pool = ctx.Pool(
-            workers, initializer=_init_worker, initargs=(key, tuple(staff), model, use_ner)
-        )
+        freeze_for_fork()  # until close: the workers share the parent's pages (spaCy included)
+        try:
+            self._pool = ctx.Pool(
+                workers, initializer=_init_worker, initargs=(key, tuple(staff), model, use_ner)
+            )
+        except BaseException:
+            _unfreeze()
+            raise
 
     def map(self, items: Iterable[tuple[str, NoteContext]], batch_size: int = 64) -> Iterator[str]:
         for out in self._pool.imap(_work, _batches(items, batch_size), chunksize=1):
             yield from out
 
     def close(self) -> None:
-        self._pool.close()
-        self._pool.join()
+        try:
+            self._pool.close()
+            self._pool.join()
+        finally:
+            _unfreeze()
 
     def __enter__(self) -> TextPool:
         return self
@@ -494,8 +504,17 @@ class TextPool:
         if exc_type is None:  # done: let the workers finish and exit on their own
             self.close()
             return
-        self._pool.terminate()
-        self._pool.join()
+        try:
+            self._pool.terminate()
+            self._pool.join()
+        finally:
+            _unfreeze()
+
+
+def _unfreeze() -> None:
+    from twin_pipeline.procs import unfreeze_after_pool
+
+    unfreeze_after_pool()
 
 
 # Below this many notes one process is faster: the pool costs ~0.25 s to start (forked from a

@@ -1291,18 +1291,22 @@ class DicomReader(SourceReader):
         done = 0
         try:
             ctx = multiprocessing.get_context("fork")
-            from twin_pipeline.procs import worker_init
+            from twin_pipeline.procs import freeze_for_fork, unfreeze_after_pool, worker_init
 
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=worker_init) as pool:
-                chunk = max(16, min(256, len(files) // (workers * 8)))
-                for records in pool.map(
-                    _read_one,
-                    [f.path for f in files],
-                    [f.rel for f in files],
-                    chunksize=chunk,
-                ):
-                    yield records
-                    done += 1
+            freeze_for_fork()  # the workers share the parent's pages instead of copying them
+            try:
+                with ProcessPoolExecutor(workers, mp_context=ctx, initializer=worker_init) as pool:
+                    chunk = max(16, min(256, len(files) // (workers * 8)))
+                    for records in pool.map(
+                        _read_one,
+                        [f.path for f in files],
+                        [f.rel for f in files],
+                        chunksize=chunk,
+                    ):
+                        yield records
+                        done += 1
+            finally:
+                unfreeze_after_pool()
         except (OSError, RuntimeError, ValueError) as exc:  # no pool here: one process
             warnings.warn(
                 f"DICOM worker pool unavailable ({exc}); reading in one process", stacklevel=2

@@ -321,8 +321,9 @@ def _pool(workers: int) -> Executor:
 
         _warm()  # children inherit the imported models
         ctx = mp.get_context("fork")
-        from twin_pipeline.procs import worker_init
+        from twin_pipeline.procs import freeze_for_fork, worker_init
 
+        freeze_for_fork()  # until shutdown_pool: the workers share the parent's pages
         _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init)
     return _POOL
 
@@ -330,8 +331,13 @@ def _pool(workers: int) -> Executor:
 def shutdown_pool() -> None:
     global _POOL
     if _POOL is not None:
-        _POOL.shutdown(cancel_futures=True)
-        _POOL = None
+        from twin_pipeline.procs import unfreeze_after_pool
+
+        try:
+            _POOL.shutdown(cancel_futures=True)
+        finally:
+            _POOL = None
+            unfreeze_after_pool()
 
 
 def _workers() -> int:
