@@ -68,6 +68,10 @@ LAST_PROFILE: dict[str, float] = {}
 CHUNK = 500
 MAX_PAYLOAD_IN_QUARANTINE = 200_000
 CHUNK_BYTES = 64 << 20  # files are read, validated and inserted in chunks of this size
+# A plain NDJSON file larger than this is read in pieces of about this size (whole lines), so
+# one big file (Observation.ndjson: 175 MB at 10k patients) does not make a chunk of its own
+# size: the records of a chunk in Python cost ~3x its bytes (issue #11: peak memory).
+PIECE_BYTES = CHUNK_BYTES // 4
 _NAME_RE = re.compile(r"^([A-Z][A-Za-z]+)(?:[._-][^/]*)?\.(?:ndjson|json)(?:\.gz)?$")
 _URL_TAIL = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
 _DATE_ERRORS = ("Date value", "DateTime value", "Instant value", "Time value")
@@ -530,17 +534,21 @@ def _read_text(f: SourceFile) -> tuple[str, bool]:
     data = f.path.read_bytes()
     if f.rel.endswith(".gz"):
         data = gzip.decompress(data)
-    if data[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff") or data[:2] in (
-        b"\xff\xfe",
-        b"\xfe\xff",
-    ):
-        raise UnicodeError("file is UTF-16/UTF-32 encoded: FHIR JSON must be UTF-8")
+    _check_utf16(data)
     try:
         return data.decode("utf-8-sig"), False
     except UnicodeDecodeError:
         if not f.rel.endswith((".ndjson", ".ndjson.gz")):
             raise
         return data.decode("utf-8-sig", "surrogateescape"), True
+
+
+def _check_utf16(data: bytes) -> None:
+    if data[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff") or data[:2] in (
+        b"\xff\xfe",
+        b"\xfe\xff",
+    ):
+        raise UnicodeError("file is UTF-16/UTF-32 encoded: FHIR JSON must be UTF-8")
 
 
 def _dumps(obj: Any) -> str:
@@ -601,7 +609,11 @@ def _entries(bundle: dict[str, Any], prefix: str, start: int, text: str) -> Iter
         yield rec
 
 
-def _records(f: SourceFile, text: str, lossy: bool = False) -> Iterator[_Rec]:
+def _records(
+    f: SourceFile, text: str, lossy: bool = False, *, first_line: int = 0, first_ordinal: int = 0
+) -> Iterator[_Rec]:
+    """The records of a file's text (or of a piece of an NDJSON file whose lines start after
+    ``first_line`` lines and ``first_ordinal`` records)."""
     name = f.rel.rsplit("/", 1)[-1]
     ndjson = name.endswith((".ndjson", ".ndjson.gz"))
     if not ndjson:
@@ -618,8 +630,8 @@ def _records(f: SourceFile, text: str, lossy: bool = False) -> Iterator[_Rec]:
                 rec.problem = ("broken_json", "a string holds an unpaired UTF-16 surrogate")
             yield rec
         return
-    ordinal = 0
-    for n, line in enumerate(text.split("\n"), 1):
+    ordinal = first_ordinal
+    for n, line in enumerate(text.split("\n"), first_line + 1):
         if not line.strip():
             continue
         if lossy and _UNDECODABLE.search(line):
@@ -703,13 +715,14 @@ class FhirReader(SourceReader):
         store.con.execute(DDL)
 
     def load(self, files: Sequence[SourceFile], store: Store) -> LoadStats:
-        """Load in chunks of files of bounded total size (memory stays bounded)."""
+        """Load in chunks of files (and pieces of large NDJSON files) of bounded total size
+        (memory stays bounded)."""
         stats = LoadStats(self.kind)
         prof: dict[str, float] = {}
-        chunk: list[SourceFile] = []
+        chunk: list[SourceFile | _Piece] = []
         size = 0
         try:
-            for f in files:
+            for f in _units(files):
                 chunk.append(f)
                 size += f.size
                 if size >= CHUNK_BYTES:
@@ -725,7 +738,7 @@ class FhirReader(SourceReader):
 
     def _load_chunk(
         self,
-        files: Sequence[SourceFile],
+        files: Sequence[SourceFile | _Piece],
         store: Store,
         stats: LoadStats,
         prof: dict[str, float],
@@ -736,11 +749,19 @@ class FhirReader(SourceReader):
         # by the pool when there are enough of them, while this process turns the records
         # already decided into raw rows and inserts them.
         workers = _workers()
-        whole = [f for f in files if not f.rel.endswith((".ndjson", ".ndjson.gz"))]
+        whole = [
+            f
+            for f in files
+            if isinstance(f, SourceFile) and not f.rel.endswith((".ndjson", ".ndjson.gz"))
+        ]
         if workers < 2 or sum(f.size for f in whole) < PARALLEL_MIN_BYTES:
             whole = []
         futures = {f.rel: _pool(workers).submit(_prepare_file, f) for f in whole}
-        local = [_read_batch(f) for f in files if f.rel not in futures]
+        local = [
+            _read_piece(f) if isinstance(f, _Piece) else _read_batch(f)
+            for f in files
+            if isinstance(f, _Piece) or f.rel not in futures
+        ]
         t1, c1 = time.perf_counter(), time.process_time()
         rows: list[tuple[Any, ...]] = []
         quarantine: list[QuarantineRow] = []
@@ -784,7 +805,7 @@ class FhirReader(SourceReader):
         """Raw rows (appended to ``rows``) or quarantine rows of one file's decided records."""
         f = batch.file
         fs = stats.file(f.rel)
-        fs.records_in = len(batch.records)
+        fs.records_in += len(batch.records)  # a large NDJSON file comes in several batches
         loaded = 0
         for rec in batch.records:
             rhash = rec.hash
@@ -843,6 +864,80 @@ def _insert(store: Store, rows: list[tuple[Any, ...]]) -> None:
         )
     finally:
         store.con.unregister("_fhir_batch")
+
+
+@dataclass
+class _Cursor:
+    """Where the next piece of a file starts: lines and records before it."""
+
+    lines: int = 0
+    records: int = 0
+    failed: bool = False  # the file could not be read: one "file" record, as if read whole
+
+
+@dataclass
+class _Piece:
+    """The lines of ``file`` that start in bytes [lo, hi); the pieces of a file are read in
+    order (each one's line numbers and ordinals follow the previous piece's, via ``cursor``)."""
+
+    file: SourceFile
+    lo: int
+    hi: int
+    cursor: _Cursor
+
+    @property
+    def size(self) -> int:
+        return self.hi - self.lo
+
+
+def _units(files: Sequence[SourceFile]) -> Iterator[SourceFile | _Piece]:
+    """Files, with plain NDJSON files over ``PIECE_BYTES`` cut into pieces."""
+    for f in files:
+        if f.size <= PIECE_BYTES or not f.rel.endswith(".ndjson"):
+            yield f
+            continue
+        cursor = _Cursor()
+        for lo in range(0, f.size, PIECE_BYTES):
+            yield _Piece(f, lo, min(lo + PIECE_BYTES, f.size), cursor)
+
+
+def _piece_bytes(piece: _Piece) -> bytes:
+    with piece.file.path.open("rb") as fh:
+        if piece.lo > 0:
+            fh.seek(piece.lo - 1)
+            fh.readline()  # the line that started before lo belongs to the previous piece
+        start = fh.tell()
+        if start >= piece.hi:
+            return b""
+        data = fh.read(piece.hi - start)
+        if data and not data.endswith(b"\n"):
+            data += fh.readline()  # the last line that starts in this piece, whole
+        return data
+
+
+def _read_piece(piece: _Piece) -> _FileBatch:
+    """One piece of a large NDJSON file: the same records, positions and ordinals as the
+    whole file read at once would give (UTF-16/32 and the BOM are looked for at its start)."""
+    f, cur = piece.file, piece.cursor
+    if cur.failed:
+        return _FileBatch(f, [])
+    try:
+        data = _piece_bytes(piece)
+        if piece.lo == 0:
+            _check_utf16(data)
+        enc = "utf-8-sig" if piece.lo == 0 else "utf-8"
+        try:
+            text, lossy = data.decode(enc), False
+        except UnicodeDecodeError:
+            text, lossy = data.decode(enc, "surrogateescape"), True
+    except (OSError, UnicodeError) as exc:
+        cur.failed = True
+        return _FileBatch(f, [_Rec("file", 0, "", None,
+                                   problem=("broken_json", f"unreadable file: {exc}"))])  # fmt: skip
+    records = list(_records(f, text, lossy, first_line=cur.lines, first_ordinal=cur.records))
+    cur.lines += text.count("\n")
+    cur.records += len(records)
+    return _FileBatch(f, records)
 
 
 def _read_batch(f: SourceFile) -> _FileBatch:
