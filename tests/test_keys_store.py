@@ -137,8 +137,10 @@ def test_older_store_is_migrated(twin_home: Settings) -> None:
         )
     with Store.open(twin_home) as store:
         assert store.schema_version() == SCHEMA_VERSION
-        applied = store.con.execute("SELECT version FROM governance.schema_migration").fetchall()
-        assert applied == [(2,)]
+        applied = store.con.execute(
+            "SELECT version FROM governance.schema_migration ORDER BY 1"
+        ).fetchall()
+        assert applied == [(2,), (3,)]
         assert store.con.execute("SELECT x FROM harmonized.keepme").fetchall() == [(42,)]
 
 
@@ -152,7 +154,43 @@ def test_unversioned_store_counts_as_version_zero(twin_home: Settings) -> None:
         versions = store.con.execute(
             "SELECT version FROM governance.schema_migration ORDER BY 1"
         ).fetchall()
-        assert versions == [(1,), (2,)]
+        assert versions == [(1,), (2,), (3,)]
+
+
+def test_version_2_telemetry_tables_keep_their_keys(twin_home: Settings) -> None:
+    """Migration 3: telemetry readings of an older store keep lineage keys and positions
+    exactly; new rows get them computed from file key prefix and line."""
+    old_cols = (
+        "lineage_key VARCHAR, source_file VARCHAR, position VARCHAR, record_hash VARCHAR, "
+        "source_kind VARCHAR, device_id VARCHAR, patient_id VARCHAR, patient_mrn VARCHAR, "
+        "metric VARCHAR, value DOUBLE, unit VARCHAR, ts TIMESTAMPTZ, ts_text VARCHAR"
+    )
+    with Store.open(twin_home) as store:
+        store.con.execute("DROP TABLE IF EXISTS raw.telemetry_reading")
+        store.con.execute(f"CREATE TABLE raw.telemetry_reading ({old_cols})")
+        store.con.execute(
+            "INSERT INTO raw.telemetry_reading VALUES ('abc/line:7', 'telemetry/a.ndjson', "
+            "'line:7', NULL, 'telemetry', 'd1', 'p1', NULL, 'HR', 61, 'bpm', "
+            "'2024-03-05 10:00:00+00', '2024-03-05T10:00:00Z')"
+        )
+        store.con.execute(
+            "UPDATE governance.store_meta SET value = '2' WHERE key = 'schema_version'"
+        )
+    with Store.open(twin_home) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        row = store.con.execute(
+            "SELECT lineage_key, position, device_id, value, ts_text, line "
+            "FROM raw.telemetry_reading"
+        ).fetchall()
+        assert row == [("abc/line:7", "line:7", "d1", 61.0, "2024-03-05T10:00:00Z", None)]
+        store.con.execute(
+            "INSERT INTO raw.telemetry_reading BY NAME "
+            "SELECT 'telemetry/b.ndjson' AS source_file, 'xyz/' AS key_prefix, 3 AS line"
+        )
+        keys = store.con.execute(
+            "SELECT lineage_key, position FROM raw.telemetry_reading ORDER BY 1"
+        ).fetchall()
+        assert keys == [("abc/line:7", "line:7"), ("xyz/line:3", "line:3")]
 
 
 @pytest.mark.parametrize("private", [False, True])

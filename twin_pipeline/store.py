@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,17 +27,51 @@ from twin_pipeline.errors import StoreError
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.paths import Settings
 
-SCHEMA_VERSION = 2
-# Ordered migrations: (version reached, what it does, SQL). A store records the version it is at
-# in governance.store_meta; opening an older store applies the missing steps in one transaction.
-# A store with no version (made before versioning) counts as version 0.
-MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+SCHEMA_VERSION = 3
+# Ordered migrations: (version reached, what it does, SQL or a function of the store). A store
+# records the version it is at in governance.store_meta; opening an older store applies the
+# missing steps in one transaction. A store with no version (made before versioning) counts as
+# version 0.
+Migration = tuple[int, str, "str | Callable[[Store], None]"]
+
+
+def _telemetry_keys_from_lines(store: Store) -> None:
+    """Telemetry readings store the line number and the file's key prefix; ``position`` and
+    ``lineage_key`` became virtual columns computed from them. Rows of an older store keep their
+    keys and positions exactly (as the explicit ``position_text`` / ``lineage_key_text``)."""
+    from twin_pipeline.harmonize.telemetry import READING, READING_TABLE_DDL
+    from twin_pipeline.sources.telemetry import RAW_DDL, RAW_TABLE
+
+    for table, ddl in ((RAW_TABLE, RAW_DDL), (READING, READING_TABLE_DDL)):
+        if not store.table_exists(table):
+            continue
+        cols = [c for c, _ in store.columns(table)]
+        if "lineage_key_text" in cols:
+            continue
+        schema, name = table.split(".")
+        old = f"{schema}._{name}_v2"
+        store.con.execute(f"ALTER TABLE {table} RENAME TO _{name}_v2")
+        store.con.execute(ddl)
+        keep = [c for c in cols if c not in ("lineage_key", "position")]
+        store.con.execute(
+            f"INSERT INTO {table} BY NAME SELECT {', '.join(keep)}, "
+            f"position AS position_text, lineage_key AS lineage_key_text FROM {old}"
+        )
+        store.con.execute(f"DROP TABLE {old}")
+
+
+MIGRATIONS: tuple[Migration, ...] = (
     (1, "governance layout: store_meta, source_file, quarantine, run", ""),
     (
         2,
         "record applied migrations in governance.schema_migration",
         "CREATE TABLE IF NOT EXISTS governance.schema_migration ("
         "version INTEGER PRIMARY KEY, description VARCHAR, applied_at TIMESTAMPTZ)",
+    ),
+    (
+        3,
+        "telemetry readings: lineage_key and position computed from file key prefix and line",
+        _telemetry_keys_from_lines,
     ),
 )
 SCHEMAS = ("raw", "harmonized", "deid", "governance", "twin")
@@ -369,9 +403,11 @@ class Store:
                 )
             steps = [m for m in MIGRATIONS if m[0] > version or fresh]
             now = datetime.now(UTC)
-            for _, _, sql in steps:
-                if sql:
-                    self.con.execute(sql)
+            for _, _, step in steps:
+                if callable(step):
+                    step(self)
+                elif step:
+                    self.con.execute(step)
             for to_version, description, _ in steps:
                 self.con.execute(
                     "INSERT OR REPLACE INTO governance.schema_migration VALUES (?, ?, ?)",
@@ -412,6 +448,17 @@ class Store:
             self._tx_depth = 0
             self.con.execute("COMMIT")
 
+    @contextlib.contextmanager
+    def unordered(self) -> Iterator[None]:
+        """Let DuckDB write the result of a statement in any row order (both threads write at
+        once). For appends whose order means nothing: every value a row needs (a line number
+        from a row offset, say) must be computed inside the statement."""
+        self.con.execute("SET preserve_insertion_order = false")
+        try:
+            yield
+        finally:
+            self.con.execute("SET preserve_insertion_order = true")
+
     # -- helpers used by every stage -------------------------------------------------------
     def table_exists(self, qualified: str) -> bool:
         schema, _, name = qualified.partition(".")
@@ -441,15 +488,18 @@ class Store:
             ).fetchall()
         ]
 
-    def insert_arrow(self, table: str, batch: Any, *, or_replace: bool = False) -> None:
-        """Append a pyarrow table whose columns match ``table`` in one statement
-        (``executemany`` would run one INSERT per row: slow, and ``INSERT OR REPLACE`` into a
-        keyed table keeps an index delta per row in the transaction's memory)."""
+    def insert_arrow(
+        self, table: str, batch: Any, *, or_replace: bool = False, by_name: bool = False
+    ) -> None:
+        """Append a pyarrow table whose columns match ``table`` (in order, or ``by_name``) in one
+        statement (``executemany`` would run one INSERT per row: slow, and ``INSERT OR REPLACE``
+        into a keyed table keeps an index delta per row in the transaction's memory)."""
         name = f"_arrow_{uuid.uuid4().hex[:12]}"
         self.con.register(name, batch)
         try:
             verb = "INSERT OR REPLACE" if or_replace else "INSERT"
-            self.con.execute(f"{verb} INTO {table} SELECT * FROM {name}")
+            names = " BY NAME" if by_name else ""
+            self.con.execute(f"{verb} INTO {table}{names} SELECT * FROM {name}")
         finally:
             self.con.unregister(name)
 

@@ -309,3 +309,88 @@ def test_large_file_line_numbers_survive_parallel_reads(
         "OR NOT ends_with(lineage_key, '/' || position)) FROM raw.telemetry_reading",
     )
     assert (rows, misplaced) == (n, 0)
+
+
+def _mixed_landing(root: Path) -> Path:
+    """Clean and dirty JSON-lines and CSV files side by side (one batch of several files)."""
+    tel = root / "telemetry"
+    tel.mkdir(parents=True)
+    clean = [_line(device_id=f"d{i}", ts=f"2024-03-05T10:{i:02d}:00-05:00") for i in range(40)]
+    (tel / "a_clean.ndjson").write_text("\n".join(clean) + "\n")
+    (tel / "b_clean_no_final_newline.ndjson").write_text("\n".join(clean[:7]))
+    padded = _line(device_id="  d-pad ", metric=" MDC_ECG_HEART_RATE", unit="/min ")
+    (tel / "c_padded_fields.ndjson").write_text(padded + "\n" + clean[0] + "\n")
+    (tel / "d_trailing_garbage.ndjson").write_text(clean[1] + "\n" + clean[2] + " xyz\n")
+    (tel / "e_blank_line.ndjson").write_text(clean[3] + "\n\n" + clean[4] + "\n")
+    (tel / "f_unknown_metric.ndjson").write_text(
+        clean[5] + "\n" + _line(metric="MDC_VENDOR_XYZ") + "\n"
+    )
+    (tel / "g_null_line.ndjson").write_text("null\n" + clean[6] + "\n")
+    (tel / "h_string_value.ndjson").write_text(_line(value="72.5") + "\n")
+    (tel / "i_clean.csv").write_text(
+        "ts,device_id,metric,value,unit\n2024-03-05T10:00:00Z,dev-c,HR,61,bpm\n"
+        '2024-03-05T10:01:00Z,"dev,q",HR,62,bpm\n'
+    )
+    (tel / "j_short_row.csv").write_text(
+        "ts,device_id,metric,value,unit\n2024-03-05T10:00:00Z,dev-c,HR,61\n"
+        "2024-03-05T10:02:00Z,dev-c,HR,63,bpm\n"
+    )
+    return root
+
+
+def _raw_and_quarantine(settings: Settings) -> tuple[list[tuple], list[tuple]]:
+    raw = query(
+        settings,
+        "SELECT source_file, position, lineage_key, device_id, patient_id, metric, value, unit, "
+        "ts FROM raw.telemetry_reading ORDER BY source_file, line",
+    )
+    quarantined = query(
+        settings,
+        "SELECT source_file, position, rule, payload, lineage_key FROM governance.quarantine "
+        "ORDER BY source_file, position",
+    )
+    return raw, quarantined
+
+
+def test_batch_read_equals_line_by_line(
+    twin_home: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch path (several files in one parse) and the line-by-line path load the same
+    rows with the same line numbers and keys, and quarantine the same lines."""
+    from twin_pipeline.sources import telemetry as T
+
+    landing = _mixed_landing(tmp_path / "landing")
+    batched = ingest(twin_home, landing)["telemetry"].stats.per_file
+    got = _raw_and_quarantine(twin_home)
+    other = Settings.from_env(tmp_path / "home_lines").ensure()
+    shutil.copytree(twin_home.keys_dir, other.keys_dir, dirs_exist_ok=True)
+    monkeypatch.setattr(T, "BATCH_READ", False)
+    by_line = ingest(other, landing)["telemetry"].stats.per_file
+    assert got == _raw_and_quarantine(other)
+    for rel, fs in batched.items():
+        ref = by_line[rel]
+        assert (fs.records_in, fs.loaded, fs.quarantined) == (
+            ref.records_in,
+            ref.loaded,
+            ref.quarantined,
+        ), rel
+        assert fs.balanced(), rel
+    raw, quarantined = got
+    assert len(raw) == 40 + 7 + 2 + 1 + 2 + 1 + 1 + 1 + 2 + 1
+    assert {(q[0].split("/")[1], q[1], q[2]) for q in quarantined} == {
+        ("d_trailing_garbage.ndjson", "line:2", "broken_record"),
+        ("f_unknown_metric.ndjson", "line:2", "unknown_metric"),
+        ("g_null_line.ndjson", "line:1", "broken_record"),
+        ("j_short_row.csv", "line:2", "broken_record"),
+    }
+    padded = next(r for r in raw if r[0].endswith("c_padded_fields.ndjson"))
+    assert (padded[1], padded[3], padded[5], padded[7]) == (
+        "line:1",
+        "d-pad",
+        "MDC_ECG_HEART_RATE",
+        "/min",
+    )
+    assert [r[1] for r in raw if r[0].endswith("a_clean.ndjson")] == [
+        f"line:{i}" for i in range(1, 41)
+    ]
+    assert [r[3] for r in raw if r[0].endswith("i_clean.csv")] == ["dev-c", "dev,q"]

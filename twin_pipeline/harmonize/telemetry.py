@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from twin_pipeline.harmonize.telemetry_config import TelemetrySpec, load_telemetry_spec
 from twin_pipeline.sources.telemetry import (
+    KEY_COLUMNS_DDL,
     QUARANTINE_ID_SQL,
     RAW_TABLE,
     ensure_raw_table,
@@ -49,11 +50,9 @@ def _minute(ts: str) -> str:
     return f"make_timestamptz({us} - (({us} % 60000000) + 60000000) % 60000000)"
 
 
-READING_DDL = f"""
+READING_TABLE_DDL = f"""
 CREATE TABLE IF NOT EXISTS {READING} (
-    lineage_key VARCHAR USING COMPRESSION uncompressed,  -- unique per row: no dictionary
     source_file VARCHAR,
-    position VARCHAR USING COMPRESSION uncompressed,
     source_kind VARCHAR,
     device_id VARCHAR,
     patient_id VARCHAR,
@@ -67,8 +66,13 @@ CREATE TABLE IF NOT EXISTS {READING} (
     ts_utc TIMESTAMPTZ,
     implausible BOOLEAN,
     late BOOLEAN,
-    late_beyond_window BOOLEAN
-);
+    late_beyond_window BOOLEAN,
+    {KEY_COLUMNS_DDL}
+)
+"""
+READING_DDL = (
+    READING_TABLE_DDL
+    + f""";
 CREATE TABLE IF NOT EXISTS {STATE} (
     source_file VARCHAR PRIMARY KEY,
     sha256 VARCHAR,
@@ -90,6 +94,7 @@ CREATE TABLE IF NOT EXISTS {PENDING} (
     minute TIMESTAMPTZ
 );
 """
+)
 MINUTE_DDL = f"""
 CREATE TABLE IF NOT EXISTS {MINUTE} (
     patient_id VARCHAR,
@@ -268,7 +273,8 @@ def _harmonize_batch(store: Store, spec: TelemetrySpec) -> tuple[int, int, int, 
     con.execute(
         f"""
         CREATE OR REPLACE TEMP VIEW _th_mapped AS
-        SELECT r.lineage_key, r.source_file, r.position, r.source_kind, r.device_id,
+        SELECT r.lineage_key, r.source_file, r.position, r.key_prefix, r.line, r.position_text,
+               r.lineage_key_text, r.source_kind, r.device_id,
                r.patient_id, r.patient_mrn, r.ts,
                k.metric, k.loinc, (r.value + k.off) * k.factor AS value, k.unit,
                r.metric AS original_metric, r.value AS original_value,
@@ -367,22 +373,30 @@ def _harmonize_batch(store: Store, spec: TelemetrySpec) -> tuple[int, int, int, 
     anti = " ANTI JOIN _th_dup d USING (lineage_key)" if n_dup else ""
     insert = f"""
         INSERT INTO {READING}
-        SELECT b.lineage_key, b.source_file, b.position, b.source_kind, b.device_id,
-               {{patient}}, b.metric, b.loinc, b.value, b.unit, b.original_metric,
-               b.original_value, b.original_unit, b.ts_utc, b.implausible, {late_sql}
+        SELECT b.source_file, b.source_kind, b.device_id, {{patient}}, b.metric, b.loinc,
+               b.value, b.unit, b.original_metric, b.original_value, b.original_unit, b.ts_utc,
+               b.implausible, {late_sql}, b.key_prefix, b.line, b.position_text,
+               b.lineage_key_text
         FROM _th_mapped b{mark_join}{anti}
         WHERE b.rule IS NULL{{which}}
     """
     patient_sql = _patient_sql(store, "b")
-    if patient_sql == "b.patient_id":
-        con.execute(insert.format(patient="b.patient_id", which=""))
-    else:
-        # The look-ups (by MRN, by the device's patient at that instant) run only for readings
-        # that arrive without a patient id: DuckDB would join them for every reading.
-        con.execute(insert.format(patient="b.patient_id", which=" AND b.patient_id IS NOT NULL"))
-        (n_no_patient,) = con.execute("SELECT sum(n_no_patient) FROM _th_agg").fetchone() or (0,)
-        if n_no_patient:
-            con.execute(insert.format(patient=patient_sql, which=" AND b.patient_id IS NULL"))
+    # Rows are appended in whatever order both threads finish them: every value is computed
+    # in the statement, and readers order by time or key, never by position in the table.
+    with store.unordered():
+        if patient_sql == "b.patient_id":
+            con.execute(insert.format(patient="b.patient_id", which=""))
+        else:
+            # The look-ups (by MRN, by the device's patient at that instant) run only for
+            # readings that arrive without a patient id: DuckDB would join them for every one.
+            con.execute(
+                insert.format(patient="b.patient_id", which=" AND b.patient_id IS NOT NULL")
+            )
+            (n_no_patient,) = con.execute("SELECT sum(n_no_patient) FROM _th_agg").fetchone() or (
+                0,
+            )
+            if n_no_patient:
+                con.execute(insert.format(patient=patient_sql, which=" AND b.patient_id IS NULL"))
     sums = con.execute("SELECT sum(n_in), sum(n_ok), sum(n_implausible) FROM _th_agg").fetchone()
     total, n_ok, impl = (int(x or 0) for x in (sums or (0, 0, 0)))
     if total > n_ok:

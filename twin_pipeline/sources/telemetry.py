@@ -4,25 +4,29 @@ Files under ``telemetry/`` with fields ``device_id``, ``patient_id`` (FHIR id, o
 ``metric`` (MDC or LOINC code or alias from ``assets/telemetry.yaml``), ``value``, ``unit``
 (UCUM) and ``ts`` (ISO-8601; without an offset it is read in the spec's default time zone).
 
-The whole file is parsed in DuckDB (no per-line Python): lines are read with ``read_csv`` on a
-delimiter that cannot occur in valid JSON and numbered by insertion order; a file with carriage
-returns is split exactly with ``read_text`` instead, so positions are always true line numbers.
-Bad lines (unparseable, missing field, bad value, bad timestamp, unknown metric) go to
-quarantine with their line number. Raw rows land in ``raw.telemetry_reading``, a table the HL7 v2
-and WFDB readers share (column ``source_kind`` says which reader wrote a row).
+Two paths, same result (a test holds them equal):
 
-One parse per file: every line is parsed and checked once into a scratch table of typed fields
-and rule (no filter sits under the JSON parse: DuckDB would re-run it per field), and the good
-lines go from there into ``raw.telemetry_reading``. A file is clean when the rows loaded equal
-its line count (counted while the file is checked for UTF-8); only for a file with a bad or
-blank line does a second statement quarantine its bad lines, with numbers, reasons and text.
+- **Batch** (plain UTF-8 files, the common case): DuckDB's strict JSON-lines reader (or its CSV
+  reader, one file at a time) parses a batch of files at once, in a private in-memory DuckDB, and
+  checks every reading once. When the batch has exactly one row per line, a line number is a row
+  offset; files whose every line is a good reading go to ``raw.telemetry_reading`` in one
+  statement. Everything else falls through to the line-by-line path.
+- **Line by line**: lines are read with ``read_csv`` on a delimiter that cannot occur in valid
+  JSON and numbered by insertion order (a file with carriage returns is split exactly with
+  ``read_text``; a file that is not all UTF-8 is split in Python), parsed with
+  ``json_transform`` and checked into a scratch table. Bad lines (unparseable, missing field,
+  bad value, bad timestamp, unknown metric) go to quarantine with their line number, reason and
+  text. Raw rows land in ``raw.telemetry_reading``, a table the HL7 v2 and WFDB readers share
+  (column ``source_kind`` says which reader wrote a row).
 
-Keys: a loaded line's ``lineage_key`` is :func:`twin_pipeline.store.position_lineage_key` (the
-file's sha256 prefix and ``line:N``), made per row by string concatenation instead of a sha256
-per row, and its ``record_hash`` is left NULL: the record is the line at that position of the
-registered file version, whose sha256 covers it; ``twin lineage trace`` re-reads the line and
-hashes it when a trace needs it, and a changed line shows as a changed file. Quarantined lines
-carry the same kind of key and the line as received.
+Keys: a line's ``lineage_key`` is :func:`twin_pipeline.store.position_lineage_key` (the file's
+sha256 prefix and ``line:N``). ``position`` and ``lineage_key`` are virtual columns computed from
+``key_prefix`` (one per file version) and ``line``: writing two unique strings per reading cost
+more than the rest of the row. Its ``record_hash`` is left NULL: the record is the line at that
+position of the registered file version, whose sha256 covers it; ``twin lineage trace`` re-reads
+the line and hashes it when a trace needs it, and a changed line shows as a changed file. For
+the same reason the timestamp text as received (``ts_text``) is kept only for HL7 v2 and WFDB
+readings. Quarantined lines carry the same kind of key and the line as received.
 """
 
 from __future__ import annotations
@@ -31,25 +35,46 @@ import codecs
 import contextlib
 import csv
 import io
+import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from twin_pipeline.harmonize.telemetry_config import TelemetrySpec, load_telemetry_spec
 from twin_pipeline.sources import FileStats, LoadStats, SourceFile, SourceReader, register
-from twin_pipeline.store import QuarantineRow, Store, lineage_key, position_lineage_key
+from twin_pipeline.store import (
+    DEFAULT_MEMORY_LIMIT,
+    QuarantineRow,
+    Store,
+    lineage_key,
+    position_lineage_key,
+)
 
 RAW_TABLE = "raw.telemetry_reading"
+# A reading's ``position`` and ``lineage_key`` are virtual columns: for a line of a telemetry
+# file they are computed from the line number and the file's key prefix (no unique string is
+# written per reading: writing two of them cost more than the rest of the row); readings of
+# other feeds (HL7 v2, WFDB) carry both explicitly in ``position_text`` / ``lineage_key_text``.
+KEY_COLUMNS_DDL = """
+    key_prefix VARCHAR,       -- the source file version's lineage-key prefix (sha256 prefix + /)
+    line BIGINT,              -- line number in the file (telemetry files)
+    position_text VARCHAR,    -- position when it is not a line (HL7 v2 entry/segment, WFDB sample)
+    lineage_key_text VARCHAR, -- key when it is not prefix + position (HL7 v2, WFDB)
+    position VARCHAR GENERATED ALWAYS AS (coalesce(position_text, 'line:' || line)) VIRTUAL,
+    lineage_key VARCHAR GENERATED ALWAYS AS
+        (coalesce(lineage_key_text, key_prefix || coalesce(position_text, 'line:' || line)))
+        VIRTUAL
+"""
 RAW_DDL = f"""
 CREATE TABLE IF NOT EXISTS {RAW_TABLE} (
-    lineage_key VARCHAR USING COMPRESSION uncompressed,
     source_file VARCHAR,
-    position VARCHAR USING COMPRESSION uncompressed,
     record_hash VARCHAR,
     source_kind VARCHAR,      -- telemetry | hl7v2 | wfdb
     device_id VARCHAR,
@@ -59,7 +84,8 @@ CREATE TABLE IF NOT EXISTS {RAW_TABLE} (
     value DOUBLE,             -- value as received (unit as received)
     unit VARCHAR,
     ts TIMESTAMPTZ,           -- the instant (offset applied, or the default time zone)
-    ts_text VARCHAR USING COMPRESSION uncompressed  -- timestamp as received
+    ts_text VARCHAR,          -- timestamp as received (HL7 v2, WFDB; a file line holds its own)
+    {KEY_COLUMNS_DDL}
 )
 """
 FIELDS = ("device_id", "patient_id", "metric", "value", "unit", "ts")
@@ -105,9 +131,9 @@ class ReadingRow:
 
 _ARROW_SCHEMA = pa.schema(
     [
-        ("lineage_key", pa.string()),
+        ("lineage_key_text", pa.string()),
         ("source_file", pa.string()),
-        ("position", pa.string()),
+        ("position_text", pa.string()),
         ("record_hash", pa.string()),
         ("source_kind", pa.string()),
         ("device_id", pa.string()),
@@ -127,9 +153,9 @@ def insert_readings(store: Store, rows: Iterable[ReadingRow]) -> int:
     cols: dict[str, list[object]] = {f.name: [] for f in _ARROW_SCHEMA}
     n = 0
     for r in rows:
-        cols["lineage_key"].append(lineage_key(r.file_sha256, r.position, r.record_hash))
+        cols["lineage_key_text"].append(lineage_key(r.file_sha256, r.position, r.record_hash))
         cols["source_file"].append(r.source_file)
-        cols["position"].append(r.position)
+        cols["position_text"].append(r.position)
         cols["record_hash"].append(r.record_hash)
         cols["source_kind"].append(r.source_kind)
         cols["device_id"].append(r.device_id)
@@ -144,7 +170,7 @@ def insert_readings(store: Store, rows: Iterable[ReadingRow]) -> int:
     if not n:
         return 0
     batch = pa.table(cols, schema=_ARROW_SCHEMA)
-    store.insert_arrow(RAW_TABLE, batch)
+    store.insert_arrow(RAW_TABLE, batch, by_name=True)
     return n
 
 
@@ -171,8 +197,16 @@ class TelemetryReader(SourceReader):
         prev_tz = con.execute("SELECT current_setting('TimeZone')").fetchone()
         con.execute(f"SET TimeZone = '{spec.default_timezone}'")
         try:
-            for f in files:
-                _load_file(store, f, stats.file(f.rel))
+            checks = {f.rel: inspect_file(f.path) for f in files}
+            slow = [f for f in files if not (BATCH_READ and _batchable(f, checks[f.rel]))]
+            batchable = [f for f in files if BATCH_READ and _batchable(f, checks[f.rel])]
+            if batchable:
+                known = {alias.upper() for alias in spec.alias_map()}
+                with _parser(spec.default_timezone) as parser:
+                    for batch in _batches(batchable):
+                        slow += _load_batch(store, parser, known, batch, checks, stats)
+            for f in sorted(slow, key=lambda f: f.rel):
+                _load_file(store, f, stats.file(f.rel), checks[f.rel])
                 con.execute("DROP VIEW IF EXISTS _tele_one")
                 for table in ("_tele_raw", "_tele_py", "_tele_lines", "_tele_cls", "_tele_unknown"):
                     con.execute(f"DROP TABLE IF EXISTS {table}")
@@ -203,8 +237,15 @@ _MISSING = (
 # time zone, set to the spec's default for the load. A blank line is never a good reading (it
 # does not parse). Metric codes are checked afterwards, once per distinct code (the check is
 # the last rule, so it applies only where this one is NULL).
+
+
+def _trim(col: str) -> str:
+    """``trim(col)``, only where there is something to trim (``trim`` copies every string)."""
+    return f"CASE WHEN starts_with({col}, ' ') OR ends_with({col}, ' ') THEN trim({col}) ELSE {col} END"
+
+
 _CLASSIFIED_SQL = f"""
-    SELECT n, rule, device_id_trim AS device_id, nullif(patient_id_trim, '') AS patient_id,
+    SELECT n{{extra}}, rule, device_id_trim AS device_id, nullif(patient_id_trim, '') AS patient_id,
            metric_trim AS metric, value_d, unit_trim AS unit, ts_t, ts
     FROM (
         SELECT t.*, CASE
@@ -214,9 +255,9 @@ _CLASSIFIED_SQL = f"""
                  WHEN ts_t IS NULL THEN 'bad_timestamp'
                END AS rule
         FROM (
-            SELECT n, parsed, ts, value, trim(device_id) AS device_id_trim,
-                   trim(patient_id) AS patient_id_trim, trim(metric) AS metric_trim,
-                   trim(unit) AS unit_trim, try_cast(value AS DOUBLE) AS value_d,
+            SELECT n{{extra}}, parsed, ts, value, {_trim("device_id")} AS device_id_trim,
+                   {_trim("patient_id")} AS patient_id_trim, {_trim("metric")} AS metric_trim,
+                   {_trim("unit")} AS unit_trim, try_cast(value AS DOUBLE) AS value_d,
                    coalesce(try_cast(ts AS TIMESTAMPTZ), try_cast(trim(ts) AS TIMESTAMPTZ)) AS ts_t
             FROM ({{parsed}})
         ) t
@@ -238,12 +279,196 @@ def _sql_str(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _load_file(store: Store, f: SourceFile, fs: FileStats) -> None:
-    """Load one file: every line parsed and checked once into ``_tele_cls`` (no filter under
-    the parse: DuckDB would re-evaluate the JSON transform per field), good lines into raw;
-    bad lines, only if the file has any, into quarantine."""
+# Files parsed together by one ``read_json`` (bounded by bytes: the checked rows of a batch
+# sit in one temporary table).
+BATCH_BYTES = int(os.environ.get("TWIN_TELEMETRY_BATCH_BYTES", str(256 << 20)))
+# The batch path can be switched off (``TWIN_TELEMETRY_BATCH=0``): every file line by line.
+BATCH_READ = os.environ.get("TWIN_TELEMETRY_BATCH", "1") != "0"
+_VARCHAR_COLUMNS = "{" + ", ".join(f"'{c}': 'VARCHAR'" for c in FIELDS) + "}"
+
+
+def _batchable(f: SourceFile, check: FileCheck) -> bool:
+    """A file the batch path may take: plain UTF-8 JSON lines with at least one line."""
+    return (
+        check.utf8
+        and not check.special
+        and not check.bom
+        and not check.wide_bom
+        and check.lines > (1 if _is_csv(f) else 0)
+    )
+
+
+def _is_csv(f: SourceFile) -> bool:
+    return f.rel.lower().endswith(".csv")
+
+
+def _csv_header(f: SourceFile) -> list[str] | None:
+    """The field names of a CSV file's first line (lower case), or None if it is not a plain
+    header of distinct names."""
+    with f.path.open(encoding="utf-8", newline="") as fh:
+        first = fh.readline().rstrip("\n")
+    try:
+        names = [h.strip().lower() for h in next(csv.reader([first]), [])]
+    except csv.Error:
+        return None
+    if not names or len(set(names)) != len(names) or any(not n for n in names):
+        return None
+    return names
+
+
+def _batches(files: Sequence[SourceFile]) -> Iterable[list[SourceFile]]:
+    batch: list[SourceFile] = []
+    size = 0
+    for f in sorted(files, key=lambda f: f.rel):
+        if _is_csv(f):  # a CSV file has its own header: a batch of its own
+            yield [f]
+            continue
+        if batch and size + f.size > BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(f)
+        size += f.size
+    if batch:
+        yield batch
+
+
+@contextlib.contextmanager
+def _parser(timezone: str) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A private in-memory DuckDB that only parses files: a statement that fails there (the
+    strict JSON reader rejecting a line) leaves the store's transaction untouched."""
+    con = duckdb.connect()
+    try:
+        limit = os.environ.get("TWIN_MEMORY_LIMIT", DEFAULT_MEMORY_LIMIT).replace("'", "")
+        con.execute(f"SET memory_limit = '{limit}'")
+        con.execute(f"SET TimeZone = '{timezone}'")
+        yield con
+    finally:
+        con.close()
+
+
+def _load_batch(
+    store: Store,
+    parser: duckdb.DuckDBPyConnection,
+    known: set[str],
+    files: list[SourceFile],
+    checks: dict[str, FileCheck],
+    stats: LoadStats,
+) -> list[SourceFile]:
+    """The common case, clean JSON-lines files, in one pass: DuckDB's own strict
+    newline-delimited JSON reader parses every file of the batch at once (all fields as text)
+    and each reading is checked once, into one Arrow table. The reader keeps the files' order
+    and each file's line order, never makes two rows of one line and skips only blank lines:
+    when the batch has as many rows as its files have lines, every file has exactly one row per
+    line, so a line number is a row offset (nothing per row is parsed or stored for it but an
+    integer). The files whose every line is a good reading are appended to raw in one
+    statement. Any other file (a bad line, an unknown metric code, a blank line), or the whole
+    batch when the strict reader rejects a line, goes back to the caller for the line-by-line
+    path, which quarantines exactly the bad lines; a batch of several files that does not load
+    as one is retried one file at a time."""
+    paths = "[" + ", ".join(_sql_str(str(f.path)) for f in files) + "]"
+    # Rows each file must give, and the line of its first row.
+    lines = [checks[f.rel].lines for f in files]
+    first_line = [1] * len(files)
+    if len(files) == 1 and _is_csv(files[0]):
+        names = _csv_header(files[0])
+        if names is None:
+            return files
+        columns = "{" + ", ".join(f"{_sql_str(n)}: 'VARCHAR'" for n in names) + "}"
+        fields = ", ".join(f'"{c}"' if c in names else f"NULL AS {c}" for c in FIELDS)
+        parsed = (
+            f"SELECT NULL::BIGINT AS n, {fields}, true AS parsed FROM read_csv({paths}, "
+            f"header=true, columns={columns}, delim=',', quote='\"', escape='\"', "
+            "auto_detect=false, strict_mode=true, null_padding=false)"
+        )
+        lines, first_line = [lines[0] - 1], [2]
+    else:
+        parsed = (
+            "SELECT NULL::BIGINT AS n, device_id, patient_id, metric, value, unit, ts, "
+            f"true AS parsed FROM read_json({paths}, format='newline_delimited', "
+            f"columns={_VARCHAR_COLUMNS})"
+        )
+    sql = _CLASSIFIED_SQL.replace("{parsed}", parsed).replace("{extra}", "")
+    try:
+        cls = parser.execute(
+            f"SELECT rule, device_id, patient_id, metric, value_d, unit, ts_t FROM ({sql})"
+        ).arrow()
+    except duckdb.Error:  # a line the strict reader rejects: find its file
+        return _retry_singly(store, parser, known, files, checks, stats)
+    if isinstance(cls, pa.RecordBatchReader):
+        cls = cls.read_all()
+    if cls.num_rows != sum(lines):
+        return _retry_singly(store, parser, known, files, checks, stats)
+    # Rows with a rule, or with a metric code outside the vocabulary, make their file dirty.
+    metric = cls.column("metric")
+    codes = pc.unique(metric).to_pylist()
+    unknown = [c for c in codes if c is not None and c.upper() not in known]
+    bad = pc.is_valid(cls.column("rule"))
+    if unknown:
+        bad = pc.or_(bad, pc.is_in(metric, value_set=pa.array(unknown, pa.string())))
+    bad_rows = pc.indices_nonzero(pc.fill_null(bad, False)).to_numpy()
+    ends = np.cumsum(lines)
+    dirty = {files[int(k)].rel for k in np.unique(np.searchsorted(ends, bad_rows, side="right"))}
+    keep = [k for k, f in enumerate(files) if f.rel not in dirty]
+    if keep:
+        starts = ends - np.asarray(lines)
+        take = np.concatenate([np.arange(starts[k], ends[k]) for k in keep])
+        file_no = np.concatenate([np.full(lines[k], i, np.int32) for i, k in enumerate(keep)])
+        line_no = np.concatenate([np.arange(first_line[k], first_line[k] + lines[k]) for k in keep])
+        good = cls if len(keep) == len(files) else cls.take(pa.array(take))
+        rels = pa.array([files[k].rel for k in keep], pa.string())
+        prefixes = pa.array([position_lineage_key(files[k].sha256, "") for k in keep], pa.string())
+        batch = pa.table(
+            {
+                "source_file": pa.DictionaryArray.from_arrays(pa.array(file_no), rels),
+                "key_prefix": pa.DictionaryArray.from_arrays(pa.array(file_no), prefixes),
+                "line": pa.array(line_no, pa.int64()),
+                "device_id": good.column("device_id"),
+                "patient_id": good.column("patient_id"),
+                "metric": good.column("metric"),
+                "value": good.column("value_d"),
+                "unit": good.column("unit"),
+                "ts": good.column("ts_t"),
+            }
+        )
+        name = f"_tele_batch_{id(batch):x}"
+        store.con.register(name, batch)
+        try:
+            with store.unordered():  # every row carries its own line number
+                store.con.execute(
+                    f"INSERT INTO {RAW_TABLE} BY NAME SELECT *, 'telemetry' AS source_kind "
+                    f"FROM {name}"
+                )
+        finally:
+            store.con.unregister(name)
+        for k in keep:
+            fs = stats.file(files[k].rel)
+            fs.records_in += lines[k]
+            fs.loaded += lines[k]
+    return [f for f in files if f.rel in dirty]
+
+
+def _retry_singly(
+    store: Store,
+    parser: duckdb.DuckDBPyConnection,
+    known: set[str],
+    files: list[SourceFile],
+    checks: dict[str, FileCheck],
+    stats: LoadStats,
+) -> list[SourceFile]:
+    """A batch of several files that did not load as one: each file as its own batch."""
+    if len(files) == 1:
+        return files
+    slow: list[SourceFile] = []
+    for f in files:
+        slow += _load_batch(store, parser, known, [f], checks, stats)
+    return slow
+
+
+def _load_file(store: Store, f: SourceFile, fs: FileStats, check: FileCheck) -> None:
+    """Load one file line by line: every line parsed and checked once into ``_tele_cls`` (no
+    filter under the parse: DuckDB would re-evaluate the JSON transform per field), good lines
+    into raw; bad lines, only if the file has any, into quarantine."""
     con = store.con
-    check = inspect_file(f.path)
     if check.wide_bom:
         fs.records_in += 1
         fs.quarantined += store.quarantine([_file_quarantine(f, check.wide_bom)])
@@ -291,7 +516,8 @@ def _load_file(store: Store, f: SourceFile, fs: FileStats) -> None:
     if not parsed:
         return
     con.execute(
-        "CREATE OR REPLACE TEMP TABLE _tele_cls AS " + _CLASSIFIED_SQL.replace("{parsed}", parsed)
+        "CREATE OR REPLACE TEMP TABLE _tele_cls AS "
+        + _CLASSIFIED_SQL.replace("{parsed}", parsed).replace("{extra}", "")
     )
     n = "n"
     if direct:
@@ -309,9 +535,10 @@ def _load_file(store: Store, f: SourceFile, fs: FileStats) -> None:
     prefix = _sql_str(position_lineage_key(f.sha256, ""))
     row = con.execute(
         f"""
-        INSERT INTO {RAW_TABLE}
-        SELECT {prefix} || 'line:' || {n}, {_sql_str(f.rel)}, 'line:' || {n}, NULL,
-               'telemetry', device_id, patient_id, NULL, metric, value_d, unit, ts_t, ts
+        INSERT INTO {RAW_TABLE} BY NAME
+        SELECT {_sql_str(f.rel)} AS source_file, 'telemetry' AS source_kind, device_id,
+               patient_id, metric, value_d AS value, unit, ts_t AS ts,
+               {prefix} AS key_prefix, {n} AS line
         FROM _tele_cls WHERE rule IS NULL{known}
         """
     ).fetchone()
