@@ -1,6 +1,7 @@
 """Twin assets: the graph (``twin/node``, ``twin/edge``), current state per twin, and what-if
 simulation runs (``twin/simulation_result``), each a governed, lineage-recorded run."""
 
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import dagster as dg
 from twin_pipeline.defs.common import governed_run
 from twin_pipeline.defs.resources import TwinResource
 from twin_pipeline.sources import sha256_file
+from twin_pipeline.store import Store
 from twin_pipeline.twin.graph import build_graph, ensure_graph_tables
 from twin_pipeline.twin.model import load_model
 from twin_pipeline.twin.scenario import load_scenario
@@ -79,6 +81,10 @@ def twin_node(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.Mater
     return run.result()
 
 
+GRAPH_CHECK = "graph_integrity"
+BASELINE_CHECK = "baseline_reproduces_history"
+
+
 @dg.asset(
     key=dg.AssetKey(["twin", "edge"]),
     deps=[dg.AssetKey(["twin", "node"])],
@@ -87,8 +93,19 @@ def twin_node(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.Mater
     owners=OWNERS,
     description="Twin graph edges (relationships with validity periods). Written together "
     "with twin/node; this asset reports them and the graph_integrity check guards them.",
+    check_specs=[
+        dg.AssetCheckSpec(
+            GRAPH_CHECK,
+            asset=dg.AssetKey(["twin", "edge"]),
+            blocking=True,
+            description="Every edge joins two existing twins and every node id is unique; "
+            "state and simulation assets do not run on a broken graph.",
+        )
+    ],
 )
-def twin_edge(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.MaterializeResult:
+def twin_edge(
+    context: dg.AssetExecutionContext, twin: TwinResource
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     with governed_run(context, twin, inputs=["twin.node"]) as run:
         ensure_graph_tables(run.store)
         rows = run.store.con.execute(
@@ -96,7 +113,11 @@ def twin_edge(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.Mater
         ).fetchall()
         run.outputs("twin.edge")
         run.meta(edges_by_rel=dg.MetadataValue.json({r[0]: int(r[1]) for r in rows}))
-    return run.result()
+        # The check runs in this step on this transaction's graph (no step of its own); a
+        # failure fails the step, so nothing downstream of twin/edge runs.
+        check = graph_integrity_result(run.store)
+    yield run.result()
+    yield check
 
 
 def _as_of() -> datetime | None:
@@ -173,10 +194,19 @@ class SimulationConfig(dg.Config):  # type: ignore[misc]
     description="A what-if simulation run (SimPy) of the imaging department and bed capacity: "
     "baseline fitted from the twin's history vs a scenario, with replications and 95% CIs. "
     + NOTICE,
+    check_specs=[
+        dg.AssetCheckSpec(
+            BASELINE_CHECK,
+            asset=dg.AssetKey(["twin", "simulation_result"]),
+            description="The fitted baseline's throughput is within 10% of the historical "
+            "throughput it was fitted on (latest simulation run); a twin without history "
+            "passes with a note.",
+        )
+    ],
 )
 def simulation_result(
     context: dg.AssetExecutionContext, twin: TwinResource, config: SimulationConfig
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     sc, path, sha = load_scenario(config.scenario)
     params = {"scenario_file": str(path), "scenario_sha256": sha, "scenario": sc.name}
     with governed_run(context, twin, inputs=["twin.node", "twin.edge"], params=params) as run:
@@ -221,32 +251,29 @@ def simulation_result(
             scenario_throughput=result.get("scenario_throughput") or 0.0,
             notice=NOTICE,
         )
-    return run.result()
+        check = baseline_result(run.store)
+    yield run.result()
+    yield check
 
 
-@dg.asset_check(
-    asset=dg.AssetKey(["twin", "edge"]),
-    name="graph_integrity",
-    blocking=True,
-    description="Every edge joins two existing twins and every node id is unique; state and "
-    "simulation assets do not run on a broken graph.",
-)
-def graph_integrity(twin: TwinResource) -> dg.AssetCheckResult:
-    with twin.open_store() as store:
-        ensure_graph_tables(store)
-        row = store.con.execute(
-            """
-            SELECT (SELECT count(*) FROM twin.twin.edge e WHERE NOT EXISTS
-                        (SELECT 1 FROM twin.twin.node n WHERE n.node_id = e.src)
-                     OR NOT EXISTS (SELECT 1 FROM twin.twin.node n WHERE n.node_id = e.dst)),
-                   (SELECT count(*) - count(DISTINCT node_id) FROM twin.twin.node),
-                   (SELECT count(*) FROM twin.twin.node),
-                   (SELECT count(*) FROM twin.twin.edge)
-            """
-        ).fetchone()
+def graph_integrity_result(store: Store) -> dg.AssetCheckResult:
+    """``twin/edge:graph_integrity`` evaluated on ``store`` (the edge asset's own step)."""
+    ensure_graph_tables(store)
+    row = store.con.execute(
+        """
+        SELECT (SELECT count(*) FROM twin.twin.edge e WHERE NOT EXISTS
+                    (SELECT 1 FROM twin.twin.node n WHERE n.node_id = e.src)
+                 OR NOT EXISTS (SELECT 1 FROM twin.twin.node n WHERE n.node_id = e.dst)),
+               (SELECT count(*) - count(DISTINCT node_id) FROM twin.twin.node),
+               (SELECT count(*) FROM twin.twin.node),
+               (SELECT count(*) FROM twin.twin.edge)
+        """
+    ).fetchone()
     broken, dup, nodes, edges = (int(x) for x in row) if row else (0, 0, 0, 0)
     return dg.AssetCheckResult(
+        check_name=GRAPH_CHECK,
         passed=broken == 0 and dup == 0,
+        severity=dg.AssetCheckSeverity.ERROR,
         metadata={
             "edges_to_missing_nodes": broken,
             "duplicate_node_ids": dup,
@@ -256,28 +283,29 @@ def graph_integrity(twin: TwinResource) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(
-    asset=dg.AssetKey(["twin", "simulation_result"]),
-    name="baseline_reproduces_history",
-    description="The fitted baseline's throughput is within 10% of the historical throughput "
-    "it was fitted on (latest simulation run); a twin without history passes with a note.",
-)
-def baseline_reproduces_history(twin: TwinResource) -> dg.AssetCheckResult:
-    with twin.open_store() as store:
-        row = None
-        if store.table_exists("twin.simulation_run"):
-            row = store.con.execute(
-                "SELECT sim_id, status, result->>'baseline_error_pct', scenario "
-                "FROM twin.twin.simulation_run ORDER BY created_at DESC LIMIT 1"
-            ).fetchone()
+def baseline_result(store: Store) -> dg.AssetCheckResult:
+    """``twin/simulation_result:baseline_reproduces_history`` on the latest stored run."""
+    row = None
+    if store.table_exists("twin.simulation_run"):
+        row = store.con.execute(
+            "SELECT sim_id, status, result->>'baseline_error_pct', scenario "
+            "FROM twin.twin.simulation_run ORDER BY created_at DESC LIMIT 1"
+        ).fetchone()
     if row is None:
-        return dg.AssetCheckResult(passed=False, metadata={"reason": "no simulation run stored"})
+        return dg.AssetCheckResult(
+            check_name=BASELINE_CHECK,
+            passed=False,
+            metadata={"reason": "no simulation run stored"},
+        )
     sid, status, err, scenario = row
     if status != "ok" or err is None:
         return dg.AssetCheckResult(
-            passed=True, metadata={"sim_id": sid, "status": status, "scenario": scenario}
+            check_name=BASELINE_CHECK,
+            passed=True,
+            metadata={"sim_id": sid, "status": status, "scenario": scenario},
         )
     return dg.AssetCheckResult(
+        check_name=BASELINE_CHECK,
         passed=float(err) <= 10.0,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"sim_id": sid, "scenario": scenario, "baseline_error_pct": float(err)},
@@ -285,7 +313,6 @@ def baseline_reproduces_history(twin: TwinResource) -> dg.AssetCheckResult:
 
 
 defs = dg.Definitions(
-    asset_checks=[graph_integrity, baseline_reproduces_history],
     assets=[
         twin_node,
         twin_edge,
