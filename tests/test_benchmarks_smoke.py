@@ -1,0 +1,57 @@
+"""The benchmarks run end to end at toy sizes and write the figures the issues name.
+
+Benchmarks are not timed here (no figure is asserted): these tests only keep `make bench` from
+breaking unnoticed when the code it drives changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.bench_pacs_telemetry import bench_telemetry
+
+ROOT = Path(__file__).resolve().parents[1]
+ISSUE_11_KEYS = {
+    "patients",
+    "baseline_s",
+    "governed_s",
+    "ratio_structured",
+    "ratio_total",
+    "stage_s",
+    "peak_rss_mb",
+    "deid_notes_per_s",
+    "scaling_10k_over_1k",
+}
+
+
+def test_pipeline_bench_writes_the_issue_figures(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {**os.environ, "TWIN_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--only", "pipeline", "--patients", "20"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((home / "bench" / "results.json").read_text())
+    assert set(res) >= ISSUE_11_KEYS
+    assert res["patients"] == 20 and res["success"] is True
+    assert res["governed_s"] > 0 and res["baseline_s"] > 0
+    assert res["ratio_total"] >= res["ratio_structured"] > 0
+    assert {"raw", "harmonized", "deid"} <= set(res["stage_s"])
+    assert res["scaling_10k_over_1k"] is None  # one size only
+    assert "ratio structured" in out.stdout and "peak memory" in out.stdout
+
+
+def test_telemetry_bench_loads_every_reading(tmp_path: Path) -> None:
+    res = bench_telemetry(tmp_path, 4_000)
+    assert res["readings"] == res["harmonized"] == 4_000
+    assert res["ours_s"] > 0 and res["plain_load_s"] > 0
+    assert set(res["ours_cpu_by_step_s"]) == {"raw", "harmonize", "aggregates"}
