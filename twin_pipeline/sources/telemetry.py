@@ -281,7 +281,7 @@ def _sql_str(text: str) -> str:
 
 # Files parsed together by one ``read_json`` (bounded by bytes: the checked rows of a batch
 # sit in one temporary table).
-BATCH_BYTES = int(os.environ.get("TWIN_TELEMETRY_BATCH_BYTES", str(256 << 20)))
+BATCH_BYTES = int(os.environ.get("TWIN_TELEMETRY_BATCH_BYTES", str(128 << 20)))
 # The batch path can be switched off (``TWIN_TELEMETRY_BATCH=0``): every file line by line.
 BATCH_READ = os.environ.get("TWIN_TELEMETRY_BATCH", "1") != "0"
 _VARCHAR_COLUMNS = "{" + ", ".join(f"'{c}': 'VARCHAR'" for c in FIELDS) + "}"
