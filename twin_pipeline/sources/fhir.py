@@ -34,6 +34,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from twin_pipeline.memory import release as release_memory
 from twin_pipeline.sources import LoadStats, SourceFile, SourceReader, register
 from twin_pipeline.store import QuarantineRow, Store, lineage_key
 
@@ -728,6 +729,7 @@ class FhirReader(SourceReader):
                 if size >= CHUNK_BYTES:
                     self._load_chunk(chunk, store, stats, prof)
                     chunk, size = [], 0
+                    release_memory()  # the chunk's Arrow batches and heap, before the next
             if chunk:
                 self._load_chunk(chunk, store, stats, prof)
         finally:
