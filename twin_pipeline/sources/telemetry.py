@@ -389,13 +389,17 @@ def _load_batch(
         )
     sql = _CLASSIFIED_SQL.replace("{parsed}", parsed).replace("{extra}", "")
     try:
-        cls = parser.execute(
-            f"SELECT rule, device_id, patient_id, metric, value_d, unit, ts_t FROM ({sql})"
-        ).arrow()
+        # Checked into a table first (both threads; an ordered result fetched straight to Arrow
+        # is built by one), then handed over as Arrow.
+        parser.execute(
+            "CREATE OR REPLACE TEMP TABLE _tele_cls AS SELECT rule, device_id, patient_id, "
+            f"metric, value_d, unit, ts_t FROM ({sql})"
+        )
+        cls = parser.execute("SELECT * FROM _tele_cls").fetch_arrow_table()
     except duckdb.Error:  # a line the strict reader rejects: find its file
         return _retry_singly(store, parser, known, files, checks, stats)
-    if isinstance(cls, pa.RecordBatchReader):
-        cls = cls.read_all()
+    finally:
+        parser.execute("DROP TABLE IF EXISTS _tele_cls")
     if cls.num_rows != sum(lines):
         return _retry_singly(store, parser, known, files, checks, stats)
     # Rows with a rule, or with a metric code outside the vocabulary, make their file dirty.
