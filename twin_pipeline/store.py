@@ -144,6 +144,11 @@ def httpfs_extension_path() -> Path:
 DEFAULT_MEMORY_LIMIT = "1GB"
 
 
+def memory_limit() -> str:
+    """DuckDB's buffer-pool cap for a connection of this process (``TWIN_MEMORY_LIMIT``)."""
+    return os.environ.get("TWIN_MEMORY_LIMIT", DEFAULT_MEMORY_LIMIT).replace("'", "")
+
+
 def configure_connection(con: duckdb.DuckDBPyConnection, settings: Settings) -> None:
     """Memory cap and spill location of a store connection.
 
@@ -153,7 +158,7 @@ def configure_connection(con: duckdb.DuckDBPyConnection, settings: Settings) -> 
     buffer pool per process, so a 10k-patient run stays within a laptop's memory."""
     spill = settings.spill_dir
     spill.mkdir(mode=0o700, exist_ok=True)
-    limit = os.environ.get("TWIN_MEMORY_LIMIT", DEFAULT_MEMORY_LIMIT).replace("'", "")
+    limit = memory_limit()
     con.execute(f"SET temp_directory = '{str(spill).replace(chr(39), chr(39) * 2)}'")
     con.execute("SET temp_file_encryption = true")
     con.execute(f"SET memory_limit = '{limit}'")

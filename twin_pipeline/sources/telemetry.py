@@ -50,10 +50,10 @@ import pyarrow.compute as pc
 from twin_pipeline.harmonize.telemetry_config import TelemetrySpec, load_telemetry_spec
 from twin_pipeline.sources import FileStats, LoadStats, SourceFile, SourceReader, register
 from twin_pipeline.store import (
-    DEFAULT_MEMORY_LIMIT,
     QuarantineRow,
     Store,
     lineage_key,
+    memory_limit,
     position_lineage_key,
 )
 
@@ -198,8 +198,10 @@ class TelemetryReader(SourceReader):
         con.execute(f"SET TimeZone = '{spec.default_timezone}'")
         try:
             checks = {f.rel: inspect_file(f.path) for f in files}
-            slow = [f for f in files if not (BATCH_READ and _batchable(f, checks[f.rel]))]
-            batchable = [f for f in files if BATCH_READ and _batchable(f, checks[f.rel])]
+            batchable: list[SourceFile] = []
+            slow: list[SourceFile] = []
+            for f in files:
+                (batchable if BATCH_READ and _batchable(f, checks[f.rel]) else slow).append(f)
             if batchable:
                 known = {alias.upper() for alias in spec.alias_map()}
                 with _parser(spec.default_timezone) as parser:
@@ -338,8 +340,7 @@ def _parser(timezone: str) -> Iterator[duckdb.DuckDBPyConnection]:
     strict JSON reader rejecting a line) leaves the store's transaction untouched."""
     con = duckdb.connect()
     try:
-        limit = os.environ.get("TWIN_MEMORY_LIMIT", DEFAULT_MEMORY_LIMIT).replace("'", "")
-        con.execute(f"SET memory_limit = '{limit}'")
+        con.execute(f"SET memory_limit = '{memory_limit()}'")
         con.execute(f"SET TimeZone = '{timezone}'")
         yield con
     finally:
@@ -432,18 +433,13 @@ def _load_batch(
                 "value": good.column("value_d"),
                 "unit": good.column("unit"),
                 "ts": good.column("ts_t"),
+                "source_kind": pa.DictionaryArray.from_arrays(
+                    pa.array(np.zeros(len(line_no), np.int32)), pa.array(["telemetry"])
+                ),
             }
         )
-        name = f"_tele_batch_{id(batch):x}"
-        store.con.register(name, batch)
-        try:
-            with store.unordered():  # every row carries its own line number
-                store.con.execute(
-                    f"INSERT INTO {RAW_TABLE} BY NAME SELECT *, 'telemetry' AS source_kind "
-                    f"FROM {name}"
-                )
-        finally:
-            store.con.unregister(name)
+        with store.unordered():  # every row carries its own line number
+            store.insert_arrow(RAW_TABLE, batch, by_name=True)
         for k in keep:
             fs = stats.file(files[k].rel)
             fs.records_in += lines[k]
@@ -479,7 +475,7 @@ def _load_file(store: Store, f: SourceFile, fs: FileStats, check: FileCheck) -> 
         return
     bad = 0
     path = str(f.path).replace("'", "''")
-    is_csv = f.rel.lower().endswith(".csv")
+    is_csv = _is_csv(f)
     read_lines = (
         f"read_csv('{path}', columns={{'line': 'VARCHAR'}}, delim=chr(31), quote='', "
         "escape='', header=false, auto_detect=false, strict_mode=false)"
