@@ -33,8 +33,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy twin_pipeline
 
+# two xdist workers, one test file each at a time (module fixtures are built once); TEST_WORKERS=0
+# runs the suite in one process
+TEST_WORKERS ?= 2
 test: $(STAMP) lint typecheck
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 ui: $(STAMP)
 	DAGSTER_HOME=$(TWIN_HOME)/dagster $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

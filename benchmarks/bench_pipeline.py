@@ -96,7 +96,8 @@ def baseline_load(landing: Path, db: Path) -> dict[str, float]:
 
 def governed_run(landing: Path, home: Path) -> tuple[dict[str, Any], float, float, float]:
     """``twin run`` in a subprocess; returns its JSON summary, wall seconds and the peaks of
-    the process tree's summed RSS and summed PSS (MB)."""
+    the process tree's summed RSS and summed PSS (MB). The summary gains ``peak_pss_step``:
+    the asset step running when the PSS peak was sampled."""
     settings = Settings.from_env(home).ensure()
     KeyRing(settings.keys_dir).init(if_missing=True)
     env = {**os.environ, "TWIN_HOME": str(home)}
@@ -109,20 +110,22 @@ def governed_run(landing: Path, home: Path) -> tuple[dict[str, Any], float, floa
         text=True,
     )
     peak = peak_pss = 0.0
+    peak_at = 0.0  # wall clock (time.time) of the PSS peak
     stop = threading.Event()
 
     def sample() -> None:
         # RSS summed over the process tree counts pages that forked workers share with the
         # pipeline process once per process; PSS (proportional set size) splits each shared
         # page between its sharers, so its sum is the memory the tree really holds.
-        nonlocal peak, peak_pss
+        nonlocal peak, peak_pss, peak_at
         ps = psutil.Process(proc.pid)
         while not stop.is_set():
             try:
                 procs = [ps, *ps.children(recursive=True)]
                 peak = max(peak, sum(p.memory_info().rss for p in procs) / 2**20)
                 pss = sum(getattr(p.memory_full_info(), "pss", 0) for p in procs) / 2**20
-                peak_pss = max(peak_pss, pss)
+                if pss > peak_pss:
+                    peak_pss, peak_at = pss, time.time()
             except psutil.Error:
                 pass
             time.sleep(0.2)
@@ -136,9 +139,22 @@ def governed_run(landing: Path, home: Path) -> tuple[dict[str, Any], float, floa
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"twin run failed ({proc.returncode}): {err[-2000:]}")
     summary: dict[str, Any] = json.loads(out)
+    summary["peak_pss_step"] = _step_at(settings, summary["run_id"], peak_at)
     if not summary["success"]:
         print(f"  warning: governed run reported failures: {summary['failures'][:3]}")
     return summary, wall, peak, peak_pss
+
+
+def _step_at(settings: Settings, run_id: str, when: float) -> str | None:
+    """The asset step of ``run_id`` that was running at ``when`` (None: between steps)."""
+    from twin_pipeline.defs.runner import dagster_instance, step_spans
+
+    instance = dagster_instance(settings)
+    try:
+        spans = step_spans(instance, run_id)
+    finally:
+        instance.dispose()
+    return next((k for k, (t0, t1) in spans.items() if t0 <= when <= t1), None)
 
 
 def stage_seconds(steps: dict[str, float]) -> dict[str, float]:
@@ -187,15 +203,17 @@ def measure(workdir: Path, patients: int) -> dict[str, Any]:
         "ratio_structured": round(structured / base["total"], 2),
         "ratio_total": round(governed / base["total"], 2),
         "stage_s": stages,
+        "step_s": summary.get("steps_s", {}),
         "peak_rss_mb": round(peak, 1),
         "peak_pss_mb": round(peak_pss, 1),
+        "peak_pss_step": summary.get("peak_pss_step"),
         "deid_notes_per_s": round(counts["notes"] / free_text, 1) if free_text else None,
         "success": summary["success"],
     }
     print(
         f"  governed (twin run through Dagster): {governed:.1f} s, peak memory of the process "
         f"tree {peak_pss:.0f} MB PSS ({peak:.0f} MB summed RSS, shared pages counted per "
-        "process) (goal <= 2 GB)"
+        f"process) (goal <= 2 GB), peak during {summary.get('peak_pss_step') or 'no step'}"
     )
     for stage, s in sorted(stages.items(), key=lambda kv: -kv[1]):
         print(f"    {stage:16s} {s:8.2f} s")

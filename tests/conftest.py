@@ -26,3 +26,15 @@ def shared_data() -> Path:
     if not SHARED_DATA_DIR.is_dir():
         pytest.skip(f"shared real data not present at {SHARED_DATA_DIR}")
     return SHARED_DATA_DIR
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules marked ``slow`` first, heaviest (``weight``) first: `make test` runs the suite on
+    two xdist workers, one file per worker at a time, and a long module picked up last would
+    leave one worker idle while the other finishes it."""
+
+    def weight(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("slow")
+        return 0.0 if mark is None else float(mark.kwargs.get("weight", 1))
+
+    items.sort(key=lambda item: -weight(item))  # stable: collection order within a weight

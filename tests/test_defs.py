@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from twin_pipeline.definitions import ALL_JOB, defs
 from twin_pipeline.paths import Settings
+
+pytestmark = pytest.mark.slow  # runs the whole pipeline: scheduled first (conftest)
 
 
 def test_definitions_resolve() -> None:

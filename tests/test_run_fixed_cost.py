@@ -7,10 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from twin_pipeline.defs.runner import dagster_instance, run_pipeline, run_status, step_spans
 from twin_pipeline.paths import Settings
 from twin_pipeline.store import Store
+
+pytestmark = pytest.mark.slow  # runs the whole pipeline: scheduled first (conftest)
 
 
 def test_runs_recorded_through_pooled_connections_read_back_whole(

@@ -270,6 +270,8 @@ class _SharedConnection:
 
 
 _SHARED = _SharedConnection()
+# store files this process has brought to SCHEMA_VERSION (Store.ensure_schema)
+_ENSURED: set[Path] = set()
 
 
 @dataclass
@@ -308,6 +310,14 @@ def fully_qualified(qualified: str) -> str:
     """``schema.table`` with the catalog in front: ``twin.node`` alone is ambiguous, because the
     catalog and one of its schemas are both named ``twin``."""
     return f"{CATALOG}.{qualified}" if qualified.count(".") == 1 else qualified
+
+
+def _quoted(qualified: str) -> str | None:
+    """``schema.table`` as a quoted name in the store catalog (None when not ``schema.table``)."""
+    schema, _, name = qualified.partition(".")
+    if not schema or not name:
+        return None
+    return ".".join('"' + p.replace('"', '""') + '"' for p in (CATALOG, schema, name))
 
 
 @dataclass
@@ -389,7 +399,22 @@ class Store:
 
     # -- schema ------------------------------------------------------------------------------
     def ensure_schema(self) -> None:
-        """Create the schemas and governance tables; migrate an older store to this version."""
+        """Create the schemas and governance tables; migrate an older store to this version.
+
+        Every asset step opens the store; once this process has brought a store file to this
+        version, a later open only reads the recorded version (one query, not ten). A store
+        file created anew since then has no version recorded and takes the full path."""
+        path = self.settings.store_path
+        if path in _ENSURED:
+            try:
+                row = self.con.execute(
+                    "SELECT value FROM governance.store_meta WHERE key = 'schema_version'"
+                ).fetchone()
+            except duckdb.CatalogException:
+                row = None
+            if row is not None and row[0] == str(SCHEMA_VERSION):
+                return
+            _ENSURED.discard(path)
         with self.transaction():
             had_meta = self.table_exists("governance.store_meta")
             for schema in SCHEMAS:
@@ -422,6 +447,7 @@ class Store:
                 "INSERT OR REPLACE INTO governance.store_meta VALUES ('schema_version', ?)",
                 [str(SCHEMA_VERSION)],
             )
+        _ENSURED.add(path)
 
     def schema_version(self) -> int:
         row = self.con.execute(
@@ -466,13 +492,18 @@ class Store:
 
     # -- helpers used by every stage -------------------------------------------------------
     def table_exists(self, qualified: str) -> bool:
-        schema, _, name = qualified.partition(".")
-        row = self.con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND schema_name = ? "
-            "AND table_name = ?",
-            [CATALOG, schema, name],
-        ).fetchone()
-        return bool(row and row[0])
+        """Whether the store has this table. A probe of the table itself: listing
+        ``duckdb_tables()`` builds every table's row (its CREATE statement among them) and cost
+        ~2 ms a call, ~570 calls a run. The store catalog holds tables only, no views; a missing
+        table is a catalog error, which leaves an open transaction usable."""
+        name = _quoted(qualified)
+        if name is None:
+            return False
+        try:
+            self.con.execute(f"SELECT 1 FROM {name} LIMIT 0")
+        except duckdb.CatalogException:
+            return False
+        return True
 
     def tables(self, schemas: Sequence[str] = SCHEMAS) -> list[str]:
         rows = self.con.execute(
@@ -483,15 +514,16 @@ class Store:
         return [r[0] for r in rows if r[0].split(".")[0] in schemas]
 
     def columns(self, qualified: str) -> list[tuple[str, str]]:
-        schema, _, name = qualified.partition(".")
-        return [
-            (r[0], r[1])
-            for r in self.con.execute(
-                "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = ? "
-                "AND schema_name = ? AND table_name = ? ORDER BY column_index",
-                [CATALOG, schema, name],
-            ).fetchall()
-        ]
+        """(name, type) of each column in order; [] when there is no such table. ``DESCRIBE``
+        gives the types ``duckdb_columns()`` does, at a fifth of its cost."""
+        name = _quoted(qualified)
+        if name is None:
+            return []
+        try:
+            rows = self.con.execute(f"DESCRIBE {name}").fetchall()
+        except duckdb.CatalogException:
+            return []
+        return [(str(r[0]), str(r[1])) for r in rows]
 
     def insert_arrow(
         self, table: str, batch: Any, *, or_replace: bool = False, by_name: bool = False

@@ -17,6 +17,8 @@ from twin_pipeline.generate import generate_hospital
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.paths import Settings
 
+pytestmark = pytest.mark.slow(weight=4)  # the longest module (~4 min): scheduled first
+
 DATA_SCHEMAS = ("raw.", "harmonized.", "deid.", "twin.")
 # Simulation results are a history of what-if runs (one row per scenario and twin snapshot), not
 # twin state; their reproducibility for a seed is tested in tests/twin.

@@ -25,6 +25,7 @@ from twin_pipeline.paths import Settings
 from twin_pipeline.sources import discover, load_readers
 from twin_pipeline.store import Store
 
+pytestmark = pytest.mark.slow  # runs the whole pipeline: scheduled first (conftest)
 TARGETS = ("fhir_ndjson", "fhir_bundle")
 FUZZ = settings(
     max_examples=50,
