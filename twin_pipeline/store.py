@@ -312,6 +312,22 @@ def fully_qualified(qualified: str) -> str:
     return f"{CATALOG}.{qualified}" if qualified.count(".") == 1 else qualified
 
 
+#: The name under which :func:`execute_over` shows its batch to the statement.
+BATCH = "_twin_arrow_batch"
+
+
+def execute_over(con: duckdb.DuckDBPyConnection, sql: str, batch: Any) -> None:
+    """Run ``sql``, which reads ``batch`` (a pyarrow table or a DataFrame) as ``_twin_arrow_batch``.
+
+    Not ``register``/``unregister``: DuckDB versions its catalog, so a view registered and
+    dropped inside a transaction keeps its Python object, every buffer of the batch, alive
+    until the transaction ends. The FHIR reader's inserts kept ~680 MB of Arrow memory alive
+    in the 10k-patient ``raw/fhir`` step that way (issue #11). DuckDB's replacement scan of a
+    local variable holds the batch only while the statement runs."""
+    _twin_arrow_batch = batch  # read by name by DuckDB's replacement scan
+    con.execute(sql)
+
+
 def _quoted(qualified: str) -> str | None:
     """``schema.table`` as a quoted name in the store catalog (None when not ``schema.table``)."""
     schema, _, name = qualified.partition(".")
@@ -531,14 +547,9 @@ class Store:
         """Append a pyarrow table whose columns match ``table`` (in order, or ``by_name``) in one
         statement (``executemany`` would run one INSERT per row: slow, and ``INSERT OR REPLACE``
         into a keyed table keeps an index delta per row in the transaction's memory)."""
-        name = f"_arrow_{uuid.uuid4().hex[:12]}"
-        self.con.register(name, batch)
-        try:
-            verb = "INSERT OR REPLACE" if or_replace else "INSERT"
-            names = " BY NAME" if by_name else ""
-            self.con.execute(f"{verb} INTO {table}{names} SELECT * FROM {name}")
-        finally:
-            self.con.unregister(name)
+        verb = "INSERT OR REPLACE" if or_replace else "INSERT"
+        names = " BY NAME" if by_name else ""
+        execute_over(self.con, f"{verb} INTO {table}{names} SELECT * FROM {BATCH}", batch)
 
     def quarantine(self, rows: Iterable[QuarantineRow]) -> int:
         """Append quarantined records (idempotent on stage/table/file/position/rule)."""

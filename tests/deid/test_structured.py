@@ -212,3 +212,28 @@ def test_table_without_person_gets_written(store: Store) -> None:
     assert res.status == "written" and res.rows == 1
     cols = {c for c, _ in store.columns("deid.location")}
     assert {"city", "latitude", "longitude"}.isdisjoint(cols) and "name" in cols
+
+
+def test_each_person_and_text_pair_goes_through_the_engine_once(store: Store) -> None:
+    """Rows sharing (person, text) are analyzed once and all get that one redaction; the same
+    text of another person is analyzed for that person (its deny-list and offset differ)."""
+    store.con.execute(
+        "INSERT INTO harmonized.document_reference SELECT d.* REPLACE ("
+        "'d' || (10 + i) AS document_id, CASE WHEN i < 3 THEN 'p1' ELSE 'p2' END AS patient_id, "
+        "'Same words for everyone' AS note_text, 'lkx' || i AS lineage_key) "
+        "FROM harmonized.document_reference d, range(5) r(i) WHERE document_id = 'd2'"
+    )
+    seen: list[tuple[str, str]] = []
+
+    def counting(items: list[tuple[str, str]], key: bytes) -> list[str]:
+        seen.extend(items)
+        return [f"[{p}] {t.upper()}" for p, t in items]
+
+    res = deidentify_table(store, load_policy(), "document_reference", text_fn=counting)
+    assert res.texts_redacted == 7 and res.texts_analyzed == 4
+    assert len(seen) == len(set(seen)) == 4
+    got = dict(_rows(store, "SELECT lineage_key, note_text FROM deid.document_reference"))
+    assert [got[f"lkx{i}"] for i in range(5)] == ["[p1] SAME WORDS FOR EVERYONE"] * 3 + [
+        "[p2] SAME WORDS FOR EVERYONE"
+    ] * 2
+    assert got["lk4"] == "[p1] QUINN, AVERY FOLLOW-UP ON 03/11/2024."

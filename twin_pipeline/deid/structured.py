@@ -36,6 +36,7 @@ class DeidResult:
     key_fingerprint: str | None = None
     columns: dict[str, str] = field(default_factory=dict)  # output column -> action
     texts_redacted: int = 0
+    texts_analyzed: int = 0  # distinct (person, text) pairs the text engine saw
     text_workers: int = 0  # worker processes the free text used (1: no pool)
     reason: str | None = None
     unused_rules: list[str] = field(default_factory=list)
@@ -50,6 +51,7 @@ class DeidResult:
             md["actions"] = ", ".join(f"{c}={a}" for c, a in self.columns.items())
         if self.texts_redacted:
             md["texts_redacted"] = self.texts_redacted
+            md["texts_analyzed"] = self.texts_analyzed
             md["text_workers"] = self.text_workers
         if self.unused_rules:
             md["unused_rules"] = ", ".join(self.unused_rules)
@@ -254,7 +256,7 @@ def deidentify_table(
     select: list[str] = []
     joins: list[str] = [join] if join else []
     actions: dict[str, str] = {}
-    texts = text_workers = 0
+    texts = analyzed = text_workers = 0
     registered: list[str] = []
     try:
         pm, _ = _keyed_map(
@@ -301,7 +303,12 @@ def deidentify_table(
                     f"FROM __deid_src WHERE {_q(col)} IS NOT NULL"
                 ).fetchall()
                 fn_text = text_fn or default_text_fn(store, policy.date_shift.max_days)
-                redacted = fn_text([(p, t) for _, p, t in rows], key) if rows else []
+                # A text's redaction depends only on (person, text) under the key: each pair
+                # goes through the engine once (the instances of a series share a comment).
+                pairs: dict[tuple[str, str], int] = {}
+                slots = [pairs.setdefault((p, t), len(pairs)) for _, p, t in rows]
+                once = fn_text(list(pairs), key) if pairs else []
+                redacted = [once[k] for k in slots]
                 text_workers = max(text_workers, getattr(fn_text, "workers_used", 0) or 0)
                 view = f"__t_{col}"
                 con.register(
@@ -316,6 +323,7 @@ def deidentify_table(
                 registered.append(view)
                 joins.append(f"LEFT JOIN {view} ON {view}.__rn = s.__rn")
                 texts += len(rows)
+                analyzed += len(pairs)
             select.append(f"{expr} AS {_q(name)}")
             actions[name] = r.action if r.action != "generalize" else f"generalize:{r.to}"
         for name, add in rule.add.items():
@@ -346,6 +354,7 @@ def deidentify_table(
         key_fingerprint=kv.fingerprint,
         columns=actions,
         texts_redacted=texts,
+        texts_analyzed=analyzed,
         text_workers=text_workers,
         unused_rules=unused,
     )

@@ -36,7 +36,7 @@ from typing import Any
 
 from twin_pipeline.memory import release as release_memory
 from twin_pipeline.sources import LoadStats, SourceFile, SourceReader, register
-from twin_pipeline.store import QuarantineRow, Store, lineage_key
+from twin_pipeline.store import BATCH, QuarantineRow, Store, execute_over, lineage_key
 
 RAW_TABLE = "raw.fhir_resource"
 DDL = f"""
@@ -856,16 +856,14 @@ def _insert(store: Store, rows: list[tuple[Any, ...]]) -> None:
         {c: pa.array(v, type=t) for (c, t), v in zip(_COLUMNS.items(), columns, strict=True)}
     )
     del columns
-    store.con.register("_fhir_batch", tbl)
-    try:
-        store.con.execute(
-            f"INSERT INTO {RAW_TABLE} SELECT lineage_key, source_file, position, ordinal, "
-            "record_hash, resource_type, resource_id, version_id, "
-            "TRY_CAST(last_updated AS TIMESTAMPTZ), bundle_type, bundle_id, full_url, "
-            "request_method, request_url, payload::JSON FROM _fhir_batch"
-        )
-    finally:
-        store.con.unregister("_fhir_batch")
+    execute_over(
+        store.con,
+        f"INSERT INTO {RAW_TABLE} SELECT lineage_key, source_file, position, ordinal, "
+        "record_hash, resource_type, resource_id, version_id, "
+        "TRY_CAST(last_updated AS TIMESTAMPTZ), bundle_type, bundle_id, full_url, "
+        f"request_method, request_url, payload::JSON FROM {BATCH}",
+        tbl,
+    )
 
 
 @dataclass

@@ -50,8 +50,10 @@ import pyarrow.compute as pc
 from twin_pipeline.harmonize.telemetry_config import TelemetrySpec, load_telemetry_spec
 from twin_pipeline.sources import FileStats, LoadStats, SourceFile, SourceReader, register
 from twin_pipeline.store import (
+    BATCH,
     QuarantineRow,
     Store,
+    execute_over,
     lineage_key,
     memory_limit,
     position_lineage_key,
@@ -682,11 +684,7 @@ def _stage_lines_python(store: Store, f: SourceFile) -> int:
         good.append(text)
     batch = pa.table({"n": pa.array(good_n, pa.int64()), "line": pa.array(good, pa.string())})
     con = store.con
-    con.register("_tele_lines_batch", batch)
-    try:
-        con.execute("CREATE OR REPLACE TEMP TABLE _tele_lines AS SELECT * FROM _tele_lines_batch")
-    finally:
-        con.unregister("_tele_lines_batch")
+    execute_over(con, f"CREATE OR REPLACE TEMP TABLE _tele_lines AS SELECT * FROM {BATCH}", batch)
     return store.quarantine(bad)
 
 
