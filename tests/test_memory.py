@@ -235,3 +235,19 @@ def test_arrow_batches_are_not_held_until_the_transaction_ends(twin_home: Settin
         assert held < 1_000_000, f"{held / 2**20:.1f} MB of Arrow batches still alive"
         assert store.row_count("raw.t") == 5 * rows
         assert store.row_count(fhir.RAW_TABLE) == rows
+
+
+def test_execute_over_works_without_replacement_scans() -> None:
+    """The query gateway's connections have external access off, which turns off DuckDB's
+    replacement scans: the batch is registered there instead."""
+    import duckdb
+    import pyarrow as pa
+
+    from twin_pipeline.store import BATCH, execute_over
+
+    con = duckdb.connect(config={"enable_external_access": False})
+    con.execute("CREATE TABLE t (a INTEGER)")
+    execute_over(con, f"INSERT INTO t SELECT a FROM {BATCH}", pa.table({"a": [1, 2, 3]}))
+    assert con.execute("SELECT sum(a) FROM t").fetchone() == (6,)
+    with pytest.raises(duckdb.CatalogException, match="nowhere"):
+        execute_over(con, f"INSERT INTO nowhere SELECT a FROM {BATCH}", pa.table({"a": [1]}))

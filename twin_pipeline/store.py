@@ -323,9 +323,19 @@ def execute_over(con: duckdb.DuckDBPyConnection, sql: str, batch: Any) -> None:
     dropped inside a transaction keeps its Python object, every buffer of the batch, alive
     until the transaction ends. The FHIR reader's inserts kept ~680 MB of Arrow memory alive
     in the 10k-patient ``raw/fhir`` step that way (issue #11). DuckDB's replacement scan of a
-    local variable holds the batch only while the statement runs."""
+    local variable holds the batch only while the statement runs. A connection with external
+    access off (the query gateway's) has no replacement scans: there the batch is registered."""
     _twin_arrow_batch = batch  # read by name by DuckDB's replacement scan
-    con.execute(sql)
+    try:
+        con.execute(sql)
+    except duckdb.CatalogException as exc:
+        if BATCH not in str(exc):
+            raise
+        con.register(BATCH, batch)
+        try:
+            con.execute(sql)
+        finally:
+            con.unregister(BATCH)
 
 
 def _quoted(qualified: str) -> str | None:
