@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from twin_pipeline.store import Store
+from twin_pipeline.twin import simulate as simulate_module
 from twin_pipeline.twin import synthetic
 from twin_pipeline.twin.fit import fit_history
 from twin_pipeline.twin.graph import GraphReport
@@ -245,3 +247,42 @@ def test_every_shipped_scenario_runs(name: str, graph_store: tuple[Store, GraphR
     if sc.explicit is None:
         assert r["baseline_error_pct"] < 10
     assert r["scenario_throughput"] > 0
+
+
+def _arm_in(pid_dir: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+    """``_run_arm`` that leaves a file named after the process it ran in (module level: the
+    pool pickles it by name)."""
+    import os
+
+    Path(pid_dir, str(os.getpid())).touch()
+    return _RUN_ARM(*args, **kwargs)
+
+
+_RUN_ARM = simulate_module._run_arm
+
+
+def test_worker_processes_give_the_same_result(
+    graph_store: tuple[Store, GraphReport], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Replications run in forked workers from PARALLEL_MIN_TASKS arms: every figure is the
+    one a single process computes (each arm draws from its own seeded streams)."""
+    import functools
+    import os
+
+    store, _ = graph_store
+    sc, _, _ = load_scenario("add_ct_scanner")
+    strip = ("wall_s", "events_per_s")
+    results = {}
+    for workers in ("1", "2"):
+        pid_dir = tmp_path / workers
+        pid_dir.mkdir()
+        monkeypatch.setattr(simulate_module, "_run_arm", functools.partial(_arm_in, str(pid_dir)))
+        monkeypatch.setenv("TWIN_SIM_WORKERS", workers)
+        r = run_simulation(store, sc, replications=4, seed=11)
+        results[workers] = {k: v for k, v in r.items() if k not in strip}
+    assert results["1"] == results["2"]
+    assert {p.name for p in (tmp_path / "1").iterdir()} == {str(os.getpid())}
+    in_workers = {p.name for p in (tmp_path / "2").iterdir()}
+    assert in_workers and str(os.getpid()) not in in_workers
+    monkeypatch.delenv("TWIN_SIM_WORKERS")
+    assert simulate_module._sim_workers(simulate_module.PARALLEL_MIN_TASKS - 1) == 1
