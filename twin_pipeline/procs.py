@@ -10,7 +10,16 @@ run). Every pool we start runs :func:`worker_init` first.
 from __future__ import annotations
 
 import gc
+import os
 import signal
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity; the CPU count where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def worker_init() -> None:

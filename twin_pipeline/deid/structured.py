@@ -22,7 +22,7 @@ from twin_pipeline.deid import keyed
 from twin_pipeline.deid.policy import ColumnRule, DeidPolicy, TableRule, check_coverage
 from twin_pipeline.errors import PolicyViolation
 from twin_pipeline.keys import KeyRing
-from twin_pipeline.store import Store
+from twin_pipeline.store import BATCH, Store, execute_over
 
 TextFn = Callable[[list[tuple[str, str]], bytes], list[str]]
 
@@ -161,12 +161,11 @@ def _keyed_map(
         ],
         type=out_type,
     )
-    view = f"{name}_arrow"
-    con.register(view, pa.table({"v": tbl.column("v"), "p": mapped}))
-    try:
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT v, p FROM {view}")
-    finally:
-        con.unregister(view)
+    execute_over(
+        con,
+        f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT v, p FROM {BATCH}",
+        pa.table({"v": tbl.column("v"), "p": mapped}),
+    )
     return name, tbl.num_rows
 
 

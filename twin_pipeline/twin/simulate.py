@@ -197,11 +197,9 @@ def _sim_workers(n_tasks: int) -> int:
             return 1
     if n_tasks < PARALLEL_MIN_TASKS:
         return 1
-    try:
-        cores = len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return min(cores, n_tasks)
+    from twin_pipeline.procs import usable_cores
+
+    return min(usable_cores(), n_tasks)
 
 
 def _replicate(

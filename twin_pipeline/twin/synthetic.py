@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pandas as pd
 
-from twin_pipeline.store import Store
+from twin_pipeline.store import BATCH, Store, execute_over
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)  # a Monday
 UNITS = (("icu", "Intensive Care Unit", 6), ("ward", "Ward A (Medical)", 10))
@@ -33,13 +33,9 @@ class SyntheticHospital:
 
 
 def _put(store: Store, table: str, df: pd.DataFrame) -> None:
-    store.con.register("_synthetic_df", df)
-    try:
-        store.con.execute(
-            f"CREATE OR REPLACE TABLE harmonized.{table} AS SELECT * FROM _synthetic_df"
-        )
-    finally:
-        store.con.unregister("_synthetic_df")
+    execute_over(
+        store.con, f"CREATE OR REPLACE TABLE harmonized.{table} AS SELECT * FROM {BATCH}", df
+    )
 
 
 def create_hospital(
