@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from twin_pipeline.deid.context import patient_terms
 from twin_pipeline.deid.evaluate import i2b2_notes, load_labels, philter_corpus_dir, score
@@ -242,3 +244,102 @@ def test_names_with_apostrophes_and_inner_capitals(eng: TextEngine, text: str) -
         leftover = leftover.replace(n, "")
     for part in ("O'BRIEN", "BRIAN", "O'Brien", "McDonald", "Mary", "Anne-Marie", "Smith-Jones"):
         assert part not in leftover
+
+
+# -- deny-list probe and per-engine caches (descriptors repeat across thousands of patients) --
+_PIECES = st.sampled_from(
+    [
+        "Rose",
+        "ROSE",
+        "rose",
+        "Brennan",
+        "O'Neil",
+        "o'neil",
+        "55501234",
+        "555-012-34",
+        "5 5 5",
+        "ab@x.org",
+        "AB@X.ORG",
+        "Main St",
+        " ",
+        ", ",
+        "-",
+        "(",
+        ")",
+        ".",
+        "1",
+        "x",
+        "Ünïcode",
+        "K",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.lists(_PIECES, max_size=12).map("".join))
+def test_deny_probe_never_skips_a_text_the_expressions_match(text: str) -> None:
+    from twin_pipeline.deid.recognizers import DenyListRecognizer, DenyTerms
+
+    terms = DenyTerms(
+        names=("Rose Brennan", "Sean O'Neil"),
+        numbers=(("MRN", "55501234"), ("PHONE", "555-5555-55")),
+        literals=(("EMAIL", "ab@x.org"), ("ADDRESS", "Main St"), ("ID", "kkk")),
+    )
+    probed = DenyListRecognizer(terms)
+    assert probed.probe
+    compiled = DenyListRecognizer(terms)
+    compiled.probe = False
+
+    def spans(rec: DenyListRecognizer) -> list[tuple[int, int, str]]:
+        return [(r.start, r.end, r.entity_type) for r in rec.analyze(text, ["PERSON"])]
+
+    assert spans(probed) == spans(compiled)
+    if spans(compiled):
+        assert probed.may_match(text)
+
+
+def test_deny_probe_skips_compiling_for_texts_without_terms() -> None:
+    from twin_pipeline.deid.recognizers import DenyListRecognizer
+
+    rec = DenyListRecognizer(patient_terms(names=["Rose", "Brennan"], mrn="55501234"))
+    assert rec.analyze("CT CHEST W CONTRAST 5mm", ["PERSON"]) == []
+    assert rec._name_rx is None and not rec._other  # nothing compiled
+    assert [r.entity_type for r in rec.analyze("f/u Rose Brennan MRN 555-01234", [])] == [
+        "PERSON",
+        "MRN",
+    ]
+
+
+def test_repeated_short_texts_give_the_same_output_as_fresh_engines() -> None:
+    """The per-engine caches of patient-independent spans must not carry one patient's deny
+    list to another, nor change any output against an engine that has seen nothing."""
+    texts = [
+        "CT HEAD Rose Brennan",
+        "Axial 5mm per Dr. Maria Lopez",
+        "CT HEAD Rose Brennan",
+        "Bone 1mm 2024-03-15",
+        "Axial 5mm per Dr. Maria Lopez",
+    ]
+    ctxs = [
+        NoteContext("p1", patient_terms(names=["Rose", "Brennan"]), offset_days=-3),
+        NoteContext("p2", offset_days=5),
+        NoteContext("p2", patient_terms(names=["Lee"]), offset_days=5),
+        NoteContext("p1", patient_terms(names=["Rose", "Brennan"]), offset_days=-3),
+        NoteContext("p3", offset_days=-40),
+    ]
+    cached = TextEngine()
+    cached.set_staff(["Kim Ward"])
+    once = cached.deidentify_batch(texts, ctxs, KEY)
+    again = cached.deidentify_batch(texts, ctxs, KEY)  # every text now in the caches
+    fresh = []
+    for t, c in zip(texts, ctxs, strict=True):
+        e = TextEngine()
+        e.set_staff(["Kim Ward"])
+        fresh.append(e.deidentify_batch([t], [c], KEY)[0])
+    assert once == again == fresh
+    spans = cached.analyze_batch(texts, ctxs)
+    assert {s.source for s in spans[0]} >= {"deny_list"}
+    assert "deny_list" not in {s.source for s in spans[2]}  # p2's list does not name Rose
+    assert "Brennan" not in once[0]
+    assert "Lopez" not in once[1] + once[4] and "2024-03-15" not in once[3]
+    assert len(cached._ner_cache) >= 1 and len(cached._shared_cache) == len(set(texts))

