@@ -252,6 +252,11 @@ _PIECES = st.sampled_from(
         "Rose",
         "ROSE",
         "rose",
+        "Ann",
+        "Annabel",
+        "ANNABEL",
+        "Anne",
+        "Sean",
         "Brennan",
         "O'Neil",
         "o'neil",
@@ -281,29 +286,26 @@ def test_deny_probe_never_skips_a_text_the_expressions_match(text: str) -> None:
     from twin_pipeline.deid.recognizers import DenyListRecognizer, DenyTerms
 
     terms = DenyTerms(
-        names=("Rose Brennan", "Sean O'Neil"),
+        names=("Rose Brennan", "Sean O'Neil", "Ann Annabel"),
         numbers=(("MRN", "55501234"), ("PHONE", "555-5555-55")),
         literals=(("EMAIL", "ab@x.org"), ("ADDRESS", "Main St"), ("ID", "kkk")),
     )
     probed = DenyListRecognizer(terms)
     assert probed.probe
-    compiled = DenyListRecognizer(terms)
-    compiled.probe = False
+    compiled = DenyListRecognizer(terms, probe=False)
 
     def spans(rec: DenyListRecognizer) -> list[tuple[int, int, str]]:
         return [(r.start, r.end, r.entity_type) for r in rec.analyze(text, ["PERSON"])]
 
     assert spans(probed) == spans(compiled)
-    if spans(compiled):
-        assert probed.may_match(text)
 
 
 def test_deny_probe_skips_compiling_for_texts_without_terms() -> None:
     from twin_pipeline.deid.recognizers import DenyListRecognizer
 
     rec = DenyListRecognizer(patient_terms(names=["Rose", "Brennan"], mrn="55501234"))
-    assert rec.analyze("CT CHEST W CONTRAST 5mm", ["PERSON"]) == []
-    assert rec._name_rx is None and not rec._other  # nothing compiled
+    assert rec.analyze("CT CHEST W CONTRAST 5mm 555-0123", ["PERSON"]) == []
+    assert rec._name_rx is None and not rec._rx  # nothing compiled
     assert [r.entity_type for r in rec.analyze("f/u Rose Brennan MRN 555-01234", [])] == [
         "PERSON",
         "MRN",

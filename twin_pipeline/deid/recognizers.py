@@ -568,8 +568,9 @@ def name_tokens(names: Iterable[str]) -> set[str]:
 
 
 _NON_DIGIT = re.compile(r"\D")
-# Deny lists with at most this many probes (name variants + numbers + literals) are probed with
-# substring tests before their regular expressions are compiled (DenyListRecognizer).
+_ASCII_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# Deny lists with at most this many terms (name variants + numbers + literals) are matched
+# without compiling a name expression (DenyListRecognizer).
 PROBE_MAX = 160
 
 
@@ -596,14 +597,21 @@ class DenyListRecognizer(EntityRecognizer):  # type: ignore[misc]
     Name parts match in Title or UPPER case as whole words (so the surname "Rose" does not hit
     the verb "rose"); adjacent parts joined by a space, comma or initial merge into one span.
 
-    A patient's list is small, and most texts it is run on (DICOM descriptors, short comments)
-    contain none of its terms, so the regular expressions are compiled only when a text passes
-    :meth:`may_match`, a plain substring test that no match can fail. Compiling them cost ~2.6 ms
-    a patient, and one list is made per patient and text column. Long lists (the staff's) are
-    compiled at once and not probed.
+    One list is built per patient and text column, and compiling its regular expressions cost
+    ~2.6 ms, more than matching most texts. So a short list (a patient's: ``probe``) finds its
+    name variants with ``str.find`` and compiles a number's or literal's expression only for a
+    text that holds the value (:meth:`_values_in`); the spans are those of the expressions
+    (tested). A long list (the staff's) is compiled once and matched by expression.
     """
 
-    def __init__(self, terms: DenyTerms, name: str = "deny_list", min_parts: int = 1):
+    def __init__(
+        self,
+        terms: DenyTerms,
+        name: str = "deny_list",
+        min_parts: int = 1,
+        *,
+        probe: bool | None = None,
+    ):
         self.terms = terms
         self._rec_name = name
         # Staff lists use min_parts=2: a lone staff surname ("Ward") is too often a plain word;
@@ -613,66 +621,94 @@ class DenyListRecognizer(EntityRecognizer):  # type: ignore[misc]
         variants: set[str] = set()
         for t in tokens:
             variants.update({t, t.upper(), t[:1].upper() + t[1:].lower(), t.title()})
+        # longest first: at one position the expression takes the first (longest) variant
         self._variants = sorted(variants, key=len, reverse=True)
-        self._digits: list[tuple[str, str]] = []  # (entity, digits of the value)
+        # (entity, digits of the value, matched case-insensitively as a literal?)
+        self._values: list[tuple[str, str, bool]] = []
         for entity, value in terms.numbers:
             digits = _NON_DIGIT.sub("", value)
             if len(digits) >= 7:
-                self._digits.append((entity, digits))
-        self._literals: list[tuple[str, str]] = []
+                self._values.append((entity, digits, False))
         for entity, value in terms.literals:
             v = (value or "").strip()
             if len(v) >= 3:
-                self._literals.append((entity, v))
-        self._name_rx: re.Pattern[str] | None = None
-        self._other: list[tuple[str, re.Pattern[str]]] = []
-        self._compiled = False
-        self.probe = len(self._variants) + len(self._digits) + len(self._literals) <= PROBE_MAX
-        if not self.probe:
-            self._compile()
-        entities = sorted(
-            {"PERSON"} | {e for e, _ in self._digits} | {e for e, _ in self._literals}
+                self._values.append((entity, v, True))
+        self._rx: dict[int, re.Pattern[str]] = {}
+        self.probe = (
+            len(self._variants) + len(self._values) <= PROBE_MAX if probe is None else probe
         )
-        super().__init__(supported_entities=entities, name=name, supported_language="en")
-
-    def _compile(self) -> None:
-        if self._compiled:
-            return
         self._name_rx = (
             re.compile(
                 r"(?<![A-Za-z])(?:"
                 + "|".join(re.escape(v) for v in self._variants)
                 + r")(?![A-Za-z])"
             )
-            if self._variants
+            if self._variants and not self.probe
             else None
         )
-        for entity, digits in self._digits:
-            self._other.append((entity, re.compile(_digits_regex(digits))))
-        for entity, v in self._literals:
-            self._other.append(
-                (entity, re.compile(r"(?<!\w)" + re.escape(v) + r"(?!\w)", re.IGNORECASE))
-            )
-        self._compiled = True
+        entities = sorted({"PERSON"} | {e for e, _, _ in self._values})
+        super().__init__(supported_entities=entities, name=name, supported_language="en")
 
-    def may_match(self, text: str) -> bool:
-        """False only when no term can match ``text``: every name match contains one of the
-        case variants verbatim; every number match, once the text's non-digits are removed,
-        leaves the value's digits in a row (only separators lie between them); a literal
-        matches case-insensitively, which ``str.lower`` decides exactly for ASCII text."""
-        if any(v in text for v in self._variants):
-            return True
-        if self._digits:
-            only = _NON_DIGIT.sub("", text)
-            if any(d in only for _, d in self._digits):
-                return True
-        if self._literals:
-            if not text.isascii():
-                return True
-            low = text.lower()
-            if any(not v.isascii() or v.lower() in low for _, v in self._literals):
-                return True
-        return False
+    def _value_rx(self, i: int) -> re.Pattern[str]:
+        rx = self._rx.get(i)
+        if rx is None:
+            _, v, literal = self._values[i]
+            rx = (
+                re.compile(r"(?<!\w)" + re.escape(v) + r"(?!\w)", re.IGNORECASE)
+                if literal
+                else re.compile(_digits_regex(v))
+            )
+            self._rx[i] = rx
+        return rx
+
+    def _name_spans(self, text: str) -> list[tuple[int, int]]:
+        """Whole-word occurrences of the name variants, as ``finditer`` of the alternation
+        ``(?<![A-Za-z])(?:v1|v2|...)(?![A-Za-z])`` (longest first) gives them: scanning left
+        to right, the leftmost start, there the longest variant, then on from its end."""
+        if self._name_rx is not None:
+            return [m.span() for m in self._name_rx.finditer(text)]
+        found: list[tuple[int, int]] = []
+        n = len(text)
+        for v in self._variants:
+            i = text.find(v)
+            while i != -1:
+                j = i + len(v)
+                if (i == 0 or text[i - 1] not in _ASCII_LETTERS) and (
+                    j == n or text[j] not in _ASCII_LETTERS
+                ):
+                    found.append((i, j))
+                i = text.find(v, i + 1)
+        found.sort(key=lambda se: (se[0], -se[1]))
+        out: list[tuple[int, int]] = []
+        pos = 0
+        for st, en in found:
+            if st >= pos:
+                out.append((st, en))
+                pos = en
+        return out
+
+    def _values_in(self, text: str) -> list[int]:
+        """Indexes of the values that can match ``text``. Unprobed lists: all. A number's
+        match leaves its digits in a row once the text's non-digits are removed (only
+        separators lie between them); a literal matches case-insensitively, which
+        ``str.lower`` decides exactly when both are ASCII."""
+        if not self.probe:
+            return list(range(len(self._values)))
+        only = low = None
+        out: list[int] = []
+        for i, (_, v, literal) in enumerate(self._values):
+            if literal:
+                if not (text.isascii() and v.isascii()):
+                    out.append(i)
+                    continue
+                low = text.lower() if low is None else low
+                if v.lower() in low:
+                    out.append(i)
+            else:
+                only = _NON_DIGIT.sub("", text) if only is None else only
+                if v in only:
+                    out.append(i)
+        return out
 
     def load(self) -> None:
         return None
@@ -681,23 +717,19 @@ class DenyListRecognizer(EntityRecognizer):  # type: ignore[misc]
         self, text: str, entities: list[str], nlp_artifacts: Any = None
     ) -> list[RecognizerResult]:
         out: list[RecognizerResult] = []
-        if self.probe and not self.may_match(text):
-            return out
-        self._compile()
-        if self._name_rx is not None:
-            spans = [m.span() for m in self._name_rx.finditer(text)]
-            merged: list[list[int]] = []
-            for s, e in spans:
-                if merged and _JOIN.match(text[merged[-1][1] : s]):
-                    merged[-1][1] = e
-                    merged[-1][2] += 1
-                else:
-                    merged.append([s, e, 1])
-            for s, e, parts in merged:
-                if parts >= self._min_parts:
-                    out.append(_result("PERSON", s, e, 0.95, "name", self._rec_name))
-        for entity, rx in self._other:
-            for m in rx.finditer(text):
+        merged: list[list[int]] = []
+        for s, e in self._name_spans(text):
+            if merged and _JOIN.match(text[merged[-1][1] : s]):
+                merged[-1][1] = e
+                merged[-1][2] += 1
+            else:
+                merged.append([s, e, 1])
+        for s, e, parts in merged:
+            if parts >= self._min_parts:
+                out.append(_result("PERSON", s, e, 0.95, "name", self._rec_name))
+        for i in self._values_in(text):
+            entity = self._values[i][0]
+            for m in self._value_rx(i).finditer(text):
                 out.append(_result(entity, m.start(), m.end(), 0.95, "value", self._rec_name))
         return out
 
