@@ -345,3 +345,23 @@ def test_repeated_short_texts_give_the_same_output_as_fresh_engines() -> None:
     assert "Brennan" not in once[0]
     assert "Lopez" not in once[1] + once[4] and "2024-03-15" not in once[3]
     assert len(cached._ner_cache) >= 1 and len(cached._shared_cache) == len(set(texts))
+
+
+def test_a_surrogate_never_spells_the_patients_own_name(eng: TextEngine) -> None:
+    """Syllable surrogates can spell a real name: with one 10k-patient key, the wife "Jessica"
+    became "Steven", the patient's own given name, and the leak check blocked the run."""
+    sur = Surrogates(KEY)
+    would_be = sur.person("p7", "Jessica")  # what "Jessica" becomes for p7 when nothing is avoided
+    own = frozenset({would_be.lower(), "garcia"})
+    fake = sur.person("p7", "Jessica", own)
+    assert fake != would_be and fake.lower() not in own
+    assert sur.person("p7", "Jessica", own) == fake  # still a function of key, patient, name
+    assert sur.person("p7", "Maria", own) == sur.person("p7", "Maria")  # others unchanged
+    street = sur.address("p7", "12 Elm St").split()[1]
+    assert sur.address("p7", "12 Elm St", frozenset({street.lower()})).split()[1] != street
+
+    text = "Social: lives with wife Jessica Garcia, who visits daily."
+    ctx = NoteContext("p7", patient_terms(names=[would_be, "Garcia"]), offset_days=3)
+    out = eng.deidentify_batch([text], [ctx], KEY)[0]
+    assert "Jessica" not in out and "Garcia" not in out
+    assert would_be not in out and would_be.upper() not in out

@@ -34,6 +34,7 @@ from twin_pipeline.deid.recognizers import (
     STATES,
     DenyListRecognizer,
     DenyTerms,
+    name_tokens,
     pattern_recognizers,
 )
 from twin_pipeline.deid.surrogates import Surrogates
@@ -416,10 +417,11 @@ class TextEngine:
         sur = _surrogates(key)
         offset = ctx.offset_days if ctx.offset_days is not None else day_offset(key, ctx.patient)
         p = ctx.patient
+        avoid = _own_words(ctx.deny)
         ops = {
-            "PERSON": lambda x: sur.person(p, x),
+            "PERSON": lambda x: sur.person(p, x, avoid),
             "LOCATION": lambda x: sur.location(p, x),
-            "ADDRESS": lambda x: sur.address(p, x),
+            "ADDRESS": lambda x: sur.address(p, x, avoid),
             "ZIP": lambda x: sur.zip(x, ZIP3_RESTRICTED),
             "DATE": lambda x: sur.date(x, offset),
             "AGE": sur.age,
@@ -456,6 +458,12 @@ def _spans(recognizers: Iterable[Any], text: str) -> list[Span]:
 @functools.lru_cache(maxsize=256)
 def _deny_recognizer(terms: DenyTerms) -> DenyListRecognizer:
     return DenyListRecognizer(terms)
+
+
+@functools.lru_cache(maxsize=256)
+def _own_words(terms: DenyTerms) -> frozenset[str]:
+    """The patient's own name parts (lower case): words a surrogate must not spell."""
+    return frozenset(t.lower() for t in name_tokens(terms.names))
 
 
 @functools.lru_cache(maxsize=8)
