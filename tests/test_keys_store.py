@@ -88,6 +88,37 @@ def test_content_hash_order_independent_and_ignores_volatile(twin_home: Settings
         assert status["schema_version"] == SCHEMA_VERSION
 
 
+def test_content_hash_is_the_sql_definition_over_batches_types_and_empty(
+    twin_home: Settings,
+) -> None:
+    """The hash streams sorted digests to Python; it must equal the definition recorded in every
+    ledger so far: sha256 of string_agg(md5(row as text), '' ORDER BY digest)."""
+
+    def by_sql(con: duckdb.DuckDBPyConnection, table: str, cols: str) -> str:
+        row = con.execute(
+            "SELECT sha256(coalesce(string_agg(h, '' ORDER BY h), '')) FROM "
+            f"(SELECT md5(CAST(row({cols}) AS VARCHAR)) AS h FROM twin.{table})"
+        ).fetchone()
+        assert row is not None
+        return str(row[0])
+
+    with Store.open(twin_home) as store, store.transaction() as con:
+        # more rows than one Arrow batch of the stream (1,048,576)
+        con.execute("CREATE TABLE raw.big AS SELECT range AS x FROM range(1100000)")
+        con.execute(
+            "CREATE TABLE raw.mixed AS SELECT range AS i, "
+            "CASE WHEN range % 3 = 0 THEN NULL ELSE 'é' || range END AS s, "
+            "TIMESTAMPTZ '2024-03-05 10:00:00+00' + INTERVAL (range) MINUTE AS t, "
+            "range / 7.0 AS d, [range, NULL] AS l, {'k': range} AS st FROM range(5000)"
+        )
+        con.execute("CREATE TABLE raw.empty (x INTEGER)")
+        assert store.content_hash("raw.big") == by_sql(con, "raw.big", '"x"')
+        assert store.content_hash("raw.mixed") == by_sql(
+            con, "raw.mixed", '"i", "s", "t", "d", "l", "st"'
+        )
+        assert store.content_hash("raw.empty") == by_sql(con, "raw.empty", '"x"')
+
+
 def test_newer_store_schema_is_refused(twin_home: Settings) -> None:
     with Store.open(twin_home) as store:
         store.con.execute(

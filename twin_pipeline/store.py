@@ -611,12 +611,26 @@ class Store:
         cols = [c for c, _ in self.columns(qualified) if c not in VOLATILE_COLUMNS]
         if not cols:
             return hashlib.sha256(b"").hexdigest()
+        import numpy as np
+        import pyarrow as pa
+
         collist = ", ".join(f'"{c}"' for c in cols)
-        row = self.con.execute(
-            f"SELECT sha256(coalesce(string_agg(h, '' ORDER BY h), '')) FROM "
-            f"(SELECT md5(CAST(row({collist}) AS VARCHAR)) AS h FROM {fully_qualified(qualified)})"
-        ).fetchone()
-        return str(row[0]) if row else ""
+        # sha256 of the rows' md5 digests (hex) sorted and concatenated. The sorted digests
+        # stream to Arrow and are hashed here: the same value as DuckDB's
+        # sha256(string_agg(h, '' ORDER BY h)) (tested), ~20% less time at 10k patients
+        # (45 -> 36 s over all tables), as the ordered aggregate runs on one thread.
+        reader = self.con.execute(
+            f"SELECT md5(CAST(row({collist}) AS VARCHAR)) AS h "
+            f"FROM {fully_qualified(qualified)} ORDER BY h"
+        ).fetch_record_batch(1 << 20)
+        digest = hashlib.sha256()
+        for batch in reader:
+            col = batch.column(0)
+            wide = pa.types.is_large_string(col.type)
+            offsets = np.frombuffer(col.buffers()[1], np.int64 if wide else np.int32)
+            lo, hi = offsets[col.offset], offsets[col.offset + len(col)]
+            digest.update(memoryview(col.buffers()[2])[lo:hi])  # type: ignore[arg-type]
+        return digest.hexdigest()
 
     def row_count(self, qualified: str) -> int:
         row = self.con.execute(f"SELECT count(*) FROM {fully_qualified(qualified)}").fetchone()
