@@ -179,3 +179,47 @@ def test_launch_checks_the_launching_user_not_the_resource(
         acts = activities(store, summary.run_id)
     assert acts
     assert {(a["user"], a["role"]) for a in acts} == {("engineer", "data_engineer")}
+
+
+def test_raw_step_without_new_files_reuses_its_table_versions(
+    twin_home: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A raw step that loads no new file leaves its tables as they were: the versions recorded
+    by the run that wrote them are reused (no hashing again); a new file is hashed."""
+    from twin_pipeline.activity import activities
+    from twin_pipeline.defs.runner import run_pipeline
+    from twin_pipeline.store import Store
+
+    landing = tmp_path / "landing"
+    (landing / "telemetry").mkdir(parents=True)
+    line = '{{"device_id": "m1", "metric": "HR", "value": {v}, "unit": "/min", "ts": "{ts}"}}\n'
+    (landing / "telemetry" / "a.ndjson").write_text(
+        line.format(v=80, ts="2024-03-05T10:00:00Z") + line.format(v=81, ts="2024-03-05T10:00:01Z")
+    )
+    first = run_pipeline(landing, twin_home, selection=["raw/telemetry"], data_docs=False)
+    assert first.success, first.failures
+
+    hashed: list[str] = []
+    real = Store.content_hash
+
+    def counting(self: Store, qualified: str) -> str:
+        hashed.append(qualified)
+        return real(self, qualified)
+
+    monkeypatch.setattr(Store, "content_hash", counting)
+    second = run_pipeline(landing, twin_home, selection=["raw/telemetry"], data_docs=False)
+    assert second.success, second.failures
+    assert "raw.telemetry_reading" not in hashed
+    with Store.open(twin_home) as store:
+        (out1,) = [a["outputs"] for a in activities(store, first.run_id)]
+        (out2,) = [a["outputs"] for a in activities(store, second.run_id)]
+        assert out2 == out1  # same version, rows and hash, recorded again
+        assert out1[0]["content_hash"] == real(store, "raw.telemetry_reading")
+
+    (landing / "telemetry" / "b.ndjson").write_text(line.format(v=90, ts="2024-03-05T11:00:00Z"))
+    third = run_pipeline(landing, twin_home, selection=["raw/telemetry"], data_docs=False)
+    assert third.success, third.failures
+    assert "raw.telemetry_reading" in hashed
+    with Store.open(twin_home) as store:
+        (out3,) = [a["outputs"] for a in activities(store, third.run_id)]
+        assert out3[0]["rows"] == 3 and out3[0]["content_hash"] != out1[0]["content_hash"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -76,14 +76,31 @@ CREATE TABLE IF NOT EXISTS governance.table_version (
 """
 
 
-def table_versions(store: Store, tables: Sequence[str]) -> list[TableVersion]:
+def table_versions(
+    store: Store, tables: Sequence[str], *, unchanged: Collection[str] = ()
+) -> list[TableVersion]:
     """Compute the current version (rows, content hash) of tables an asset wrote, and remember
-    it in ``governance.table_version`` so readers of these tables need not hash them again."""
-    out = [
-        TableVersion(t, store.row_count(t), store.content_hash(t))
-        for t in tables
-        if store.table_exists(t)
-    ]
+    it in ``governance.table_version`` (as this run's) so readers of these tables need not hash
+    them again. Tables in ``unchanged`` (the asset left them as they were) take the version
+    recorded by their last writer when the row count still matches, instead of a new hash."""
+    known: dict[str, tuple[int, str]] = {}
+    if unchanged and store.table_exists("governance.table_version"):
+        known = {
+            str(r[0]): (int(r[1]), str(r[2]))
+            for r in store.con.execute(
+                "SELECT table_name, row_count, content_hash FROM governance.table_version "
+                "WHERE list_contains(?, table_name)",
+                [list(unchanged)],
+            ).fetchall()
+        }
+    out: list[TableVersion] = []
+    for t in tables:
+        if not store.table_exists(t):
+            continue
+        rows = store.row_count(t)
+        prior = known.get(t)
+        digest = prior[1] if prior and prior[0] == rows else store.content_hash(t)
+        out.append(TableVersion(t, rows, digest))
     if out:
         store.con.execute(VERSION_DDL)
         store.con.executemany(

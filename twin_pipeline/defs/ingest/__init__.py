@@ -36,7 +36,7 @@ def _raw_asset(reader: SourceReader) -> dg.AssetsDefinition:
                     if f.rel in new
                 ]
             )
-            run.outputs(*reader.raw_tables)
+            run.outputs(*reader.raw_tables, changed=bool(result.files_new))
             run.meta(**result.metadata())
         return run.result()
 
