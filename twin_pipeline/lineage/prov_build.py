@@ -357,3 +357,171 @@ def _norm(value: Any) -> str:
     if isinstance(value, pm.Literal):
         return str(value.value)
     return str(value)
+
+
+# -- one activity's fragment, written straight to PROV-JSON -----------------------------------
+def fragment_json(record: Mapping[str, Any]) -> str:
+    """``to_json`` of a new document after ``add_activity(doc, record)``, the same text (tested
+    on varied records), written directly: the ``prov`` model builds and encodes ~0.25 ms of
+    Python per record, and a raw step records an entity and a ``used`` per source file (5 s
+    for the 20k DICOM files of a 10k hospital). Atomic values go through ``prov``'s own
+    encoders; documents are still read, merged and exported with ``prov``."""
+    from prov.serializers.provjson import _xsd_datetime_text, encode_json_representation
+
+    out: dict[str, dict[str, Any]] = {"prefix": {NS_PREFIX: NS_URI}}
+    seen: set[str] = set()
+    # prov names an unidentified relation "_:idN" once per distinct record: an equal one
+    # (the same file used twice) shares the name, and the container lists both under it.
+    anon: dict[tuple[str, tuple[tuple[str, Any], ...]], str] = {}
+
+    def qname(value: str) -> dict[str, str]:
+        return {"$": value, "type": "xsd:QName"}
+
+    def put(kind: str, ident: str | None, attrs: dict[str, Any]) -> None:
+        group = out.setdefault(kind, {})
+        if ident is None:
+            # relations hold text values only, put in one order per kind
+            ident = anon.setdefault((kind, tuple(attrs.items())), f"_:id{len(anon) + 1}")
+            if ident in group:
+                first = group[ident]
+                group[ident] = [*(first if isinstance(first, list) else [first]), attrs]
+                return
+        else:
+            seen.add(ident)
+        group[ident] = attrs
+
+    def entity(ident: str, attrs: dict[str, Any]) -> None:
+        if ident not in seen:
+            put("entity", ident, attrs)
+
+    def table(tv: Mapping[str, Any]) -> str:
+        ident = table_version_id(str(tv["table"]), str(tv["content_hash"]))
+        entity(
+            ident,
+            {
+                "prov:type": qname(table_kind(str(tv["table"]))),
+                "prov:label": f"{tv['table']} ({int(tv['rows'])} rows)",
+                "twin:table": str(tv["table"]),
+                "twin:rows": encode_json_representation(int(tv["rows"])),
+                "twin:content_hash": str(tv["content_hash"]),
+            },
+        )
+        return ident
+
+    act = activity_id(record)
+    code = dict(record.get("code_version") or {})
+    attrs: dict[str, Any] = {}
+    for name, key in (("prov:startTime", "started_at"), ("prov:endTime", "ended_at")):
+        t = _time(record.get(key))
+        if t is not None:
+            attrs[name] = _xsd_datetime_text(t)
+    attrs.update(
+        {
+            "prov:type": qname(ASSET_RUN),
+            "prov:label": f"{record['asset_key']} (run {str(record['run_id'])[:8]})",
+            "twin:asset_key": str(record["asset_key"]),
+            "twin:dagster_run_id": str(record["run_id"]),
+            "twin:git_commit": code.get("git_commit", "unknown"),
+            "twin:package": code.get("package", "unknown"),
+            "twin:params": json.dumps(record.get("params") or {}, sort_keys=True, default=str),
+        }
+    )
+    put("activity", act, attrs)
+    person = person_id(str(record.get("user") or "unknown"))
+    if person not in seen:
+        put(
+            "agent",
+            person,
+            {"prov:type": qname("prov:Person"), "prov:label": str(record.get("user"))},
+        )
+    software = software_id(code)
+    if software not in seen:
+        put(
+            "agent",
+            software,
+            {
+                "prov:type": qname("prov:SoftwareAgent"),
+                "prov:label": code.get("package", "twin-pipeline"),
+                "twin:git_commit": code.get("git_commit", "unknown"),
+                "twin:package": code.get("package", "unknown"),
+            },
+        )
+    put(
+        "wasAssociatedWith",
+        None,
+        {"prov:activity": act, "prov:agent": software, "prov:role": "pipeline"},
+    )
+    put(
+        "wasAssociatedWith",
+        None,
+        {"prov:activity": act, "prov:agent": person, "prov:role": str(record.get("role") or "")},
+    )
+    put(
+        "actedOnBehalfOf",
+        None,
+        {"prov:delegate": software, "prov:responsible": person, "prov:activity": act},
+    )
+
+    files: list[str] = []
+    for f in record.get("source_files") or []:
+        fid = file_id(str(f["sha256"]))
+        entity(
+            fid,
+            {
+                "prov:type": qname(SOURCE_FILE),
+                "prov:label": str(f["path"]),
+                "twin:path": str(f["path"]),
+                "twin:sha256": str(f["sha256"]),
+                "twin:size": encode_json_representation(int(f.get("size") or 0)),
+                "twin:kind": str(f.get("kind") or ""),
+            },
+        )
+        put("used", None, {"prov:activity": act, "prov:entity": fid})
+        files.append(fid)
+    inputs: list[str] = []
+    for tv in record.get("input_versions") or []:
+        tid = table(tv)
+        put("used", None, {"prov:activity": act, "prov:entity": tid})
+        inputs.append(tid)
+    for path, sha in sorted((record.get("policy_versions") or {}).items()):
+        pid = policy_id(path, str(sha))
+        entity(
+            pid,
+            {
+                "prov:type": qname(POLICY_VERSION),
+                "prov:label": path,
+                "twin:path": path,
+                "twin:sha256": str(sha),
+            },
+        )
+        put("used", None, {"prov:activity": act, "prov:entity": pid, "prov:role": "policy"})
+    for kind, label in sorted((record.get("key_versions") or {}).items()):
+        kid = key_id(kind, str(label))
+        version, _, fingerprint = str(label).partition(":")
+        entity(
+            kid,
+            {
+                "prov:type": qname(KEY_VERSION),
+                "prov:label": f"{kind} key {version}",
+                "twin:key_kind": kind,
+                "twin:key_version": version,
+                "twin:fingerprint": fingerprint,
+            },
+        )
+        put("used", None, {"prov:activity": act, "prov:entity": kid, "prov:role": "key"})
+
+    ended = _time(record.get("ended_at"))
+    for tv in record.get("outputs") or []:
+        oid = table(tv)
+        gen: dict[str, Any] = {"prov:entity": oid, "prov:activity": act}
+        if ended is not None:
+            gen["prov:time"] = _xsd_datetime_text(ended)
+        put("wasGeneratedBy", None, gen)
+        for src in (*files, *inputs):
+            if src != oid:
+                put(
+                    "wasDerivedFrom",
+                    None,
+                    {"prov:generatedEntity": oid, "prov:usedEntity": src, "prov:activity": act},
+                )
+    return json.dumps(out)

@@ -50,8 +50,7 @@ def record_prov(store: Store, record: ActivityRecord | Mapping[str, Any]) -> str
     """
     rec = record.to_dict() if isinstance(record, ActivityRecord) else dict(record)
     ensure(store)
-    doc = prov_build.new_document()
-    act = prov_build.add_activity(doc, rec)
+    act = prov_build.activity_id(rec)
     store.con.execute(
         "INSERT INTO governance.prov_activity VALUES (?,?,?,?,?,?)",
         [
@@ -60,7 +59,7 @@ def record_prov(store: Store, record: ActivityRecord | Mapping[str, Any]) -> str
             rec["run_id"],
             rec["asset_key"],
             datetime.now(UTC).isoformat(timespec="microseconds"),
-            prov_build.to_json(doc),
+            prov_build.fragment_json(rec),
         ],
     )
     return act
