@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import json
 import os
 import resource
 import shutil
@@ -36,6 +37,7 @@ from typing import Any
 from twin_pipeline.activity import activities
 from twin_pipeline.defs.runner import dagster_instance, run_pipeline, step_spans
 from twin_pipeline.generate import generate_hospital
+from twin_pipeline.generate.vocab import GENERATOR_VERSION
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.paths import Settings
 from twin_pipeline.quality import gx as gxa
@@ -120,6 +122,19 @@ def _is_check(step: str) -> bool:
     return step.startswith("expectation_suites") or step.endswith("_expectations")
 
 
+def _same_hospital(landing: Path, patients: int, *, seed: int, dirty_rate: float) -> bool:
+    try:
+        m = json.loads((landing / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(
+        m.get("patients") == patients
+        and m.get("seed") == seed
+        and m.get("dirty_rate") == dirty_rate
+        and m.get("generator_version") == GENERATOR_VERSION
+    )
+
+
 def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
@@ -127,9 +142,12 @@ def _ratio(a: float, b: float) -> float | None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     patients = args.patients or (200 if args.quick else 1000)
     work = Path(args.workdir) / "quality"
-    shutil.rmtree(work, ignore_errors=True)
-    landing = work / "landing"
-    generate_hospital(landing, patients=patients, seed=17, dirty_rate=0.01)
+    # A fresh store every run; the generated hospital is kept while its manifest matches.
+    shutil.rmtree(work / "home", ignore_errors=True)
+    landing = work / f"landing-{patients}"
+    if not _same_hospital(landing, patients, seed=17, dirty_rate=0.01):
+        shutil.rmtree(landing, ignore_errors=True)
+        generate_hospital(landing, patients=patients, seed=17, dirty_rate=0.01)
     settings = Settings.from_env(work / "home").ensure()
     KeyRing(settings.keys_dir).init()
 

@@ -6,7 +6,7 @@ de-identification stage keeps, blood-pressure components sharing a lineage key):
 
 - **small** (``--quick``: 500 patients, ~130 k rows; else 2,000 patients, ~0.5 M rows): fixed
   costs (gateway, policies, signing, audit, PROV) dominate;
-- **realistic** (``--patients``, default 20,000: patients, 3 encounters and 50 observations each,
+- **realistic** (``--patients``, default 20,000, ``--quick`` 10,000: patients, 3 encounters and 50 observations each,
   and 200 telemetry readings each, ~5.1 M rows): the per-row costs dominate.
 
 For each size, measured in the same process on the same store:
@@ -229,7 +229,8 @@ def _one_size(root: Path, patients: int, label: str) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     quick = getattr(args, "quick", False)
-    realistic = getattr(args, "patients", None) or 20_000
+    # --quick (goal: every bench in 5 minutes): 10,000 patients, ~2.5 M rows, still per-row bound
+    realistic = getattr(args, "patients", None) or (10_000 if quick else 20_000)
     small = 500 if quick else 2_000
     root = Path(args.workdir) / "snapshot_bench"
     out = {
