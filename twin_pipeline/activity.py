@@ -76,6 +76,20 @@ CREATE TABLE IF NOT EXISTS governance.table_version (
 """
 
 
+def _recorded(store: Store, tables: Collection[str]) -> dict[str, tuple[int, str]]:
+    """table -> (rows, content hash) last recorded in ``governance.table_version``."""
+    if not store.table_exists("governance.table_version"):
+        return {}
+    return {
+        str(r[0]): (int(r[1]), str(r[2]))
+        for r in store.con.execute(
+            "SELECT table_name, row_count, content_hash FROM governance.table_version "
+            "WHERE list_contains(?, table_name)",
+            [list(tables)],
+        ).fetchall()
+    }
+
+
 def table_versions(
     store: Store, tables: Sequence[str], *, unchanged: Collection[str] = ()
 ) -> list[TableVersion]:
@@ -83,16 +97,7 @@ def table_versions(
     it in ``governance.table_version`` (as this run's) so readers of these tables need not hash
     them again. Tables in ``unchanged`` (the asset left them as they were) take the version
     recorded by their last writer when the row count still matches, instead of a new hash."""
-    known: dict[str, tuple[int, str]] = {}
-    if unchanged and store.table_exists("governance.table_version"):
-        known = {
-            str(r[0]): (int(r[1]), str(r[2]))
-            for r in store.con.execute(
-                "SELECT table_name, row_count, content_hash FROM governance.table_version "
-                "WHERE list_contains(?, table_name)",
-                [list(unchanged)],
-            ).fetchall()
-        }
+    known = _recorded(store, unchanged) if unchanged else {}
     out: list[TableVersion] = []
     for t in tables:
         if not store.table_exists(t):
@@ -113,14 +118,7 @@ def table_versions(
 def input_versions(store: Store, tables: Sequence[str]) -> list[TableVersion]:
     """Versions of tables an asset reads: the version recorded when they were last written
     (checked against the row count), else computed."""
-    known: dict[str, tuple[int, str]] = {}
-    if store.table_exists("governance.table_version"):
-        known = {
-            r[0]: (int(r[1]), str(r[2]))
-            for r in store.con.execute(
-                "SELECT table_name, row_count, content_hash FROM governance.table_version"
-            ).fetchall()
-        }
+    known = _recorded(store, tables)
     out: list[TableVersion] = []
     for t in tables:
         if not store.table_exists(t):

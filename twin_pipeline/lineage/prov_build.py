@@ -110,6 +110,75 @@ def _time(value: Any) -> datetime | None:
         return None
 
 
+# -- attributes (one definition for add_activity and fragment_json) -------------------------
+# ``prov:type`` is a qualified name as text ("twin:SourceFile", "prov:Person"); each writer turns
+# it into its own form (a prov QualifiedName, or PROV-JSON's typed value), and ints likewise.
+def _activity_attrs(record: Mapping[str, Any], code: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "prov:type": ASSET_RUN,
+        "prov:label": f"{record['asset_key']} (run {str(record['run_id'])[:8]})",
+        "twin:asset_key": str(record["asset_key"]),
+        "twin:dagster_run_id": str(record["run_id"]),
+        "twin:git_commit": code.get("git_commit", "unknown"),
+        "twin:package": code.get("package", "unknown"),
+        "twin:params": json.dumps(record.get("params") or {}, sort_keys=True, default=str),
+    }
+
+
+def _person_attrs(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {"prov:type": "prov:Person", "prov:label": str(record.get("user"))}
+
+
+def _software_attrs(code: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "prov:type": "prov:SoftwareAgent",
+        "prov:label": code.get("package", "twin-pipeline"),
+        "twin:git_commit": code.get("git_commit", "unknown"),
+        "twin:package": code.get("package", "unknown"),
+    }
+
+
+def _file_attrs(f: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "prov:type": SOURCE_FILE,
+        "prov:label": str(f["path"]),
+        "twin:path": str(f["path"]),
+        "twin:sha256": str(f["sha256"]),
+        "twin:size": int(f.get("size") or 0),
+        "twin:kind": str(f.get("kind") or ""),
+    }
+
+
+def _table_attrs(tv: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "prov:type": table_kind(str(tv["table"])),
+        "prov:label": f"{tv['table']} ({int(tv['rows'])} rows)",
+        "twin:table": str(tv["table"]),
+        "twin:rows": int(tv["rows"]),
+        "twin:content_hash": str(tv["content_hash"]),
+    }
+
+
+def _policy_attrs(path: str, sha: str) -> dict[str, Any]:
+    return {"prov:type": POLICY_VERSION, "prov:label": path, "twin:path": path, "twin:sha256": sha}
+
+
+def _key_attrs(kind: str, label: str) -> dict[str, Any]:
+    version, _, fingerprint = label.partition(":")
+    return {
+        "prov:type": KEY_VERSION,
+        "prov:label": f"{kind} key {version}",
+        "twin:key_kind": kind,
+        "twin:key_version": version,
+        "twin:fingerprint": fingerprint,
+    }
+
+
+def _for_prov(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Attributes for the prov model: ``prov:type`` as a QualifiedName."""
+    return {**attrs, "prov:type": _type(attrs["prov:type"])}
+
+
 # -- building --------------------------------------------------------------------------------
 def _ensure_entity(doc: pm.ProvDocument, ident: str, attrs: dict[str, Any]) -> None:
     if doc.get_record(ident):
@@ -119,22 +188,13 @@ def _ensure_entity(doc: pm.ProvDocument, ident: str, attrs: dict[str, Any]) -> N
 
 def _table_entity(doc: pm.ProvDocument, tv: Mapping[str, Any]) -> str:
     ident = table_version_id(str(tv["table"]), str(tv["content_hash"]))
-    _ensure_entity(
-        doc,
-        ident,
-        {
-            "prov:type": _type(table_kind(str(tv["table"]))),
-            "prov:label": f"{tv['table']} ({int(tv['rows'])} rows)",
-            "twin:table": str(tv["table"]),
-            "twin:rows": int(tv["rows"]),
-            "twin:content_hash": str(tv["content_hash"]),
-        },
-    )
+    _ensure_entity(doc, ident, _for_prov(_table_attrs(tv)))
     return ident
 
 
 def _type(qname: str) -> pm.QualifiedName:
-    return TWIN[qname.split(":", 1)[1]]
+    prefix, _, local = qname.partition(":")
+    return pm.PROV[local] if prefix == "prov" else TWIN[local]
 
 
 def add_activity(
@@ -154,31 +214,15 @@ def add_activity(
         act,
         _time(record.get("started_at")),
         _time(record.get("ended_at")),
-        {
-            "prov:type": _type(ASSET_RUN),
-            "prov:label": f"{record['asset_key']} (run {str(record['run_id'])[:8]})",
-            "twin:asset_key": str(record["asset_key"]),
-            "twin:dagster_run_id": str(record["run_id"]),
-            "twin:git_commit": code.get("git_commit", "unknown"),
-            "twin:package": code.get("package", "unknown"),
-            "twin:params": json.dumps(record.get("params") or {}, sort_keys=True, default=str),
-        },
+        _for_prov(_activity_attrs(record, code)),
     )
     # agents
     person = person_id(str(record.get("user") or "unknown"))
     if not doc.get_record(person):
-        doc.agent(person, {"prov:type": pm.PROV["Person"], "prov:label": str(record.get("user"))})
+        doc.agent(person, _for_prov(_person_attrs(record)))
     software = software_id(code)
     if not doc.get_record(software):
-        doc.agent(
-            software,
-            {
-                "prov:type": pm.PROV["SoftwareAgent"],
-                "prov:label": code.get("package", "twin-pipeline"),
-                "twin:git_commit": code.get("git_commit", "unknown"),
-                "twin:package": code.get("package", "unknown"),
-            },
-        )
+        doc.agent(software, _for_prov(_software_attrs(code)))
     doc.wasAssociatedWith(act, software, other_attributes={"prov:role": "pipeline"})
     doc.wasAssociatedWith(
         act, person, other_attributes={"prov:role": str(record.get("role") or "")}
@@ -189,18 +233,7 @@ def add_activity(
     files = []
     for f in record.get("source_files") or []:
         fid = file_id(str(f["sha256"]))
-        _ensure_entity(
-            doc,
-            fid,
-            {
-                "prov:type": _type(SOURCE_FILE),
-                "prov:label": str(f["path"]),
-                "twin:path": str(f["path"]),
-                "twin:sha256": str(f["sha256"]),
-                "twin:size": int(f.get("size") or 0),
-                "twin:kind": str(f.get("kind") or ""),
-            },
-        )
+        _ensure_entity(doc, fid, _for_prov(_file_attrs(f)))
         doc.used(act, fid)
         files.append(fid)
     inputs = []
@@ -210,31 +243,11 @@ def add_activity(
         inputs.append(tid)
     for path, sha in sorted((record.get("policy_versions") or {}).items()):
         pid = policy_id(path, str(sha))
-        _ensure_entity(
-            doc,
-            pid,
-            {
-                "prov:type": _type(POLICY_VERSION),
-                "prov:label": path,
-                "twin:path": path,
-                "twin:sha256": str(sha),
-            },
-        )
+        _ensure_entity(doc, pid, _for_prov(_policy_attrs(path, str(sha))))
         doc.used(act, pid, other_attributes={"prov:role": "policy"})
     for kind, label in sorted((record.get("key_versions") or {}).items()):
         kid = key_id(kind, str(label))
-        version, _, fingerprint = str(label).partition(":")
-        _ensure_entity(
-            doc,
-            kid,
-            {
-                "prov:type": _type(KEY_VERSION),
-                "prov:label": f"{kind} key {version}",
-                "twin:key_kind": kind,
-                "twin:key_version": version,
-                "twin:fingerprint": fingerprint,
-            },
-        )
+        _ensure_entity(doc, kid, _for_prov(_key_attrs(kind, str(label))))
         doc.used(act, kid, other_attributes={"prov:role": "key"})
 
     # what it wrote
@@ -374,8 +387,16 @@ def fragment_json(record: Mapping[str, Any]) -> str:
     # (the same file used twice) shares the name, and the container lists both under it.
     anon: dict[tuple[str, tuple[tuple[str, Any], ...]], str] = {}
 
-    def qname(value: str) -> dict[str, str]:
-        return {"$": value, "type": "xsd:QName"}
+    def typed(attrs: dict[str, Any]) -> dict[str, Any]:
+        """PROV-JSON values: the qualified name and ints typed as prov writes them."""
+        return {
+            k: {"$": v, "type": "xsd:QName"}
+            if k == "prov:type"
+            else encode_json_representation(v)
+            if type(v) is int
+            else v
+            for k, v in attrs.items()
+        }
 
     def put(kind: str, ident: str | None, attrs: dict[str, Any]) -> None:
         group = out.setdefault(kind, {})
@@ -392,20 +413,11 @@ def fragment_json(record: Mapping[str, Any]) -> str:
 
     def entity(ident: str, attrs: dict[str, Any]) -> None:
         if ident not in seen:
-            put("entity", ident, attrs)
+            put("entity", ident, typed(attrs))
 
     def table(tv: Mapping[str, Any]) -> str:
         ident = table_version_id(str(tv["table"]), str(tv["content_hash"]))
-        entity(
-            ident,
-            {
-                "prov:type": qname(table_kind(str(tv["table"]))),
-                "prov:label": f"{tv['table']} ({int(tv['rows'])} rows)",
-                "twin:table": str(tv["table"]),
-                "twin:rows": encode_json_representation(int(tv["rows"])),
-                "twin:content_hash": str(tv["content_hash"]),
-            },
-        )
+        entity(ident, _table_attrs(tv))
         return ident
 
     act = activity_id(record)
@@ -415,37 +427,14 @@ def fragment_json(record: Mapping[str, Any]) -> str:
         t = _time(record.get(key))
         if t is not None:
             attrs[name] = _xsd_datetime_text(t)
-    attrs.update(
-        {
-            "prov:type": qname(ASSET_RUN),
-            "prov:label": f"{record['asset_key']} (run {str(record['run_id'])[:8]})",
-            "twin:asset_key": str(record["asset_key"]),
-            "twin:dagster_run_id": str(record["run_id"]),
-            "twin:git_commit": code.get("git_commit", "unknown"),
-            "twin:package": code.get("package", "unknown"),
-            "twin:params": json.dumps(record.get("params") or {}, sort_keys=True, default=str),
-        }
-    )
+    attrs.update(typed(_activity_attrs(record, code)))
     put("activity", act, attrs)
     person = person_id(str(record.get("user") or "unknown"))
     if person not in seen:
-        put(
-            "agent",
-            person,
-            {"prov:type": qname("prov:Person"), "prov:label": str(record.get("user"))},
-        )
+        put("agent", person, typed(_person_attrs(record)))
     software = software_id(code)
     if software not in seen:
-        put(
-            "agent",
-            software,
-            {
-                "prov:type": qname("prov:SoftwareAgent"),
-                "prov:label": code.get("package", "twin-pipeline"),
-                "twin:git_commit": code.get("git_commit", "unknown"),
-                "twin:package": code.get("package", "unknown"),
-            },
-        )
+        put("agent", software, typed(_software_attrs(code)))
     put(
         "wasAssociatedWith",
         None,
@@ -465,17 +454,7 @@ def fragment_json(record: Mapping[str, Any]) -> str:
     files: list[str] = []
     for f in record.get("source_files") or []:
         fid = file_id(str(f["sha256"]))
-        entity(
-            fid,
-            {
-                "prov:type": qname(SOURCE_FILE),
-                "prov:label": str(f["path"]),
-                "twin:path": str(f["path"]),
-                "twin:sha256": str(f["sha256"]),
-                "twin:size": encode_json_representation(int(f.get("size") or 0)),
-                "twin:kind": str(f.get("kind") or ""),
-            },
-        )
+        entity(fid, _file_attrs(f))
         put("used", None, {"prov:activity": act, "prov:entity": fid})
         files.append(fid)
     inputs: list[str] = []
@@ -485,29 +464,11 @@ def fragment_json(record: Mapping[str, Any]) -> str:
         inputs.append(tid)
     for path, sha in sorted((record.get("policy_versions") or {}).items()):
         pid = policy_id(path, str(sha))
-        entity(
-            pid,
-            {
-                "prov:type": qname(POLICY_VERSION),
-                "prov:label": path,
-                "twin:path": path,
-                "twin:sha256": str(sha),
-            },
-        )
+        entity(pid, _policy_attrs(path, str(sha)))
         put("used", None, {"prov:activity": act, "prov:entity": pid, "prov:role": "policy"})
     for kind, label in sorted((record.get("key_versions") or {}).items()):
         kid = key_id(kind, str(label))
-        version, _, fingerprint = str(label).partition(":")
-        entity(
-            kid,
-            {
-                "prov:type": qname(KEY_VERSION),
-                "prov:label": f"{kind} key {version}",
-                "twin:key_kind": kind,
-                "twin:key_version": version,
-                "twin:fingerprint": fingerprint,
-            },
-        )
+        entity(kid, _key_attrs(kind, str(label)))
         put("used", None, {"prov:activity": act, "prov:entity": kid, "prov:role": "key"})
 
     ended = _time(record.get("ended_at"))
