@@ -88,21 +88,30 @@ def test_content_hash_order_independent_and_ignores_volatile(twin_home: Settings
         assert status["schema_version"] == SCHEMA_VERSION
 
 
+@pytest.mark.parametrize("scheme", ["v1", "v2"])
 def test_content_hash_is_the_sql_definition_over_batches_types_and_empty(
-    twin_home: Settings,
+    twin_home: Settings, scheme: str
 ) -> None:
-    """The hash streams sorted digests to Python; it must equal the definition recorded in every
-    ledger so far: sha256 of string_agg(md5(row as text), '' ORDER BY digest)."""
+    """The hash streams sorted digests to Python; it must equal the scheme's definition, the
+    one recorded in the ledgers made with it: sha256 of string_agg(md5(row as text), '' ORDER
+    BY digest), the row's text being CAST(row(...) AS VARCHAR) in v1 and json_array(...) in
+    v2."""
 
     def by_sql(con: duckdb.DuckDBPyConnection, table: str, cols: str) -> str:
+        text = f"CAST(row({cols}) AS VARCHAR)" if scheme == "v1" else f"json_array({cols})"
         row = con.execute(
             "SELECT sha256(coalesce(string_agg(h, '' ORDER BY h), '')) FROM "
-            f"(SELECT md5(CAST(row({cols}) AS VARCHAR)) AS h FROM twin.{table})"
+            f"(SELECT md5({text}) AS h FROM twin.{table})"
         ).fetchone()
         assert row is not None
         return str(row[0])
 
     with Store.open(twin_home) as store, store.transaction() as con:
+        con.execute(
+            "UPDATE governance.store_meta SET value = ? WHERE key = 'content_hash_scheme'",
+            [scheme],
+        )
+        assert store.content_hash_scheme() == scheme
         # more rows than one Arrow batch of the stream (1,048,576)
         con.execute("CREATE TABLE raw.big AS SELECT range AS x FROM range(1100000)")
         con.execute(
@@ -117,6 +126,57 @@ def test_content_hash_is_the_sql_definition_over_batches_types_and_empty(
             con, "raw.mixed", '"i", "s", "t", "d", "l", "st"'
         )
         assert store.content_hash("raw.empty") == by_sql(con, "raw.empty", '"x"')
+
+
+def test_content_hash_v2_tells_apart_rows_that_print_alike(twin_home: Settings) -> None:
+    """A new store hashes with v2. Its row text must not merge different rows: NULL and the
+    string 'null', a separator moved between two columns, NaN and NULL, a value moved to the
+    next column, a JSON column's spacing."""
+    with Store.open(twin_home) as store, store.transaction() as con:
+        assert store.content_hash_scheme() == "v2"
+        pairs = [
+            ("SELECT NULL::VARCHAR AS a", "SELECT 'null' AS a"),
+            ("SELECT 'x,' AS a, 'y' AS b", "SELECT 'x' AS a, ',y' AS b"),
+            ("SELECT 'x\", \"' AS a, 'y' AS b", "SELECT 'x' AS a, '\", \"y' AS b"),
+            ("SELECT 'nan'::DOUBLE AS a", "SELECT NULL::DOUBLE AS a"),
+            ("SELECT 1 AS a, NULL::INT AS b", "SELECT NULL::INT AS a, 1 AS b"),
+            ("SELECT '{\"k\": 1}'::JSON AS a", "SELECT '{\"k\":1}'::JSON AS a"),
+            ("SELECT 'a' AS a UNION ALL SELECT 'a'", "SELECT 'a' AS a"),
+        ]
+        for k, (one, other) in enumerate(pairs):
+            con.execute(f"CREATE TABLE raw.p{k} AS {one}")
+            con.execute(f"CREATE TABLE raw.q{k} AS {other}")
+            assert store.content_hash(f"raw.p{k}") != store.content_hash(f"raw.q{k}"), one
+
+
+def test_store_with_recorded_versions_keeps_content_hash_v1(twin_home: Settings) -> None:
+    """A store from before schema 4 whose ledger names v1 hashes keeps hashing with v1, so
+    `twin lineage trace` still finds its recorded versions; one with nothing recorded moves to
+    v2."""
+    with Store.open(twin_home) as store:
+        store.con.execute("CREATE TABLE raw.t AS SELECT range AS x FROM range(10)")
+        store.con.execute(
+            "CREATE TABLE IF NOT EXISTS governance.table_version (table_name VARCHAR PRIMARY KEY, "
+            "row_count BIGINT, content_hash VARCHAR, run_id VARCHAR)"
+        )
+        store.con.execute("DELETE FROM governance.store_meta WHERE key = 'content_hash_scheme'")
+        store.con.execute(
+            "UPDATE governance.store_meta SET value = '3' WHERE key = 'schema_version'"
+        )
+    with Store.open(twin_home) as store:  # nothing recorded: v2
+        assert store.content_hash_scheme() == "v2"
+        v2 = store.content_hash("raw.t")
+        store.con.execute("INSERT INTO governance.table_version VALUES ('raw.t', 10, 'h', 'r')")
+        store.con.execute("DELETE FROM governance.store_meta WHERE key = 'content_hash_scheme'")
+        store.con.execute(
+            "UPDATE governance.store_meta SET value = '3' WHERE key = 'schema_version'"
+        )
+    with Store.open(twin_home) as store:  # versions recorded: v1, a different text
+        assert store.schema_version() == SCHEMA_VERSION
+        assert store.content_hash_scheme() == "v1"
+        assert store.content_hash("raw.t") != v2
+    with Store.open(twin_home) as store:  # and it stays so
+        assert store.content_hash_scheme() == "v1"
 
 
 def test_newer_store_schema_is_refused(twin_home: Settings) -> None:
@@ -171,7 +231,7 @@ def test_older_store_is_migrated(twin_home: Settings) -> None:
         applied = store.con.execute(
             "SELECT version FROM governance.schema_migration ORDER BY 1"
         ).fetchall()
-        assert applied == [(2,), (3,)]
+        assert applied == [(2,), (3,), (4,)]
         assert store.con.execute("SELECT x FROM harmonized.keepme").fetchall() == [(42,)]
 
 
@@ -185,7 +245,7 @@ def test_unversioned_store_counts_as_version_zero(twin_home: Settings) -> None:
         versions = store.con.execute(
             "SELECT version FROM governance.schema_migration ORDER BY 1"
         ).fetchall()
-        assert versions == [(1,), (2,), (3,)]
+        assert versions == [(1,), (2,), (3,), (4,)]
 
 
 def test_version_2_telemetry_tables_keep_their_keys(twin_home: Settings) -> None:

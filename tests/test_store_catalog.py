@@ -55,7 +55,10 @@ def test_schema_check_runs_again_for_a_new_or_older_store_file(twin_home: Settin
         assert store.table_exists("governance.quarantine")
         assert store.schema_version() == SCHEMA_VERSION
         with store.transaction() as con:
-            con.execute("UPDATE governance.store_meta SET value = '2' WHERE key = 'schema_version'")
+            con.execute(
+                "UPDATE governance.store_meta SET value = ? WHERE key = 'schema_version'",
+                [str(SCHEMA_VERSION - 1)],
+            )
             con.execute("DELETE FROM governance.schema_migration")
     # an older version recorded in the file: the migrations run, as on a first open
     with Store.open(twin_home) as store:
