@@ -93,3 +93,47 @@ def test_scan_walks_like_sorted_rglob(tmp_path) -> None:
     assert [f.rel for f in scan(land, readers, kinds={"telemetry"}).found] == [
         f.rel for f in s.found if f.kind == "telemetry"
     ]
+
+
+def test_one_walk_per_run_sees_the_landing_once_and_skips_reopening(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside a run the landing is walked once (a file landing later is the next run's) and
+    the readability sweep does not open again what a raw step read whole in this run; outside
+    a run every scan walks and opens anew."""
+    from pathlib import Path
+
+    from twin_pipeline.sources import load_readers, one_walk_per_run, scan
+
+    land = tmp_path / "landing"
+    for rel in ("telemetry/a.ndjson", "ehr/bulk/Patient.ndjson", "notes.docx"):
+        (land / rel).parent.mkdir(parents=True, exist_ok=True)
+        (land / rel).write_text("{}\n")
+    readers = load_readers()
+    opened: list[str] = []
+    real_open = Path.open
+
+    def counting_open(self: Path, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        opened.append(self.name)
+        return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    with one_walk_per_run():
+        first = scan(land, readers, kinds={"telemetry"})
+        assert [f.rel for f in first.found] == ["telemetry/a.ndjson"]
+        (land / "telemetry" / "b.ndjson").write_text("{}\n")  # lands during the run
+        second = scan(land, readers, kinds={"telemetry"})
+        assert [f.rel for f in second.found] == ["telemetry/a.ndjson"]
+        opened.clear()
+        sweep = scan(land, readers, kinds=())
+        assert sweep.unclaimed == ["notes.docx"] and not sweep.unreadable
+        assert opened == ["Patient.ndjson"]  # a.ndjson was read whole by the raw step
+        with one_walk_per_run():  # nested: the same view
+            assert [f.rel for f in scan(land, readers, kinds={"telemetry"}).found] == [
+                "telemetry/a.ndjson"
+            ]
+    after = scan(land, readers, kinds={"telemetry"})
+    assert [f.rel for f in after.found] == ["telemetry/a.ndjson", "telemetry/b.ndjson"]
+    opened.clear()
+    scan(land, readers, kinds=())
+    assert sorted(opened) == ["Patient.ndjson", "a.ndjson", "b.ndjson"]

@@ -94,6 +94,21 @@ def test_checks_quarantine_rows_and_pass(
         index, rendered = docs.render(store, twin_home.data_docs_dir)
         assert rendered and "encounter" in index.read_text()
         assert docs.status(store, twin_home.data_docs_dir) == "current"
+        # At the end of a run the site is rendered in a process of its own; nothing to do
+        # when current, and a failure there is reported, not raised.
+        assert docs.refresh_after_run(store, twin_home.data_docs_dir) == "Data Docs current"
+        other = twin_home.home / "not-docs"
+        other.mkdir()
+        (other / "keep.txt").write_text("mine")
+        job = docs.start_refresh(store, other)
+        assert job.future is not None
+        outcome = job.wait()
+        assert outcome.startswith("Data Docs not rendered (ConfigError: ")
+        assert "not a Data Docs folder" in outcome
+        assert (other / "keep.txt").read_text() == "mine"
+        fresh = twin_home.home / "fresh-docs"
+        assert docs.refresh_after_run(store, fresh) == f"Data Docs rendered: {fresh / 'index.html'}"
+        assert docs.status(store, fresh) == "current"
 
 
 def test_blocking_check_gates_downstream(twin_home: Settings) -> None:

@@ -17,6 +17,7 @@ import dagster as dg
 
 from twin_pipeline.errors import StoreError, TwinPipelineError
 from twin_pipeline.paths import Settings
+from twin_pipeline.sources import one_walk_per_run
 from twin_pipeline.store import Store
 
 
@@ -244,13 +245,14 @@ def run_pipeline(
         instance = dg.DagsterInstance.ephemeral() if ephemeral else dagster_instance(settings)
         started = time.perf_counter()
         t0 = datetime.now(UTC)
-        result = job.execute_in_process(
-            run_config=run_config,
-            instance=instance,
-            raise_on_error=False,
-            asset_selection=asset_selection,
-            tags={"twin/user": user, "twin/role": role, "twin/landing": str(landing)},
-        )
+        with one_walk_per_run():
+            result = job.execute_in_process(
+                run_config=run_config,
+                instance=instance,
+                raise_on_error=False,
+                asset_selection=asset_selection,
+                tags={"twin/user": user, "twin/role": role, "twin/landing": str(landing)},
+            )
         wall = time.perf_counter() - started
         mats: dict[str, dict[str, Any]] = {}
         for ev in result.get_asset_materialization_events():
@@ -277,6 +279,10 @@ def run_pipeline(
                 role=role,
                 status="success" if result.success else "failure",
             )
+            # The Data Docs are rendered in a process of their own meanwhile.
+            from twin_pipeline.quality.docs import start_refresh
+
+            docs = start_refresh(store, settings.data_docs_dir) if data_docs else None
             # Every run ends with a signed PROV bundle and its OpenLineage events.
             from twin_pipeline.lineage.runs import finalize_run
 
@@ -289,11 +295,9 @@ def run_pipeline(
                     if ev.is_step_failure
                 },
             )
-            if data_docs:
-                from twin_pipeline.quality.docs import refresh_after_run
-
-                docs = refresh_after_run(store, settings.data_docs_dir)
-                if docs.startswith("Data Docs not rendered"):
-                    print(f"twin: warning: {docs}", file=sys.stderr)
             status = run_status(store, result.run_id)
+        if docs is not None:
+            outcome = docs.wait()
+            if outcome.startswith("Data Docs not rendered"):
+                print(f"twin: warning: {outcome}", file=sys.stderr)
     return RunSummary(result.run_id, result.success, wall, status, mats, failures, steps)

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from twin_pipeline.errors import ConfigError, PolicyViolation
 from twin_pipeline.paths import POLICIES_DIR
+from twin_pipeline.yamlfiles import safe_load
 
 POLICY_FILE = POLICIES_DIR / "deid.yaml"
 Action = Literal["keep", "drop", "pseudonymize", "uid", "date_shift", "generalize", "redact_text"]
@@ -182,14 +183,11 @@ class DeidPolicy(BaseModel):
         return t.columns.get(column) if t else None
 
 
-_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 @functools.lru_cache(maxsize=8)
 def _parsed(path: str, stamp: tuple[int, int]) -> Any:
     """The YAML document of ``path`` as of ``stamp`` (mtime_ns, size): a pipeline run loads the
     policy once per de-identification step (~80 ms with the pure-Python SafeLoader each)."""
-    return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_LOADER)
+    return safe_load(Path(path).read_text(encoding="utf-8"))
 
 
 def load_policy(path: Path | None = None) -> DeidPolicy:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from twin_pipeline.errors import ConfigError
 from twin_pipeline.paths import ASSETS_DIR
+from twin_pipeline.yamlfiles import safe_load
 
 EHR_SPEC = ASSETS_DIR / "ehr_fhir.yaml"
 
@@ -178,7 +179,7 @@ class EhrSpec(BaseModel):
 
 def load_spec_file(path: Path) -> EhrSpec:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read EHR spec: {exc}", path=str(path)) from exc
     try:

@@ -27,6 +27,7 @@ from twin_pipeline.sources.dicom import DDL as RAW_DDL
 from twin_pipeline.sources.dicom import TABLE as RAW
 from twin_pipeline.sources.telemetry import QUARANTINE_ID_SQL
 from twin_pipeline.store import Store
+from twin_pipeline.yamlfiles import safe_load
 
 SERIES = "harmonized.imaging_series"
 INSTANCE = "harmonized.imaging_instance"
@@ -47,7 +48,7 @@ class PacsSpec(BaseModel):
 def load_pacs_spec(path: Path | None = None) -> PacsSpec:
     path = path or PACS_SPEC
     try:
-        spec = PacsSpec.model_validate(yaml.safe_load(path.read_text()))
+        spec = PacsSpec.model_validate(safe_load(path.read_text()))
     except FileNotFoundError as exc:
         raise ConfigError("PACS spec not found", path=str(path)) from exc
     except (yaml.YAMLError, ValidationError) as exc:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from twin_pipeline.errors import ConfigError
 from twin_pipeline.paths import ASSETS_DIR
+from twin_pipeline.yamlfiles import safe_load
 
 TELEMETRY_SPEC = ASSETS_DIR / "telemetry.yaml"
 
@@ -106,7 +107,7 @@ def load_telemetry_spec(path: Path | None = None) -> TelemetrySpec:
 @functools.cache
 def _load(path: str) -> TelemetrySpec:
     try:
-        doc = yaml.safe_load(Path(path).read_text())
+        doc = safe_load(Path(path).read_text())
         return TelemetrySpec.model_validate(doc)
     except FileNotFoundError as exc:
         raise ConfigError("telemetry spec not found", path=path) from exc

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from twin_pipeline.errors import AccessDenied, ConfigError
 from twin_pipeline.paths import POLICIES_DIR
+from twin_pipeline.yamlfiles import safe_load
 
 MaskKind = Literal["hash", "last4", "year_only", "null", "redact"]
 _PATTERN = re.compile(r"^[a-z_*?][a-z0-9_*?]*\.[a-z_*?][a-z0-9_*?]*$")
@@ -160,7 +161,7 @@ class PolicySet:
 
 def _read_yaml(path: Path) -> Any:
     try:
-        return yaml.safe_load(path.read_text())
+        return safe_load(path.read_text())
     except FileNotFoundError as exc:
         raise ConfigError("policy file is missing", path=str(path)) from exc
     except (OSError, yaml.YAMLError) as exc:

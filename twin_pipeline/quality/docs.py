@@ -14,6 +14,8 @@ says which suite runs it shows, so ``twin quality report`` can say whether it is
 from __future__ import annotations
 
 import json
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,11 +97,54 @@ def refresh_after_run(store: Store, target: Path) -> str:
 
     A failure to render never fails the run (the results are already recorded and the
     site can be rendered again with ``twin quality docs``): it is reported instead."""
+    return start_refresh(store, target).wait()
+
+
+@dataclass
+class Refresh:
+    """A Data Docs refresh under way in a process of its own (:func:`start_refresh`)."""
+
+    message: str | None = None  # the outcome, when nothing had to be rendered
+    target: Path | None = None
+    latest: dict[str, str] = field(default_factory=dict)
+    future: Future[Path] | None = None
+    executor: Executor | None = None
+
+    def wait(self) -> str:
+        """Wait for the site; what happened, for the log (a failure is reported, not raised)."""
+        if self.future is None or self.target is None:
+            return self.message or "Data Docs not rendered"
+        try:
+            index = self.future.result()
+            marker = json.dumps({"runs": self.latest}, indent=1, sort_keys=True)
+            (self.target / gxa.MARKER).write_text(marker)
+        except Exception as exc:  # reported: the run's data is already committed
+            return _not_rendered(exc)
+        finally:
+            if self.executor is not None:
+                self.executor.shutdown()
+        return f"Data Docs rendered: {index}"
+
+
+def _not_rendered(exc: BaseException) -> str:
+    return f"Data Docs not rendered ({type(exc).__name__}: {exc}); run `twin quality docs`"
+
+
+def start_refresh(store: Store, target: Path) -> Refresh:
+    """Start bringing the site up to date: the results are read here, the site is rendered by
+    GX in a new process, while the caller goes on (``twin run`` signs its PROV bundle and
+    writes its status meanwhile). Importing GX alone takes ~4 s of one core."""
     try:
-        state = status(store, target)
-        if state in ("current", "no_results"):
-            return f"Data Docs {state.replace('_', ' ')}"
-        index, _ = render(store, target)
-    except Exception as exc:  # reported: the run's data is already committed
-        return f"Data Docs not rendered ({type(exc).__name__}: {exc}); run `twin quality docs`"
-    return f"Data Docs rendered: {index}"
+        records = res.latest(store)
+        latest = _latest_runs(records)
+        if not latest:
+            return Refresh("Data Docs no results")
+        if _shown(target) == latest and (target / "index.html").is_file():
+            return Refresh("Data Docs current")
+        import multiprocessing
+
+        executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        future = executor.submit(gxa.build_data_docs, target, doc_runs(records))
+    except Exception as exc:
+        return Refresh(_not_rendered(exc))
+    return Refresh(None, target, latest, future, executor)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from twin_pipeline.errors import ConfigError
 from twin_pipeline.paths import EXPECTATIONS_DIR
+from twin_pipeline.yamlfiles import safe_load
 
 TWIN_TYPES = frozenset({"twin.foreign_key", "twin.row_conservation", "twin.column_types"})
 # GX expectation types whose failures are individual rows (these may be row_level).
@@ -171,7 +172,7 @@ def _walk(value: Any) -> list[Any]:
 
 def load_suite(path: Path) -> Suite:
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read suite: {exc}", path=str(path)) from exc
     try:

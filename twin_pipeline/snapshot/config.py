@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from twin_pipeline.errors import ConfigError
 from twin_pipeline.paths import POLICIES_DIR
+from twin_pipeline.yamlfiles import safe_load
 
 _RELATION = re.compile(r"^[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*$")
 _PATTERN = re.compile(r"^[a-z_*?][a-z0-9_*?]*\.[a-z_*?][a-z0-9_*?]*$")
@@ -211,7 +212,7 @@ class Cohort(_Strict):
 
 def _read_yaml(path: Path) -> Any:
     try:
-        return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        return safe_load(path.read_text())
     except FileNotFoundError as exc:
         raise ConfigError("file is missing", path=str(path)) from exc
     except (OSError, yaml.YAMLError) as exc:

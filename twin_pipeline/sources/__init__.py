@@ -7,12 +7,13 @@ keep conservation per file: records in = records loaded into raw + records quara
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import os
 import pkgutil
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -160,16 +161,17 @@ class StatCache:
         ).fetchall()
         return cls({r[0]: (int(r[1]), int(r[2]), str(r[3])) for r in rows})
 
-    def sha256(self, path: Path) -> tuple[str, int]:
-        """(sha256, size) of ``path``, from the cache when size and mtime are unchanged."""
+    def sha256_read(self, path: Path) -> tuple[str, int, bool]:
+        """(sha256, size, whether the file was read now to hash it) of ``path``, from the cache
+        when size and mtime are unchanged."""
         st = path.stat()
         key = str(path)
         hit = self.known.get(key)
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            return hit[2], st.st_size
+            return hit[2], st.st_size, False
         digest = sha256_file(path)
         self.fresh[key] = (st.st_size, st.st_mtime_ns, digest)
-        return digest, st.st_size
+        return digest, st.st_size, True
 
     def save(self, store: Store) -> None:
         """Remember the hashes computed since :meth:`load` (inside the caller's transaction)."""
@@ -194,6 +196,47 @@ class StatCache:
         self.fresh.clear()
 
 
+@dataclass
+class _RunView:
+    """What one pipeline run has seen of its landing folders (see :func:`one_walk_per_run`)."""
+
+    walks: dict[str, tuple[list[tuple[str, os.DirEntry[str]]], dict[str, str]]] = field(
+        default_factory=dict
+    )
+    read: set[str] = field(default_factory=set)  # paths read whole (hashed) in this run
+
+
+_RUN_VIEW: _RunView | None = None
+
+
+@contextlib.contextmanager
+def one_walk_per_run() -> Iterator[None]:
+    """Inside, each landing folder is walked once: every raw step of an in-process run sees
+    the landing as it was at its first walk (a file landing later is the next run's), and the
+    readability sweep of ``governance.unclaimed_files`` does not open again a file a raw step
+    of this run has already read whole. At 10,000 patients every raw step walked the 20,817
+    files again (~0.4 s a step) and the sweep opened each of them (~1.1 s)."""
+    global _RUN_VIEW
+    outer, _RUN_VIEW = _RUN_VIEW, _RUN_VIEW or _RunView()
+    try:
+        yield
+    finally:
+        _RUN_VIEW = outer
+
+
+def _walk_once(landing: Path, unreadable: dict[str, str]) -> list[tuple[str, os.DirEntry[str]]]:
+    view = _RUN_VIEW
+    if view is None:
+        return _walk(landing, unreadable)
+    key = str(landing.resolve())
+    if key not in view.walks:
+        found: dict[str, str] = {}
+        view.walks[key] = (_walk(landing, found), found)
+    entries, seen_unreadable = view.walks[key]
+    unreadable.update(seen_unreadable)
+    return entries
+
+
 def scan(
     landing: Path,
     readers: dict[str, SourceReader],
@@ -209,7 +252,8 @@ def scan(
     if not landing.is_dir():
         raise ConfigError("landing folder does not exist", path=str(landing))
     result = Scan([], [], {})
-    for rel, entry in _walk(landing, result.unreadable):
+    read = _RUN_VIEW.read if _RUN_VIEW is not None else None
+    for rel, entry in _walk_once(landing, result.unreadable):
         name = entry.name
         if name in IGNORED_NAMES or name.startswith("."):
             continue
@@ -228,15 +272,17 @@ def scan(
             continue
         try:
             if kinds is not None and kind not in kinds:
-                if not kinds:  # the readability sweep (unclaimed_files): open, do not hash
+                # the readability sweep (unclaimed_files): open, do not hash
+                if not kinds and (read is None or entry.path not in read):
                     with path.open("rb") as fh:
                         fh.read(1)
                 continue
             if cache is not None:
-                digest, size = cache.sha256(path)
+                digest, size, fresh = cache.sha256_read(path)
             else:
-                digest = sha256_file(path)
-                size = path.stat().st_size
+                digest, size, fresh = sha256_file(path), path.stat().st_size, True
+            if fresh and read is not None:
+                read.add(entry.path)
         except OSError as exc:
             result.unreadable[rel] = f"cannot read file: {exc.strerror or exc}"
             continue

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from twin_pipeline.errors import ConfigError
 from twin_pipeline.paths import ASSETS_DIR
+from twin_pipeline.yamlfiles import safe_load
 
 DTMI_RE = re.compile(
     r"^dtmi:[A-Za-z](?:[A-Za-z0-9_]*[A-Za-z0-9])?(?::[A-Za-z](?:[A-Za-z0-9_]*[A-Za-z0-9])?)*;[1-9][0-9]{0,8}$"
@@ -298,7 +299,7 @@ def load_model(path: Path | None = None) -> TwinModel:
     """Read and validate the twin model; errors name the file and the offending entry."""
     path = path or DEFAULT_MODEL_PATH
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError("twin model file not found", path=str(path)) from None
     except yaml.YAMLError as exc:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from twin_pipeline.errors import ConfigError
 from twin_pipeline.paths import ASSETS_DIR
+from twin_pipeline.yamlfiles import safe_load
 
 SCENARIOS_DIR = ASSETS_DIR / "scenarios"
 Domain = Literal["imaging", "beds"]
@@ -140,7 +141,7 @@ def load_scenario(path: str | Path) -> tuple[Scenario, Path, str]:
     p = resolve_scenario_path(path)
     raw = p.read_bytes()
     try:
-        doc = yaml.safe_load(raw)
+        doc = safe_load(raw)
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", path=str(p)) from exc
     if not isinstance(doc, dict):
