@@ -209,6 +209,19 @@ def test_conservation_holds_after_quarantine_and_breaks_on_silent_loss(store: St
         "CREATE TABLE harmonized.observation_history AS SELECT 'obs-3' AS lineage_key"
     )
     assert run_suite(store, _conservation_suite(history=True)).passed
+    # Rows with no raw source record (an unknown key, or none) are phantoms, each counted once.
+    store.con.execute(
+        "INSERT INTO harmonized.observation BY NAME SELECT * REPLACE ('no-such-key' AS "
+        "lineage_key) FROM harmonized.observation LIMIT 1"
+    )
+    store.con.execute(
+        "INSERT INTO harmonized.observation BY NAME SELECT * REPLACE (NULL AS lineage_key) "
+        "FROM harmonized.observation LIMIT 2"
+    )
+    phantom = run_suite(store, _conservation_suite(history=True))
+    res = phantom.results[0]
+    assert not phantom.passed and res.failed_rows == 3
+    assert "3 rows without a raw source record" in (res.observed or "")
 
 
 def test_results_table_and_report(dirty_module: tuple[Store, dict[str, SuiteRun]]) -> None:

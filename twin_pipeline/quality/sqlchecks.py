@@ -122,9 +122,14 @@ def row_conservation(
     stages = ", ".join(f"'{s}'" for s in QUARANTINE_STAGES)
     phantoms_sql = "0"
     if spec.kwargs.get("phantoms", True):
+        # Rows without a key, plus rows whose key no raw record has: two counts, so the second
+        # is an anti-join (``IS NULL OR NOT EXISTS`` made it a mark join, ~3x slower: 1.7 s
+        # of the 1.86M telemetry readings' 3.1 s check at 10,000 patients).
         phantoms_sql = (
-            f"(SELECT count(*) FROM {table} t WHERE t.lineage_key IS NULL OR NOT EXISTS "
-            f"(SELECT 1 FROM ({raw_keys}) r WHERE r.lineage_key = t.lineage_key))"
+            f"((SELECT count(*) FROM {table} WHERE lineage_key IS NULL) + "
+            f"(SELECT count(*) FROM (SELECT lineage_key FROM {table} "
+            f"WHERE lineage_key IS NOT NULL) t ANTI JOIN ({raw_keys}) r "
+            "ON r.lineage_key = t.lineage_key))"
         )
     # One statement, hash joins only: a raw record is accounted for by its lineage key (in
     # the table, its history or quarantine) or by its file and position (in quarantine).
