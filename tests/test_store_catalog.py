@@ -67,3 +67,36 @@ def test_schema_check_runs_again_for_a_new_or_older_store_file(twin_home: Settin
             "SELECT version FROM governance.schema_migration ORDER BY 1"
         ).fetchall()
         assert migrated == [(SCHEMA_VERSION,)]
+
+
+def test_create_table_as_keeps_values_and_stores_plain_columns_uncompressed(
+    twin_home: Settings,
+) -> None:
+    """The table holds the query's rows, types and order; the named columns are stored
+    uncompressed (DuckDB's storage info says so after a checkpoint), the others as DuckDB
+    chooses; and the content hash is the same as for a plain CREATE TABLE AS."""
+    query = (
+        "SELECT md5(range::VARCHAR) AS lineage_key, 'ehr/a.ndjson' AS source_file, "
+        "range AS n, range / 3.0 AS x FROM range(50000) ORDER BY n DESC"
+    )
+    with Store.open(twin_home) as store:
+        with store.transaction():
+            store.con.execute("CREATE TABLE harmonized.one AS SELECT 1 AS stale")
+            store.create_table_as("harmonized.one", query, plain=("lineage_key",))
+            store.con.execute(f"CREATE TABLE harmonized.two AS {query}")
+        store.con.execute("CHECKPOINT")
+        assert store.columns("harmonized.one") == store.columns("harmonized.two")
+        assert (
+            store.con.execute("SELECT * FROM harmonized.one LIMIT 3").fetchall()
+            == store.con.execute("SELECT * FROM harmonized.two LIMIT 3").fetchall()
+        )
+        assert store.content_hash("harmonized.one") == store.content_hash("harmonized.two")
+        kinds = dict(
+            store.con.execute(
+                "SELECT column_name, list(DISTINCT compression) FROM "
+                "pragma_storage_info('twin.harmonized.one') WHERE segment_type <> 'VALIDITY' "
+                "GROUP BY ALL"
+            ).fetchall()
+        )
+        assert kinds["lineage_key"] == ["Uncompressed"]
+        assert "Uncompressed" not in kinds["source_file"]

@@ -189,23 +189,6 @@ def _high_cardinality(con: Any, rel: str, columns: list[str], n_rows: int) -> se
     return out
 
 
-def _write(con: Any, out: str, query: str, plain: set[str]) -> None:
-    """``CREATE TABLE out AS query``, the columns in ``plain`` stored uncompressed.
-
-    DuckDB's string compression (DICT_FSST) analyses every value; for a column whose values are
-    nearly all distinct (a row's own pseudonym, lineage_key) it saves about half the bytes for
-    about four times the write CPU (0.28 µs a value; benchmarks/bench_deid.py, 200k rows).
-    """
-    types = con.execute(f"DESCRIBE {query}").fetchall()
-    ddl = ", ".join(
-        f"{_q(c)} {t}" + (" USING COMPRESSION uncompressed" if c in plain else "")
-        for c, t, *_ in types
-    )
-    con.execute(f"DROP TABLE IF EXISTS {out}")
-    con.execute(f"CREATE TABLE {out} ({ddl})")
-    con.execute(f"INSERT INTO {out} {query}")
-
-
 def deidentify_table(
     store: Store,
     policy: DeidPolicy,
@@ -336,7 +319,9 @@ def deidentify_table(
             actions[name] = "added"
         select.append(f"CAST({kv.version} AS INTEGER) AS key_version")
         query = f"SELECT {', '.join(select)} FROM {base} s " + " ".join(joins)
-        _write(con, out, query, plain)
+        # nearly-distinct columns uncompressed: ~4x less write CPU for them (0.28 µs a value;
+        # benchmarks/bench_deid.py, 200k rows)
+        store.create_table_as(out, query, plain=plain)
     finally:
         for v in registered:
             con.unregister(v)

@@ -42,6 +42,14 @@ VERSION_TABLES = (CURRENT, HISTORY, STATUS, REF_INDEX)
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
 
+# Every reference of every table. A row's own id and lineage key are (nearly) all distinct:
+# stored uncompressed, they cost ~30% less to write (see Store.create_table_as).
+REFERENCES_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {REFERENCES} (from_table VARCHAR, from_type VARCHAR, "
+    "from_id VARCHAR USING COMPRESSION uncompressed, from_column VARCHAR, reference VARCHAR, "
+    "ref_key VARCHAR, target_type VARCHAR, source_file VARCHAR, "
+    "lineage_key VARCHAR USING COMPRESSION uncompressed)"
+)
 _REF_TARGET_RE = r"([A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64})(/_history/[^/]*)?$"
 
 
@@ -195,8 +203,9 @@ def build_versions(store: Store, *, force: bool = False) -> dict[str, int]:
            OR ((d.last_updated IS NULL OR c.last_updated IS NULL) AND d.arrival > c.arrival))
         GROUP BY ALL
     """)
-    con.execute(f"""
-        CREATE OR REPLACE TABLE {CURRENT} AS
+    store.create_table_as(
+        CURRENT,
+        """
         SELECT c.resource_type, c.resource_id, c.version_id, c.last_updated,
                coalesce(d.deleted, false) AS deleted, c.record_hash, c.source_file,
                c.position, c.lineage_key, c.full_url,
@@ -205,9 +214,12 @@ def build_versions(store: Store, *, force: bool = False) -> dict[str, int]:
         LEFT JOIN _fhir_deleted d ON d.resource_type = c.resource_type
              AND d.resource_id = c.resource_id
         WHERE c.rk = 1
-    """)
-    con.execute(f"""
-        CREATE OR REPLACE TABLE {HISTORY} AS
+    """,
+        plain=("record_hash", "lineage_key", "resource_id", "full_url"),
+    )
+    store.create_table_as(
+        HISTORY,
+        f"""
         SELECT h.resource_type, h.resource_id, h.version_id, h.last_updated, h.record_hash,
                h.source_file, h.position, h.lineage_key, c.lineage_key AS superseded_by,
                r.payload
@@ -216,9 +228,12 @@ def build_versions(store: Store, *, force: bool = False) -> dict[str, int]:
              AND c.resource_id = h.resource_id AND c.rk = 1
         JOIN {RAW} r ON r.lineage_key = h.lineage_key AND r.source_file = h.source_file
         WHERE h.rk > 1 AND h.hash_rk = 1 AND h.record_hash <> c.record_hash
-    """)
-    con.execute(f"""
-        CREATE OR REPLACE TABLE {STATUS} AS
+    """,
+        plain=("record_hash", "lineage_key", "superseded_by"),
+    )
+    store.create_table_as(
+        STATUS,
+        """
         SELECT x.lineage_key, x.source_file, x.position, x.resource_type, x.resource_id,
                CASE WHEN x.rk = 1 THEN 'current'
                     WHEN x.record_hash = c.record_hash OR x.hash_rk > 1 THEN 'duplicate'
@@ -229,9 +244,12 @@ def build_versions(store: Store, *, force: bool = False) -> dict[str, int]:
         UNION ALL
         SELECT lineage_key, source_file, position, resource_type, resource_id, 'delete'
         FROM _fhir_raw WHERE is_delete
-    """)
-    con.execute(f"""
-        CREATE OR REPLACE TABLE {REF_INDEX} AS
+    """,
+        plain=("lineage_key", "resource_id"),
+    )
+    store.create_table_as(
+        REF_INDEX,
+        f"""
         WITH keys AS (
             SELECT resource_type || '/' || resource_id AS ref, resource_type, resource_id
             FROM {CURRENT}
@@ -253,7 +271,9 @@ def build_versions(store: Store, *, force: bool = False) -> dict[str, int]:
         SELECT ref, min(resource_type) AS resource_type, min(resource_id) AS resource_id,
                count(DISTINCT resource_type || '/' || resource_id) AS candidates
         FROM keys WHERE ref IS NOT NULL GROUP BY ref
-    """)
+    """,
+        plain=("ref", "resource_id"),
+    )
     for t in ("_fhir_ranked", "_fhir_deleted"):
         con.execute(f"DROP TABLE IF EXISTS {t}")
     con.execute("DROP TABLE IF EXISTS _fhir_raw")
@@ -427,11 +447,7 @@ def resolve_sql(source: str, columns: list[Column], keep: tuple[str, ...] = ()) 
 def _record_refs(store: Store, name: str, spec: TableSpec, columns: list[Column]) -> None:
     """Keep the table's references (from ``_x``) for :func:`build_dangling`."""
     con = store.con
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {REFERENCES} (from_table VARCHAR, from_type VARCHAR, "
-        "from_id VARCHAR, from_column VARCHAR, reference VARCHAR, ref_key VARCHAR, "
-        "target_type VARCHAR, source_file VARCHAR, lineage_key VARCHAR)"
-    )
+    con.execute(REFERENCES_DDL)
     con.execute(f"DELETE FROM {REFERENCES} WHERE from_table = ?", [name])
     refs = [c for c in columns if c.kind == "ref"]
     if not refs:
@@ -473,9 +489,10 @@ def build_table(
     con = store.con
     con.execute(f"CREATE OR REPLACE TEMP TABLE _x AS {extract_sql(tspec)}")
     _record_refs(store, name, tspec, tspec.columns)
-    con.execute(
-        f"CREATE OR REPLACE TABLE {qualified} AS {resolve_sql('_x', tspec.columns)} "
-        f"ORDER BY {tspec.key}"
+    store.create_table_as(
+        qualified,
+        f"{resolve_sql('_x', tspec.columns)} ORDER BY {tspec.key}",
+        plain=(tspec.key, "lineage_key"),
     )
     con.execute("DROP TABLE IF EXISTS _x")
     _built(store, name)
@@ -668,8 +685,9 @@ def _build_observation(store: Store, spec: EhrSpec) -> TableStats:
     cols = [c.name for c in tspec.columns if c.name not in ("code_system", "code", "display")]
     head = cols[:1]
     rest = cols[1:]
-    con.execute(f"""
-        CREATE OR REPLACE TABLE harmonized.observation AS
+    store.create_table_as(
+        "harmonized.observation",
+        f"""
         SELECT {", ".join(head)}, code_system, code, display, component_code,
                component_display, cv AS value, canonical_unit AS unit,
                TRY_CAST(original_value AS DOUBLE) AS original_value,
@@ -679,7 +697,9 @@ def _build_observation(store: Store, spec: EhrSpec) -> TableStats:
         FROM _obs_final
         WHERE lineage_key NOT IN (SELECT lineage_key FROM _obs_final WHERE rule IS NOT NULL)
         ORDER BY observation_id, component_index
-    """)
+    """,
+        plain=("observation_id", "lineage_key"),
+    )
     qrows = [
         QuarantineRow(
             stage="harmonize",
@@ -712,12 +732,7 @@ def build_dangling(store: Store, spec: EhrSpec | None = None, *, force: bool = F
     if not force and _unchanged(store, "dangling", (DANGLING,)):
         return store.row_count(DANGLING)
     tables = "[" + ", ".join(_q(n) for n in spec.tables) + "]"
-    if not store.table_exists(REFERENCES):
-        con.execute(
-            f"CREATE TABLE {REFERENCES} (from_table VARCHAR, from_type VARCHAR, "
-            "from_id VARCHAR, from_column VARCHAR, reference VARCHAR, ref_key VARCHAR, "
-            "target_type VARCHAR, source_file VARCHAR, lineage_key VARCHAR)"
-        )
+    con.execute(REFERENCES_DDL)
     con.execute(f"""
         CREATE OR REPLACE TABLE {DANGLING} AS
         WITH refs AS (SELECT * FROM {REFERENCES} WHERE list_contains({tables}, from_table)),
