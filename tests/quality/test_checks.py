@@ -106,9 +106,13 @@ def test_checks_quarantine_rows_and_pass(
         assert outcome.startswith("Data Docs not rendered (ConfigError: ")
         assert "not a Data Docs folder" in outcome
         assert (other / "keep.txt").read_text() == "mine"
+        renderer = docs._RENDERER
+        assert renderer is not None
         fresh = twin_home.home / "fresh-docs"
         assert docs.refresh_after_run(store, fresh) == f"Data Docs rendered: {fresh / 'index.html'}"
         assert docs.status(store, fresh) == "current"
+        # one renderer process for the life of this one: GX is imported there once
+        assert docs._RENDERER is renderer
 
 
 def test_blocking_check_gates_downstream(twin_home: Settings) -> None:

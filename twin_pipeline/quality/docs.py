@@ -14,7 +14,8 @@ says which suite runs it shows, so ``twin quality report`` can say whether it is
 from __future__ import annotations
 
 import json
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -108,7 +109,6 @@ class Refresh:
     target: Path | None = None
     latest: dict[str, str] = field(default_factory=dict)
     future: Future[Path] | None = None
-    executor: Executor | None = None
 
     def wait(self) -> str:
         """Wait for the site; what happened, for the log (a failure is reported, not raised)."""
@@ -118,11 +118,11 @@ class Refresh:
             index = self.future.result()
             marker = json.dumps({"runs": self.latest}, indent=1, sort_keys=True)
             (self.target / gxa.MARKER).write_text(marker)
+        except BrokenProcessPool as exc:  # the renderer died: the next refresh starts anew
+            _drop_renderer()
+            return _not_rendered(exc)
         except Exception as exc:  # reported: the run's data is already committed
             return _not_rendered(exc)
-        finally:
-            if self.executor is not None:
-                self.executor.shutdown()
         return f"Data Docs rendered: {index}"
 
 
@@ -141,10 +141,30 @@ def start_refresh(store: Store, target: Path) -> Refresh:
             return Refresh("Data Docs no results")
         if _shown(target) == latest and (target / "index.html").is_file():
             return Refresh("Data Docs current")
+        future = _renderer().submit(gxa.build_data_docs, target, doc_runs(records))
+    except Exception as exc:
+        _drop_renderer()
+        return Refresh(_not_rendered(exc))
+    return Refresh(None, target, latest, future)
+
+
+_RENDERER: ProcessPoolExecutor | None = None
+
+
+def _renderer() -> ProcessPoolExecutor:
+    """The process that renders Data Docs for this one: spawned at the first refresh and kept,
+    so a long-lived process (``twin watch``, the Dagster daemon, a test session) imports GX
+    once, not at every run."""
+    global _RENDERER
+    if _RENDERER is None:
         import multiprocessing
 
-        executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        future = executor.submit(gxa.build_data_docs, target, doc_runs(records))
-    except Exception as exc:
-        return Refresh(_not_rendered(exc))
-    return Refresh(None, target, latest, future, executor)
+        _RENDERER = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    return _RENDERER
+
+
+def _drop_renderer() -> None:
+    global _RENDERER
+    if _RENDERER is not None:
+        _RENDERER.shutdown(wait=False, cancel_futures=True)
+        _RENDERER = None
