@@ -14,7 +14,7 @@ from twin_pipeline.twin import synthetic
 from twin_pipeline.twin.fit import fit_history
 from twin_pipeline.twin.graph import GraphReport
 from twin_pipeline.twin.scenario import SCENARIOS_DIR, FitConfig, Scenario, load_scenario
-from twin_pipeline.twin.sim import erlang_c, erlang_c_wait, summarize
+from twin_pipeline.twin.sim import erlang_c, erlang_c_wait, summarize, t_cdf, t_quantile
 from twin_pipeline.twin.simulate import NOTICE, make_chart, run_simulation
 
 
@@ -181,6 +181,35 @@ def test_summary_ci_and_chart(tmp_path, graph_store: tuple[Store, GraphReport]) 
     r = run_simulation(store, Scenario.model_validate({"name": "t", "replications": 2}))
     out = make_chart(r, tmp_path / "c.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_t_quantile_matches_scipy() -> None:
+    from scipy import stats
+
+    for df in [*range(1, 121), 150, 250, 999, 5000]:
+        for p in (0.6, 0.9, 0.95, 0.975, 0.99, 0.995, 0.9995, 0.025, 1e-5):
+            assert t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-9, abs=1e-12)
+    assert t_quantile(0.5, 7) == 0.0
+    # The inverse of the CDF, also in the far tail and near the centre.
+    for df, p in ((3, 0.999999), (12, 0.5001), (40, 0.8)):
+        assert t_cdf(t_quantile(p, df), df) == pytest.approx(p, rel=1e-12)
+        assert t_cdf(-t_quantile(p, df), df) == pytest.approx(1 - p, rel=1e-9)
+    with pytest.raises(ValueError, match="0 < p < 1"):
+        t_quantile(1.0, 3)
+
+
+def test_summaries_do_not_import_scipy_stats() -> None:
+    """The simulation step's confidence intervals no longer pay for importing scipy.stats."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from twin_pipeline.twin.sim import summarize; "
+        "s = summarize([1.0, 2.0, 4.0]); assert s.ci_high > s.mean; "
+        "print('scipy.stats' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_unknown_modalities_in_a_scenario_are_reported(
