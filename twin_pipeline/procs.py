@@ -9,9 +9,13 @@ run). Every pool we start runs :func:`worker_init` first.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 def usable_cores() -> int:
@@ -39,8 +43,11 @@ _FROZEN = 0
 
 
 def freeze_for_fork() -> None:
-    """Call right before forking workers; pair with :func:`unfreeze_after_pool`."""
+    """Call right before forking workers; pair with :func:`unfreeze_after_pool`. Background
+    work (:func:`in_background`) is finished first: a thread running while the process forks
+    may hold a lock the child then never sees released."""
     global _FROZEN
+    _join_background()
     _FROZEN += 1
     gc.freeze()
 
@@ -54,3 +61,64 @@ def unfreeze_after_pool() -> None:
     _FROZEN -= 1
     if _FROZEN == 0:
         gc.unfreeze()
+
+
+# -- work off the critical path -------------------------------------------------------------
+# A step may hand presentation work (a chart) to a thread of its own while the run goes on,
+# inside the pipeline runner (run_pipeline), which waits for it before it returns and reports
+# its failures. Anywhere else (a step run by the Dagster UI in a process of its own, a test
+# calling the asset) the work is done there and then, and a failure is raised as before.
+# The threads are not daemons: the process never exits before they are done.
+
+_BACKGROUND: list[tuple[str, threading.Thread, list[BaseException]]] = []
+_BG_LOCK = threading.Lock()
+_BG_ALLOWED = 0
+
+
+@contextlib.contextmanager
+def background_allowed() -> Iterator[None]:
+    """Within this block :func:`in_background` uses a thread (the runner waits for it)."""
+    global _BG_ALLOWED
+    _BG_ALLOWED += 1
+    try:
+        yield
+    finally:
+        _BG_ALLOWED -= 1
+
+
+def in_background(what: str, fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn(*args)`` in a thread of its own when the caller's runner waits for it
+    (:func:`background_allowed`), else now; ``what`` names it in a failure report."""
+    if not _BG_ALLOWED:
+        fn(*args)
+        return
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            fn(*args)
+        except BaseException as exc:  # reported by wait_background
+            errors.append(exc)
+
+    th = threading.Thread(target=work, name=f"twin-background: {what}")
+    with _BG_LOCK:
+        _BACKGROUND.append((what, th, errors))
+    th.start()
+
+
+def _join_background() -> list[tuple[str, list[BaseException]]]:
+    with _BG_LOCK:
+        pending = list(_BACKGROUND)
+        _BACKGROUND.clear()
+    for _, th, _ in pending:
+        th.join()
+    return [(what, errors) for what, _, errors in pending]
+
+
+def wait_background() -> list[str]:
+    """Wait for all background work; one message per piece that failed."""
+    return [
+        f"{what} failed ({type(exc).__name__}: {exc})"
+        for what, errors in _join_background()
+        for exc in errors
+    ]

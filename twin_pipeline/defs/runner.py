@@ -17,6 +17,7 @@ import dagster as dg
 
 from twin_pipeline.errors import StoreError, TwinPipelineError
 from twin_pipeline.paths import Settings
+from twin_pipeline.procs import background_allowed
 from twin_pipeline.sources import one_walk_per_run
 from twin_pipeline.store import Store
 
@@ -245,7 +246,7 @@ def run_pipeline(
         instance = dg.DagsterInstance.ephemeral() if ephemeral else dagster_instance(settings)
         started = time.perf_counter()
         t0 = datetime.now(UTC)
-        with one_walk_per_run():
+        with one_walk_per_run(), background_allowed():
             result = job.execute_in_process(
                 run_config=run_config,
                 instance=instance,
@@ -300,4 +301,9 @@ def run_pipeline(
             outcome = docs.wait()
             if outcome.startswith("Data Docs not rendered"):
                 print(f"twin: warning: {outcome}", file=sys.stderr)
+        # Work the steps left to finish off the critical path (a simulation's chart).
+        from twin_pipeline.procs import wait_background
+
+        for problem in wait_background():
+            print(f"twin: warning: {problem}", file=sys.stderr)
     return RunSummary(result.run_id, result.success, wall, status, mats, failures, steps)

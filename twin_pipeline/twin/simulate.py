@@ -513,17 +513,19 @@ def load_result(store: Store, sid: str) -> dict[str, Any] | None:
 def make_chart(result: dict[str, Any], path: Path) -> Path:
     """Baseline vs scenario per station: throughput, mean wait and utilization with 95% CIs;
     one row per domain (imaging stations, beds), since their units differ."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object-oriented API, not pyplot: no global figure state, so a chart can be drawn in
+    # a thread while the run goes on (the simulation step does so).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     stations = result.get("stations") or {}
     domains: dict[str, list[str]] = {}
     for name, st in stations.items():
         domains.setdefault(st.get("domain", ""), []).append(name)
     rows = max(len(domains), 1)
-    fig, grid = plt.subplots(rows, 3, figsize=(13, 3.8 * rows + 0.6), squeeze=False)
+    fig = Figure(figsize=(13, 3.8 * rows + 0.6))
+    FigureCanvasAgg(fig)
+    grid = fig.subplots(rows, 3, squeeze=False)
     units = {"imaging": "studies", "beds": "admissions", "explicit": "completions"}
     for (domain, names), axes in zip(domains.items(), grid, strict=False):
         wait_scale, wait_unit = (60.0, "h") if domain == "beds" else (1.0, "min")
@@ -570,5 +572,4 @@ def make_chart(result: dict[str, Any], path: Path) -> Path:
     fig.tight_layout(rect=(0, 0.03, 1, 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -9,6 +9,7 @@ import dagster as dg
 
 from twin_pipeline.defs.common import governed_run
 from twin_pipeline.defs.resources import TwinResource
+from twin_pipeline.procs import in_background
 from twin_pipeline.sources import sha256_file
 from twin_pipeline.store import Store
 from twin_pipeline.twin.graph import build_graph, ensure_graph_tables
@@ -237,7 +238,10 @@ def simulation_result(
         chart = None
         if result.get("status") == "ok":
             target = config.chart or str(twin.settings().reports_dir / f"simulation-{sid}.png")
-            chart = str(make_chart(result, Path(target)))
+            # Drawn while the run goes on (~2 s, most of it matplotlib); the pipeline runner
+            # waits for it before it returns, and the process cannot exit before it is written.
+            in_background(f"simulation chart {target}", make_chart, result, Path(target))
+            chart = target
         save_result(run.store, result, snapshot=snapshot, chart=chart)
         run.record.params["sim_id"] = sid
         run.outputs("twin.simulation_run", "twin.simulation_metric")
