@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -71,18 +72,40 @@ def test_second_run_while_locked_fails_clearly(twin_home: Settings, tmp_path: Pa
     assert "another twin run is in progress" in out.stderr
 
 
-def test_whole_graph_on_a_generated_hospital(twin_home: Settings, tmp_path: Path) -> None:
+def test_whole_graph_on_a_generated_hospital(
+    twin_home: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The whole asset graph materializes; every twin table the demo reports has rows, and
     records in = records loaded + records quarantined for every landed file."""
+    from twin_pipeline.defs import runner
     from twin_pipeline.defs.runner import run_pipeline
     from twin_pipeline.generate import generate_hospital
     from twin_pipeline.harmonize.fhir import conservation
+    from twin_pipeline.quality import docs
     from twin_pipeline.store import Store
 
     landing = tmp_path / "landing"
     generate_hospital(landing, patients=8, seed=3, dirty_rate=0.05)
+    # The runner hears of every step that succeeds (the job's success hook), in order, and
+    # starts the Data Docs renderer once, when the run reaches the twin stage.
+    seen: list[str] = []
+    prewarmed: list[list[str]] = []
+    real_prewarm = docs.prewarm
+    monkeypatch.setattr(docs, "prewarm", lambda: (prewarmed.append(list(seen)), real_prewarm())[-1])
+    make = runner._docs_prewarmer
+
+    def recording() -> Callable[[str], None]:
+        inner = make()
+        return lambda key: (seen.append(key), inner(key))[-1]
+
+    monkeypatch.setattr(runner, "_docs_prewarmer", recording)
     summary = run_pipeline(landing, twin_home, ephemeral=True)
     assert summary.success, summary.failures
+    assert sorted(seen) == sorted(summary.steps_s)
+    assert len(prewarmed) == 1
+    before = prewarmed[0]
+    assert before[-1].startswith("twin/") and not any(k.startswith("twin/") for k in before[:-1])
+    assert all(k in before for k in summary.steps_s if k.startswith("expectation_suites"))
     tables = summary.status["tables"]
     for name in (
         "harmonized.patient",
@@ -223,3 +246,21 @@ def test_raw_step_without_new_files_reuses_its_table_versions(
     with Store.open(twin_home) as store:
         (out3,) = [a["outputs"] for a in activities(store, third.run_id)]
         assert out3[0]["rows"] == 3 and out3[0]["content_hash"] != out1[0]["content_hash"]
+
+
+def test_the_docs_renderer_starts_once_at_the_twin_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    from twin_pipeline.defs import runner
+    from twin_pipeline.quality import docs
+
+    calls: list[int] = []
+    monkeypatch.setattr(docs, "prewarm", lambda: calls.append(1))
+    on_step = runner._docs_prewarmer()
+    for key in ("raw/fhir", "expectation_suites", "deid/patient"):
+        on_step(key)
+    assert calls == []
+    for key in ("twin/node", "twin/edge", "twin/simulation_result"):
+        on_step(key)
+    assert calls == [1]
+    # Outside run_pipeline (the Dagster UI runs steps in processes of their own) the job's
+    # hook has no runner to tell.
+    assert runner._ON_STEP_DONE is None

@@ -7,7 +7,7 @@ import fcntl
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +68,49 @@ def _root_cause(error: Any) -> str:
     msg = str(getattr(error, "message", error)).strip().splitlines()
     text = msg[-1] if msg else ""
     return f"{cls}: {text}" if cls and not text.startswith(cls) else text
+
+
+# Called (in the step's process) after each step of a run succeeds; run_pipeline sets it for
+# the length of its run. Elsewhere (the Dagster UI runs each step in a process of its own)
+# it is None and the hook does nothing.
+_ON_STEP_DONE: Callable[[str], None] | None = None
+# The stage at which the run starts the Data Docs renderer (run_pipeline, data_docs=True):
+# the last one, after every expectation suite and past the run's memory peak.
+PREWARM_DOCS_AT_STAGE = "twin"
+
+
+@dg.success_hook(name="twin_step_done")
+def step_done(context: dg.HookContext) -> None:
+    """Tell the runner of this process that a step succeeded."""
+    callback = _ON_STEP_DONE
+    if callback is not None and context.step_key:
+        callback(context.step_key.replace("__", "/"))
+
+
+@contextlib.contextmanager
+def _on_step_done(callback: Callable[[str], None] | None) -> Iterator[None]:
+    global _ON_STEP_DONE
+    previous, _ON_STEP_DONE = _ON_STEP_DONE, callback
+    try:
+        yield
+    finally:
+        _ON_STEP_DONE = previous
+
+
+def _docs_prewarmer() -> Callable[[str], None]:
+    """A step callback that starts the Data Docs renderer once, at the first step of
+    :data:`PREWARM_DOCS_AT_STAGE`."""
+    started = False
+
+    def on_step(key: str) -> None:
+        nonlocal started
+        if not started and key.split("/", 1)[0] == PREWARM_DOCS_AT_STAGE:
+            started = True
+            from twin_pipeline.quality.docs import prewarm
+
+            prewarm()
+
+    return on_step
 
 
 def step_spans(instance: dg.DagsterInstance, run_id: str) -> dict[str, tuple[float, float]]:
@@ -246,7 +289,11 @@ def run_pipeline(
         instance = dg.DagsterInstance.ephemeral() if ephemeral else dagster_instance(settings)
         started = time.perf_counter()
         t0 = datetime.now(UTC)
-        with one_walk_per_run(), background_allowed():
+        with (
+            one_walk_per_run(),
+            background_allowed(),
+            _on_step_done(_docs_prewarmer() if data_docs else None),
+        ):
             result = job.execute_in_process(
                 run_config=run_config,
                 instance=instance,
