@@ -102,6 +102,7 @@ def test_whole_graph_on_a_generated_hospital(
     summary = run_pipeline(landing, twin_home, ephemeral=True)
     assert summary.success, summary.failures
     assert sorted(seen) == sorted(summary.steps_s)
+    assert summary.materializations["raw/fhir"]["workers"] >= 1  # the pool it chose
     assert len(prewarmed) == 1
     before = prewarmed[0]
     assert before[-1].startswith("twin/") and not any(k.startswith("twin/") for k in before[:-1])

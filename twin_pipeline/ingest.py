@@ -29,13 +29,16 @@ class IngestResult:
     stats: LoadStats
 
     def metadata(self) -> dict[str, int]:
-        return {
+        meta = {
             "files_seen": self.files_seen,
             "files_new": self.files_new,
             "records_in": self.stats.records_in,
             "records_loaded": self.stats.loaded,
             "records_quarantined": self.stats.quarantined,
         }
+        if self.stats.workers is not None:
+            meta["workers"] = self.stats.workers
+        return meta
 
 
 def files_of_kind(landing: Path, kind: str, store: Store | None = None) -> list[SourceFile]:

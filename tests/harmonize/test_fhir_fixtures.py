@@ -282,6 +282,56 @@ def test_workers_are_the_cores_idle_now_unless_asked(
     assert fhir_source._workers() == expected
 
 
+def test_busy_is_the_fewest_other_tasks_seen_in_a_short_watch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A task that runs for a moment (a memory monitor's sample) does not halve the pool."""
+    from twin_pipeline.sources import fhir as fhir_source
+
+    monkeypatch.setattr(fhir_source, "BUSY_INTERVAL", 0.0)
+    monkeypatch.setattr(fhir_source, "_own_running", lambda: 1)
+
+    def looks(counts: list[int | None]) -> list[int]:
+        seen = iter(counts)
+        taken: list[int] = []
+
+        def running() -> int | None:
+            n = next(seen)
+            if n is not None:
+                taken.append(n)
+            return n
+
+        monkeypatch.setattr(fhir_source, "_running_now", running)
+        return taken
+
+    taken = looks([2, 2, 1, 5])
+    assert fhir_source._busy() == 0.0 and taken == [2, 2, 1]  # an idle look ends the watch
+    taken = looks([3] * 20)
+    assert fhir_source._busy() == 2.0 and len(taken) == fhir_source.BUSY_SAMPLES
+    taken = looks([3, 2, 3, 2, 3, 2, 3, 2, 3, 2])
+    assert fhir_source._busy() == 1.0
+    looks([None])
+    monkeypatch.setattr(fhir_source.os, "getloadavg", lambda: (1.5, 0.0, 0.0))
+    assert fhir_source._busy() == 0.5  # no /proc/loadavg: the 1-minute load average
+
+
+def test_busy_sees_a_process_that_keeps_a_core() -> None:
+    import subprocess
+    import sys
+    import time
+
+    from twin_pipeline.sources import fhir as fhir_source
+
+    assert fhir_source._own_running() >= 1
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert fhir_source._busy() >= 1.0
+    finally:
+        spin.kill()
+        spin.wait()
+
+
 def test_pool_ends_with_the_load_and_releases_inherited_locks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

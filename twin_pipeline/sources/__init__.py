@@ -53,6 +53,7 @@ class LoadStats:
 
     kind: str
     per_file: dict[str, FileStats] = field(default_factory=dict)
+    workers: int | None = None  # worker processes the reader chose (None: it has no pool)
 
     def file(self, rel: str) -> FileStats:
         return self.per_file.setdefault(rel, FileStats())
