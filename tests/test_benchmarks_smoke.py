@@ -54,6 +54,8 @@ def test_pipeline_bench_writes_the_issue_figures(tmp_path: Path) -> None:
     assert "ratio structured" in out.stdout and "peak memory" in out.stdout
     # the peak is attributed to the asset step running when it was sampled (or to none)
     assert res["peak_pss_step"] is None or res["peak_pss_step"] in res["step_s"]
+    # the monitor's own cost is reported (PSS sampled sparingly: it walks page tables)
+    assert res["peak_pss_mb"] > 0 and 0 <= res["memory_monitor_cpu_s"] < res["governed_s"]
 
 
 def test_telemetry_bench_loads_every_reading(tmp_path: Path) -> None:
