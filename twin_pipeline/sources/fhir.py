@@ -372,8 +372,8 @@ def _busy() -> float:
     (:data:`BUSY_INTERVAL` s apart; the first that sees none ends the watch). One look counts
     any task that happens to run at that instant: a monitor sampling the pipeline's memory
     (the benchmark's took ~50 ms every 200 ms), a DuckDB checkpoint. On two cores that one
-    look took the pool from two workers to one about one time in four, and the 10k-patient
-    ``raw/fhir`` step from ~35 s to ~60 s. Else the 1-minute load average."""
+    look could take the pool from two workers to one (the 10k-patient ``raw/fhir`` step: ~57 s
+    with one worker, ~35-41 s with two). Else the 1-minute load average."""
     fewest: int | None = None
     for i in range(BUSY_SAMPLES):
         if i:
