@@ -17,7 +17,7 @@ import dagster as dg
 
 from twin_pipeline.errors import StoreError, TwinPipelineError
 from twin_pipeline.paths import Settings
-from twin_pipeline.procs import background_allowed
+from twin_pipeline.procs import background_allowed, wait_background
 from twin_pipeline.sources import one_walk_per_run
 from twin_pipeline.store import Store
 
@@ -349,8 +349,6 @@ def run_pipeline(
             if outcome.startswith("Data Docs not rendered"):
                 print(f"twin: warning: {outcome}", file=sys.stderr)
         # Work the steps left to finish off the critical path (a simulation's chart).
-        from twin_pipeline.procs import wait_background
-
         for problem in wait_background():
             print(f"twin: warning: {problem}", file=sys.stderr)
     return RunSummary(result.run_id, result.success, wall, status, mats, failures, steps)

@@ -412,7 +412,8 @@ def _own_running() -> int:
                     stat = fh.read()
             except OSError:
                 continue
-            if stat[stat.rindex(")") + 2 : stat.rindex(")") + 3] == "R":
+            state = stat.rindex(")") + 2  # the state field follows the parenthesized name
+            if stat[state : state + 1] == "R":
                 n += 1
     except OSError:
         pass
