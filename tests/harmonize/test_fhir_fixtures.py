@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from twin_pipeline.harmonize import fhir as ehr
+from twin_pipeline.ingest import files_of_kind, ingest_files
+from twin_pipeline.sources import load_readers
+from twin_pipeline.store import Store
 
 from .conftest import FIXTURES, Ehr, private_env
 
@@ -280,6 +283,39 @@ def test_workers_are_the_cores_idle_now_unless_asked(
     monkeypatch.setattr(fhir_source, "_busy", lambda: busy)
     monkeypatch.setattr(fhir_source.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
     assert fhir_source._workers() == expected
+
+
+def test_pool_size_is_decided_only_for_a_chunk_that_could_use_a_pool(
+    loaded: Ehr, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deciding the pool size watches the machine for up to 0.1 s: a load too small for a
+    pool (a watch round's file, a fuzz input) must not pay it on every call."""
+    from twin_pipeline.sources import fhir as fhir_source
+
+    watched: list[int] = []
+
+    def busy() -> float:
+        watched.append(1)
+        return 1.0  # one core taken: no pool, whatever the chunk size
+
+    monkeypatch.delenv("TWIN_FHIR_WORKERS", raising=False)
+    monkeypatch.setattr(fhir_source, "_busy", busy)
+    env = private_env(tmp_path / "small")
+    env.copy_fixtures()
+    with Store.open(env.settings) as store:
+        res = ingest_files(store, load_readers()["fhir"], files_of_kind(env.landing, "fhir"))
+    assert watched == []  # the fixtures are far below PARALLEL_MIN lines / PARALLEL_MIN_BYTES
+    assert res.stats.workers == 1  # what the step's metadata reports: no pool
+    env.run()
+    assert env.hashes() == loaded.hashes()
+    # The same files with the thresholds at one line / one byte: the machine is watched.
+    monkeypatch.setattr(fhir_source, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(fhir_source, "PARALLEL_MIN_BYTES", 1)
+    env = private_env(tmp_path / "large")
+    env.copy_fixtures()
+    env.run()
+    assert watched
+    assert env.hashes() == loaded.hashes()
 
 
 def test_busy_is_the_fewest_other_tasks_seen_in_a_short_watch(

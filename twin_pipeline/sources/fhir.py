@@ -808,14 +808,18 @@ class FhirReader(SourceReader):
         # enough of them; NDJSON lines are read here and validated in chunks (_check_stream),
         # by the pool when there are enough of them, while this process turns the records
         # already decided into raw rows and inserts them.
-        workers = _workers()
-        stats.workers = max(stats.workers or 0, workers)
+        # The pool size is decided only for a chunk big enough to use a pool: deciding it
+        # watches the machine for up to 0.1 s (_busy), which a small file (a watch round, a
+        # fuzz input) would pay on every load while another process runs.
+        workers = 0
         whole = [
             f
             for f in files
             if isinstance(f, SourceFile) and not f.rel.endswith((".ndjson", ".ndjson.gz"))
         ]
-        if workers < 2 or sum(f.size for f in whole) < PARALLEL_MIN_BYTES:
+        if sum(f.size for f in whole) >= PARALLEL_MIN_BYTES:
+            workers = _workers()
+        if workers < 2:
             whole = []
         futures = {f.rel: _pool(workers).submit(_prepare_file, f) for f in whole}
         local = [
@@ -823,6 +827,10 @@ class FhirReader(SourceReader):
             for f in files
             if isinstance(f, _Piece) or f.rel not in futures
         ]
+        if not workers:
+            deferred = sum(1 for b in local for r in b.records if r.deferred)
+            workers = _workers() if deferred >= PARALLEL_MIN else 1
+        stats.workers = max(stats.workers or 0, workers)
         t1, c1 = time.perf_counter(), time.process_time()
         rows: list[tuple[Any, ...]] = []
         quarantine: list[QuarantineRow] = []
