@@ -9,8 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twin_pipeline.generate import generate_hospital
-from twin_pipeline.generate.common import GeneratorError
 
 
 def _rate(text: str) -> float:
@@ -53,6 +51,8 @@ def register(subparsers: Any) -> None:
 
 def handler(args: argparse.Namespace) -> int:
     """Run the generator; print a one-line JSON summary. Returns the exit code."""
+    from twin_pipeline.generate.common import GeneratorError  # imports pydicom: only here
+
     started = time.perf_counter()
     try:
         report = _run_with_progress(args)
@@ -76,6 +76,8 @@ def handler(args: argparse.Namespace) -> int:
 
 
 def _run_with_progress(args: argparse.Namespace) -> Any:
+    from twin_pipeline.generate import generate_hospital
+
     quiet = bool(getattr(args, "quiet", False)) or not sys.stderr.isatty()
     try:
         from rich.progress import Progress
