@@ -237,3 +237,24 @@ def test_each_person_and_text_pair_goes_through_the_engine_once(store: Store) ->
         "[p2] SAME WORDS FOR EVERYONE"
     ] * 2
     assert got["lk4"] == "[p1] QUINN, AVERY FOLLOW-UP ON 03/11/2024."
+
+
+def test_no_text_to_redact_builds_no_engine(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table with no text (empty, or every note NULL) is written without building the text
+    engine: building it imports Presidio and spaCy (~3 s), which every small run paid."""
+    from twin_pipeline.deid import structured
+
+    def no_engine(*args: object, **kwargs: object) -> object:
+        raise AssertionError("the text engine was built with nothing to redact")
+
+    monkeypatch.setattr(structured, "default_text_fn", no_engine)
+    store.con.execute("UPDATE harmonized.document_reference SET note_text = NULL")
+    res = deidentify_table(store, load_policy(), "document_reference")
+    assert res.status == "written" and res.texts_redacted == 0 and res.text_workers == 0
+    assert _rows(store, "SELECT count(*), count(note_text) FROM deid.document_reference") == [
+        (2, 0)
+    ]
+    store.con.execute("DELETE FROM harmonized.document_reference")
+    res = deidentify_table(store, load_policy(), "document_reference")
+    assert res.status == "written"
+    assert _rows(store, "SELECT count(*) FROM deid.document_reference") == [(0,)]

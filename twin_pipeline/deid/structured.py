@@ -284,14 +284,16 @@ def deidentify_table(
                     f"SELECT __rn, coalesce(__person, ''), CAST({_q(col)} AS VARCHAR) "
                     f"FROM __deid_src WHERE {_q(col)} IS NOT NULL"
                 ).fetchall()
-                fn_text = text_fn or default_text_fn(store, policy.date_shift.max_days)
                 # A text's redaction depends only on (person, text) under the key: each pair
                 # goes through the engine once (the instances of a series share a comment).
                 pairs: dict[tuple[str, str], int] = {}
                 slots = [pairs.setdefault((p, t), len(pairs)) for _, p, t in rows]
-                once = fn_text(list(pairs), key) if pairs else []
+                once: list[str] = []
+                if pairs:  # no text, no engine (building one imports Presidio and spaCy: ~3 s)
+                    fn_text = text_fn or default_text_fn(store, policy.date_shift.max_days)
+                    once = fn_text(list(pairs), key)
+                    text_workers = max(text_workers, getattr(fn_text, "workers_used", 0) or 0)
                 redacted = [once[k] for k in slots]
-                text_workers = max(text_workers, getattr(fn_text, "workers_used", 0) or 0)
                 view = f"__t_{col}"
                 con.register(
                     view,
