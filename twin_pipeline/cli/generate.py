@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def _rate(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
