@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import duckdb
+import pytest
+
 from twin_pipeline.paths import Settings
 from twin_pipeline.store import SCHEMA_VERSION, Store
 
@@ -100,3 +103,72 @@ def test_create_table_as_keeps_values_and_stores_plain_columns_uncompressed(
         )
         assert kinds["lineage_key"] == ["Uncompressed"]
         assert "Uncompressed" not in kinds["source_file"]
+
+
+def _database_blocks(store: Store) -> int:
+    """Blocks in use in the store file (``PRAGMA database_size``)."""
+    row = store.con.execute("PRAGMA database_size").fetchall()
+    return int(next(r[4] for r in row if r[0] == "twin"))
+
+
+def test_compact_merges_row_groups_left_by_small_commits(twin_home: Settings) -> None:
+    """Each committed append (then a checkpoint, as every store close makes) leaves a row group
+    in a block of its own; ``compact`` rewrites such a table whole: same rows, same order, same
+    content hash, same constraints and ledger chain, and the blocks come back."""
+    from twin_pipeline import ledger
+
+    for i in range(40):
+        with Store.open(twin_home) as store:
+            ledger.append(store, "probe", {"i": i, "text": "x" * 50})
+            with store.transaction() as con:
+                con.execute(
+                    "CREATE TABLE IF NOT EXISTS governance.probe_log "
+                    "(seq BIGINT PRIMARY KEY, note VARCHAR DEFAULT 'n', added TIMESTAMPTZ)"
+                )
+                con.execute(
+                    f"INSERT INTO governance.probe_log (seq, added) VALUES ({39 - i}, now())"
+                )
+    with Store.open(twin_home) as store:
+        store.con.execute("CREATE TABLE governance.few (x INTEGER PRIMARY KEY)")
+        store.con.execute("INSERT INTO governance.few VALUES (1), (2)")
+        assert store._row_groups("governance.ledger") >= 40
+        before = {
+            t: (
+                store.content_hash(t),
+                store.con.execute(f"SELECT * FROM {t}").fetchall(),  # in stored order
+            )
+            for t in ("governance.ledger", "governance.probe_log")
+        }
+        blocks = _database_blocks(store)
+        done = store.compact()
+        assert set(done) == {"governance.ledger", "governance.probe_log"}  # not "few"
+        assert all(b >= 40 and a == 1 for b, a in done.values())
+        for t, (digest, rows) in before.items():
+            assert store.content_hash(t) == digest
+            assert store.con.execute(f"SELECT * FROM {t}").fetchall() == rows
+        assert ledger.verify(store).ok
+        # the table is the one its DDL made: key and default still hold
+        store.con.execute("INSERT INTO governance.probe_log (seq) VALUES (100)")
+        assert store.con.execute(
+            "SELECT note FROM governance.probe_log WHERE seq = 100"
+        ).fetchall() == [("n",)]
+        with pytest.raises(duckdb.ConstraintException):
+            store.con.execute("INSERT INTO governance.probe_log (seq) VALUES (0)")
+        assert store.compact() == {}  # nothing left to merge
+    with Store.open(twin_home) as store:
+        assert _database_blocks(store) < blocks - 40  # the 256 KB blocks are free again
+        assert store._row_groups("governance.ledger") == 1
+
+
+def test_compact_leaves_tables_with_generated_columns(twin_home: Settings) -> None:
+    for i in range(35):
+        with Store.open(twin_home) as store, store.transaction() as con:
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS governance.gen "
+                "(x INTEGER PRIMARY KEY, y INTEGER GENERATED ALWAYS AS (x * 2) VIRTUAL)"
+            )
+            con.execute(f"INSERT INTO governance.gen (x) VALUES ({i})")
+    with Store.open(twin_home) as store:
+        assert store._row_groups("governance.gen") >= 32
+        assert store.compact() == {}
+        assert store.row_count("governance.gen") == 35

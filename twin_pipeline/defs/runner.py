@@ -344,6 +344,9 @@ def run_pipeline(
                 },
             )
             status = run_status(store, result.run_id)
+            # Each step's commit left a row group (and a 256 KB block) in the governance
+            # tables it appended to: merged here, so the store stops growing run after run.
+            store.compact()
         if docs is not None:
             outcome = docs.wait()
             if outcome.startswith("Data Docs not rendered"):
