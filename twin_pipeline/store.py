@@ -710,6 +710,7 @@ class Store:
         schemas: Sequence[str] = COMPACT_SCHEMAS,
         *,
         min_row_groups: int = COMPACT_MIN_ROW_GROUPS,
+        only: Collection[str] | None = None,
     ) -> dict[str, tuple[int, int]]:
         """Rewrite the keyed tables of ``schemas`` that small commits have split into many row
         groups; returns ``{table: (row groups before, after)}`` for those rewritten.
@@ -726,7 +727,7 @@ class Store:
         transaction. Tables with generated columns are left alone, and so would be any with a
         forced compression (the DDL text does not keep it; no keyed table has one). The rows,
         their order and every content hash stay the same; the freed blocks are reused by later
-        writes, so the file stops growing."""
+        writes, so the file stops growing. ``only``: just these tables (``schema.table``)."""
         names = ", ".join(f"'{s}'" for s in schemas)
         found = self.con.execute(
             f"SELECT schema_name, table_name, sql, estimated_size FROM duckdb_tables() "
@@ -735,6 +736,8 @@ class Store:
         done: dict[str, tuple[int, int]] = {}
         for schema, table, ddl, rows_hint in found:
             qualified = f"{schema}.{table}"
+            if only is not None and qualified not in only:
+                continue
             text = ddl.upper()
             keyed = "PRIMARY KEY" in text or "UNIQUE" in text
             if not keyed or "GENERATED" in text or "USING COMPRESSION" in text:

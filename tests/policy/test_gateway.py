@@ -234,3 +234,34 @@ def test_consent_filter_fails_closed_without_consent_data(twin_home: object) -> 
         with pytest.raises(QueryFailed, match="research_consent"):
             gw.query("researcher", "SELECT * FROM deid.observation")
         assert last_audit(gw)["rows"] == 0
+
+
+def test_one_session_per_query_does_not_grow_the_ledger_a_block_each(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """``twin query`` opens a gateway for one query: its audit entry is a commit of its own, a
+    row group of its own in the ledger. Closing a session merges them once they add up, and
+    the chain still verifies."""
+    from twin_pipeline.keys import KeyRing
+    from twin_pipeline.paths import Settings
+    from twin_pipeline.store import COMPACT_MIN_ROW_GROUPS, Store
+
+    from .conftest import build_store
+
+    settings = Settings.from_env(tmp_path_factory.mktemp("gw-growth") / "twin_home").ensure()
+    KeyRing(settings.keys_dir).init()
+    build_store(settings)
+    sessions = COMPACT_MIN_ROW_GROUPS + 8
+    most = 0
+    for _ in range(sessions):
+        with Gateway(settings, timeout_s=20) as gw:
+            gw.query("engineer", "SELECT count(*) FROM harmonized.patient")
+        with Store.open(settings, read_only=True) as store:
+            most = max(most, store._row_groups("governance.ledger"))
+    with Store.open(settings, read_only=True) as store:
+        (audits,) = store.con.execute(
+            "SELECT count(*) FROM governance.ledger WHERE kind = 'audit'"
+        ).fetchone() or (0,)
+        assert audits >= sessions
+        assert most <= COMPACT_MIN_ROW_GROUPS  # merged as soon as the threshold is reached
+        assert ledger.verify(store).ok

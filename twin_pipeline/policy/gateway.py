@@ -21,6 +21,7 @@ attachment of the store file per process and the audit log lives in that file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hmac
 import io
@@ -237,6 +238,12 @@ class Gateway:
             finally:
                 self._sealer = None
         if self._store is not None:
+            if not self._store.read_only and not self._store._tx_depth:
+                # One session per `twin query`: each left its audit entries in a row group
+                # (and a 256 KB block) of their own in the ledger. Merged when they add up;
+                # a query never fails over it.
+                with contextlib.suppress(duckdb.Error):
+                    self._store.compact(("governance",), only=("governance.ledger",))
             self._store.close()
             self._store = None
         self._compiled.clear()
