@@ -755,11 +755,7 @@ class Store:
             assert name is not None and old_name is not None
             with self.transaction() as con:
                 con.execute(f'ALTER TABLE {name} RENAME TO "{old}"')
-                con.execute(f"USE {CATALOG}.{schema}")
-                try:
-                    con.execute(ddl)
-                finally:
-                    con.execute(f"USE {CATALOG}")
+                con.execute(ddl)  # names its schema: "CREATE TABLE governance.ledger(...)"
                 con.execute(f"INSERT INTO {name} SELECT * FROM {old_name}")
                 con.execute(f"DROP TABLE {old_name}")
             done[qualified] = (groups, self._row_groups(qualified))
