@@ -26,6 +26,16 @@ def test_runs_recorded_through_pooled_connections_read_back_whole(
     second = run_pipeline(landing, twin_home, data_docs=False)
     assert first.success and second.success
 
+    # Where each run's time went: its phases, Dagster's share between the steps' spans.
+    for summary in (first, second):
+        ph = summary.phases_s
+        assert {"setup", "execute", "finalize", "compact", "between_steps"} <= set(ph)
+        assert all(v >= 0 for v in ph.values())
+        assert ph["execute"] == pytest.approx(summary.wall_s, abs=0.05)
+        assert ph["between_steps"] == pytest.approx(
+            ph["execute"] - sum(summary.steps_s.values()), abs=0.01
+        )
+
     # Each step's commit left a row group in the keyed governance tables; every run merges them
     # at its end (Store.compact), so the store does not grow ~0.5 MB a step.
     with Store.open(twin_home, read_only=True) as store:

@@ -79,6 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     "wall_s": round(summary.wall_s, 3),
                     "failures": summary.failures,
                     "steps_s": summary.steps_s,
+                    "phases_s": summary.phases_s,
                     "status": summary.status,
                 },
                 indent=2,

@@ -31,6 +31,11 @@ class RunSummary:
     materializations: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     steps_s: dict[str, float] = field(default_factory=dict)  # asset step -> seconds
+    # Seconds of run_pipeline by phase: setup (lock, Dagster instance), execute (the job: the
+    # steps' spans, and between_steps: Dagster's own work around them, part of execute),
+    # events (reading the run's events), record (run row, Data Docs started), finalize
+    # (signed PROV bundle, OpenLineage), status, compact, docs_wait, background_wait.
+    phases_s: dict[str, float] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -285,8 +290,18 @@ def run_pipeline(
         run_config.update(extra_config)
     job = defs.resolve_job_def(ALL_JOB)
     asset_selection = [dg.AssetKey(s.split("/")) for s in selection] if selection else None
+    phases: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        phases[name] = round(phases.get(name, 0.0) + now - mark, 4)
+        mark = now
+
     with run_lock(settings, wait=wait):
         instance = dg.DagsterInstance.ephemeral() if ephemeral else dagster_instance(settings)
+        phase("setup")
         started = time.perf_counter()
         t0 = datetime.now(UTC)
         with (
@@ -302,6 +317,7 @@ def run_pipeline(
                 tags={"twin/user": user, "twin/role": role, "twin/landing": str(landing)},
             )
         wall = time.perf_counter() - started
+        phase("execute")
         mats: dict[str, dict[str, Any]] = {}
         for ev in result.get_asset_materialization_events():
             mat = getattr(ev.event_specific_data, "materialization", None)
@@ -317,6 +333,7 @@ def run_pipeline(
             for ev in result.all_events
             if ev.is_step_failure
         ]
+        phase("events")
         with Store.open(settings, run_id=result.run_id) as store:
             store.record_run(
                 result.run_id,
@@ -334,6 +351,7 @@ def run_pipeline(
             # Every run ends with a signed PROV bundle and its OpenLineage events.
             from twin_pipeline.lineage.runs import finalize_run
 
+            phase("record")
             finalize_run(
                 store,
                 result.run_id,
@@ -343,15 +361,22 @@ def run_pipeline(
                     if ev.is_step_failure
                 },
             )
+            phase("finalize")
             status = run_status(store, result.run_id)
+            phase("status")
             # Each step's commit left a row group (and a 256 KB block) in the governance
             # tables it appended to: merged here, so the store stops growing run after run.
             store.compact()
+        phase("compact")
         if docs is not None:
             outcome = docs.wait()
             if outcome.startswith("Data Docs not rendered"):
                 print(f"twin: warning: {outcome}", file=sys.stderr)
+        phase("docs_wait")
         # Work the steps left to finish off the critical path (a simulation's chart).
         for problem in wait_background():
             print(f"twin: warning: {problem}", file=sys.stderr)
-    return RunSummary(result.run_id, result.success, wall, status, mats, failures, steps)
+        phase("background_wait")
+    # The steps' own spans are part of "execute"; the rest of it is Dagster's work between them.
+    phases["between_steps"] = round(max(0.0, phases["execute"] - sum(steps.values())), 4)
+    return RunSummary(result.run_id, result.success, wall, status, mats, failures, steps, phases)
