@@ -196,32 +196,81 @@ def configure_connection(con: duckdb.DuckDBPyConnection, settings: Settings) -> 
     configure_duckdb(con)  # freed DuckDB memory goes back to the OS between steps (issue #11)
 
 
-def _attach_waiting(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+def waiting_dir(path: Path) -> Path:
+    """Where processes waiting for the store file ``path`` say so (one file per waiter), so a
+    pipeline run that keeps the store between its steps (:func:`hold_between_steps`) lets
+    them in at its next step boundary."""
+    return path.with_name(path.name + ".waiting")
+
+
+def _attach_waiting(con: duckdb.DuckDBPyConnection, sql: str, path: Path | None = None) -> None:
     """ATTACH, waiting while another process holds the store's write lock (a pipeline step).
 
     Each asset holds the store only for its own transaction, so readers get in between steps and
     see the last committed state. ``TWIN_LOCK_TIMEOUT`` seconds (default 120) bound the wait.
+    While waiting, a file in :func:`waiting_dir` (named by pid and thread) tells a run that
+    keeps the store between steps to let go of it.
     """
     deadline = time.monotonic() + float(os.environ.get("TWIN_LOCK_TIMEOUT", "120"))
-    while True:
+    marker: Path | None = None
+    try:
+        while True:
+            try:
+                con.execute(sql)
+                return
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    if "lock" in str(exc).lower():
+                        raise StoreError(
+                            "store is busy: another process (a pipeline run) holds it; "
+                            "try again later or raise TWIN_LOCK_TIMEOUT"
+                        ) from exc
+                    raise
+                if marker is None and path is not None:
+                    marker = _mark_waiting(path)
+                time.sleep(0.05)
+    finally:
+        if marker is not None:
+            with contextlib.suppress(OSError):
+                marker.unlink()
+
+
+def _mark_waiting(path: Path) -> Path | None:
+    folder = waiting_dir(path)
+    marker = folder / f"{os.getpid()}-{threading.get_native_id()}"
+    try:
+        folder.mkdir(exist_ok=True)
+        marker.touch()
+    except OSError:  # a read-only home: the run lets go at its end, as before
+        return None
+    return marker
+
+
+def _someone_waiting(path: Path) -> bool:
+    """Whether a live process waits for the store file ``path`` (markers of dead processes,
+    left by a kill, are removed)."""
+    try:
+        entries = list(os.scandir(waiting_dir(path)))
+    except OSError:
+        return False
+    for entry in entries:
         try:
-            con.execute(sql)
-            return
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                if "lock" in str(exc).lower():
-                    raise StoreError(
-                        "store is busy: another process (a pipeline run) holds it; "
-                        "try again later or raise TWIN_LOCK_TIMEOUT"
-                    ) from exc
-                raise
-            time.sleep(0.05)
+            pid = int(entry.name.split("-", 1)[0])
+            if pid != os.getpid():
+                os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+        except (ValueError, PermissionError):
+            return True
+    return False
 
 
 def _attach(con: duckdb.DuckDBPyConnection, path: Path, key: str, read_only: bool) -> None:
     ro = ", READ_ONLY" if read_only else ""
     try:
-        _attach_waiting(con, f"ATTACH '{path}' AS {CATALOG} (ENCRYPTION_KEY '{key}'{ro})")
+        _attach_waiting(con, f"ATTACH '{path}' AS {CATALOG} (ENCRYPTION_KEY '{key}'{ro})", path)
         con.execute(f"USE {CATALOG}")
     except duckdb.Error as exc:
         msg = str(exc).split("\n")[0]
@@ -235,6 +284,7 @@ class _SharedEntry:
     base: duckdb.DuckDBPyConnection
     refs: int = 0
     read_only: bool = False
+    attached: bool = False
 
 
 class _SharedConnection:
@@ -243,11 +293,18 @@ class _SharedConnection:
     The store file is attached while at least one :class:`Store` uses it and detached when the
     last one closes, so the file lock is still held only while an asset (or a query) works and
     other processes get in between. Each Store gets its own cursor (its own transaction).
+
+    Within :func:`hold_between_steps` (a pipeline run) the file stays attached when the last
+    Store closes, unless another process waits for it (:func:`waiting_dir`): re-attaching for
+    every step re-read and decrypted the catalog and the governance tables each step touches,
+    and detaching checkpointed (~30-50 ms a step together). A waiting reader gets in at the
+    next step boundary, as before.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[Path, _SharedEntry] = {}
+        self._held: dict[Path, int] = {}
         self._pid = 0
 
     def acquire(
@@ -257,8 +314,7 @@ class _SharedConnection:
         if os.environ.get("TWIN_SHARED_CONNECTION", "1") == "0":
             return None
         with self._lock:
-            if self._pid != os.getpid():  # forked child: never reuse the parent's handles
-                self._entries, self._pid = {}, os.getpid()
+            self._check_pid()
             path = settings.store_path
             entry = self._entries.get(path)
             if entry is None:
@@ -267,15 +323,21 @@ class _SharedConnection:
                 base.execute(f"LOAD '{httpfs_extension_path()}'")
                 configure_connection(base, settings)
                 entry = self._entries[path] = _SharedEntry(base)
-            if entry.refs == 0:
+            if entry.refs == 0 and entry.attached and entry.read_only and not read_only:
+                self._detach(entry)  # kept read-only: a writer needs it attached read-write
+            if not entry.attached:
                 _attach(entry.base, path, key, read_only)
-                entry.read_only = read_only
+                entry.read_only, entry.attached = read_only, True
             elif entry.read_only and not read_only:
                 return None
             entry.refs += 1
             cur = entry.base.cursor()
             cur.execute(f"USE {CATALOG}")
             return cur
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():  # forked child: never reuse the parent's handles
+            self._entries, self._held, self._pid = {}, {}, os.getpid()
 
     def _evict_idle(self, keep: int) -> None:
         """Close all but ``keep`` idle per-file connections (a test run opens many stores)."""
@@ -285,6 +347,13 @@ class _SharedConnection:
                 self._entries[p].base.close()
             del self._entries[p]
 
+    @staticmethod
+    def _detach(entry: _SharedEntry) -> None:
+        entry.attached = False
+        with contextlib.suppress(duckdb.Error):
+            entry.base.execute("USE memory")
+            entry.base.execute(f"DETACH {CATALOG}")
+
     def release(self, path: Path) -> None:
         with self._lock:
             entry = self._entries.get(path)
@@ -293,12 +362,68 @@ class _SharedConnection:
             entry.refs -= 1
             if entry.refs <= 0:
                 entry.refs = 0
-                with contextlib.suppress(duckdb.Error):
-                    entry.base.execute("USE memory")
-                    entry.base.execute(f"DETACH {CATALOG}")
+                if not self._held.get(path) or _someone_waiting(path):
+                    self._detach(entry)
+                else:
+                    _trim_cache(entry.base)
+
+    def hold(self, path: Path) -> None:
+        with self._lock:
+            self._check_pid()
+            self._held[path] = self._held.get(path, 0) + 1
+
+    def unhold(self, path: Path) -> None:
+        with self._lock:
+            self._check_pid()
+            n = self._held.get(path, 0) - 1
+            if n > 0:
+                self._held[path] = n
+                return
+            self._held.pop(path, None)
+            entry = self._entries.get(path)
+            if entry is not None and entry.refs == 0 and entry.attached:
+                self._detach(entry)
+
+    def attached(self, path: Path) -> bool:
+        """Whether this process has the store file ``path`` attached now."""
+        with self._lock:
+            entry = self._entries.get(path)
+            return entry is not None and entry.attached and self._pid == os.getpid()
 
 
 _SHARED = _SharedConnection()
+# What a store kept attached between steps may keep cached (MB). Detaching dropped the whole
+# buffer pool after every step; kept, what a big step read would stay resident through the next
+# steps (up to TWIN_MEMORY_LIMIT) beside their own Python memory.
+HELD_CACHE_MB = 64
+
+
+def _trim_cache(base: duckdb.DuckDBPyConnection) -> None:
+    """Evict the buffer pool of ``base`` down to :data:`HELD_CACHE_MB` (lowering the memory
+    limit evicts the least recently used blocks; it is set back at once). ~1 ms when there is
+    nothing to evict."""
+    with contextlib.suppress(duckdb.Error):
+        row = base.execute("SELECT sum(memory_usage_bytes) FROM duckdb_memory()").fetchone()
+        if not (row and row[0] and int(row[0]) > HELD_CACHE_MB << 20):
+            return
+        try:
+            base.execute(f"SET memory_limit = '{HELD_CACHE_MB}MB'")
+        finally:
+            base.execute(f"SET memory_limit = '{memory_limit()}'")
+
+
+@contextlib.contextmanager
+def hold_between_steps(settings: Settings) -> Iterator[None]:
+    """Keep the store attached in this process between the Stores opened inside (the steps of
+    one pipeline run), letting go whenever another process waits for it, and at the end."""
+    path = settings.store_path
+    _SHARED.hold(path)
+    try:
+        yield
+    finally:
+        _SHARED.unhold(path)
+
+
 # store files this process has brought to SCHEMA_VERSION (Store.ensure_schema)
 _ENSURED: set[Path] = set()
 

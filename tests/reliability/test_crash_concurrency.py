@@ -126,3 +126,69 @@ def test_second_run_waits_or_fails_clearly_and_store_stays_whole(
         assert "another twin run is in progress" in second.stderr
     # a query during/after the run sees a consistent, complete state
     assert _status(home) == _status(ref_home)
+
+
+def _run_progress(settings: Settings) -> tuple[int, bool]:
+    """(steps finished, whether the job is over) of the one run in ``settings``' Dagster
+    instance."""
+    if not (settings.dagster_home / "dagster.yaml").exists():
+        return 0, False
+    import dagster as dg
+
+    from twin_pipeline.defs.runner import dagster_instance
+
+    instance = dagster_instance(settings)
+    try:
+        runs = instance.get_runs(limit=1)
+        if not runs:
+            return 0, False
+        done = sum(
+            1
+            for e in instance.all_logs(runs[0].run_id)
+            if e.dagster_event is not None and e.dagster_event.event_type_value == "STEP_SUCCESS"
+        )
+        run = instance.get_run_by_id(runs[0].run_id)
+        return done, run is not None and run.status != dg.DagsterRunStatus.STARTED
+    finally:
+        instance.dispose()
+
+
+def test_a_reader_gets_in_during_a_run(
+    tmp_path: Path, hospital: Path, reference: tuple[Path, float]
+) -> None:
+    """A run keeps the store between its steps, but a reader that waits for it gets in at the
+    next step boundary, not at the end of the run."""
+    ref_home, _ = reference
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copytree(ref_home / "keys", home / "keys")
+    run = subprocess.Popen(
+        [sys.executable, "-m", "twin_pipeline", "run", "--landing", str(hospital)],
+        env=_env(home),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        settings = Settings.from_env(home)
+        store = settings.store_path
+        deadline = time.monotonic() + 300
+        while _run_progress(settings)[0] < 3:  # the run is into its steps, holding the store
+            assert run.poll() is None and time.monotonic() < deadline, "run ended first"
+            time.sleep(0.1)
+        out = subprocess.run(
+            [sys.executable, "-m", "twin_pipeline", "status", "--json"],
+            capture_output=True,
+            text=True,
+            env={**_env(home), "TWIN_LOCK_TIMEOUT": "600"},
+            timeout=600,
+            check=False,
+        )
+        steps, over = _run_progress(settings)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "tables" in json.loads(out.stdout)
+        assert not over, f"the reader only got in after the run's steps had ended ({steps})"
+    finally:
+        _, err = run.communicate(timeout=900)
+    assert run.returncode == 0, err[-3000:]
+    assert not list((store.parent / (store.name + ".waiting")).glob("*"))  # nobody left waiting

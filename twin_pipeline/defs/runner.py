@@ -19,7 +19,7 @@ from twin_pipeline.errors import StoreError, TwinPipelineError
 from twin_pipeline.paths import Settings
 from twin_pipeline.procs import background_allowed, wait_background
 from twin_pipeline.sources import one_walk_per_run
-from twin_pipeline.store import Store
+from twin_pipeline.store import Store, hold_between_steps
 
 
 @dataclass
@@ -299,7 +299,10 @@ def run_pipeline(
         phases[name] = round(phases.get(name, 0.0) + now - mark, 4)
         mark = now
 
-    with run_lock(settings, wait=wait):
+    # The store stays attached from step to step and through the run's own records below (one
+    # checkpoint a run instead of one a step), and is let go whenever a reader waits for it.
+    with run_lock(settings, wait=wait), contextlib.ExitStack() as held:
+        held.enter_context(hold_between_steps(settings))
         instance = dg.DagsterInstance.ephemeral() if ephemeral else dagster_instance(settings)
         phase("setup")
         started = time.perf_counter()
@@ -367,6 +370,7 @@ def run_pipeline(
             # Each step's commit left a row group (and a 256 KB block) in the governance
             # tables it appended to: merged here, so the store stops growing run after run.
             store.compact()
+        held.close()  # the store let go (its one checkpoint of the run)
         phase("compact")
         if docs is not None:
             outcome = docs.wait()
