@@ -86,7 +86,7 @@ def test_whole_graph_on_a_generated_hospital(
 
     landing = tmp_path / "landing"
     generate_hospital(landing, patients=8, seed=3, dirty_rate=0.05)
-    # The runner hears of every step that succeeds (the job's success hook), in order, and
+    # The runner hears of every step that succeeds (as its event is stored), in order, and
     # starts the Data Docs renderer once, when the run reaches the twin stage.
     seen: list[str] = []
     prewarmed: list[list[str]] = []
@@ -262,6 +262,3 @@ def test_the_docs_renderer_starts_once_at_the_twin_stage(monkeypatch: pytest.Mon
     for key in ("twin/node", "twin/edge", "twin/simulation_result"):
         on_step(key)
     assert calls == [1]
-    # Outside run_pipeline (the Dagster UI runs steps in processes of their own) the job's
-    # hook has no runner to tell.
-    assert runner._ON_STEP_DONE is None

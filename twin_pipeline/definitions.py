@@ -9,7 +9,6 @@ import dagster as dg
 
 from twin_pipeline import defs as defs_pkg
 from twin_pipeline.defs.resources import twin_resource_from_env
-from twin_pipeline.defs.runner import step_done
 
 ALL_JOB = "twin_all"
 
@@ -36,7 +35,6 @@ def build_definitions() -> dg.Definitions:
                     ALL_JOB,
                     selection=dg.AssetSelection.all(),
                     description="Materialize the whole twin: raw → harmonized → deid → twin.",
-                    hooks={step_done},
                 )
             ],
             resources={"twin": twin_resource_from_env()},
