@@ -360,8 +360,9 @@ def run_pipeline(
             phase("finalize")
             status = run_status(store, result.run_id)
             phase("status")
-            # Each step's commit left a row group (and a 256 KB block) in the governance
-            # tables it appended to: merged here, so the store stops growing run after run.
+            # Each checkpoint leaves a row group (and a 256 KB block) in the keyed governance
+            # tables appended to since the last one: one a run now that the store is kept
+            # between steps. Merged here once a table has 32, so the store stops growing.
             store.compact()
         held.close()  # the store let go (its one checkpoint of the run)
         phase("compact")
