@@ -317,3 +317,28 @@ def test_memory_cap_and_encrypted_spill_inside_twin_home(
     assert not (twin_home.home / ".tmp").exists()
     assert not os.listdir(twin_home.spill_dir)  # spill files are removed after the query
     _SHARED._evict_idle(keep=0)
+
+
+def test_insert_values_one_statement_and_replace(twin_home: Settings) -> None:
+    from twin_pipeline.activity import table_versions
+
+    with Store.open(twin_home, run_id="r1") as store:
+        store.con.execute("CREATE TABLE raw.kv (k VARCHAR PRIMARY KEY, v INTEGER)")
+        store.insert_values("raw.kv", [])  # nothing to do
+        store.insert_values("raw.kv", [("a", 1), ("b", 2), ("c", None)])
+        store.insert_values("raw.kv", [("b", 20), ("d", 4)], or_replace=True)
+        assert store.con.execute("SELECT * FROM raw.kv ORDER BY k").fetchall() == [
+            ("a", 1),
+            ("b", 20),
+            ("c", None),
+            ("d", 4),
+        ]
+        with pytest.raises(duckdb.ConstraintException):
+            store.insert_values("raw.kv", [("a", 9)])
+        # A step that names its output twice records one version of it.
+        versions = table_versions(store, ["raw.kv", "raw.kv"])
+        assert len(versions) == 2 and versions[0] == versions[1]
+        rows = store.con.execute(
+            "SELECT row_count, run_id FROM governance.table_version WHERE table_name = 'raw.kv'"
+        ).fetchall()
+        assert rows == [(4, "r1")]

@@ -108,10 +108,9 @@ def table_versions(
         out.append(TableVersion(t, rows, digest))
     if out:
         store.con.execute(VERSION_DDL)
-        store.con.executemany(
-            "INSERT OR REPLACE INTO governance.table_version VALUES (?, ?, ?, ?)",
-            [(tv.table, tv.rows, tv.content_hash, store.run_id) for tv in out],
-        )
+        # one row per table (the last version of a table named twice), in one statement
+        latest = {tv.table: (tv.table, tv.rows, tv.content_hash, store.run_id) for tv in out}
+        store.insert_values("governance.table_version", list(latest.values()), or_replace=True)
     return out
 
 

@@ -14,6 +14,7 @@ import gc
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,11 +27,37 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+# How often a worker checks that the process that started it is still there (seconds).
+PARENT_CHECK_S = 1.0
+
+
 def worker_init() -> None:
     """Default signal behaviour in a worker: SIGTERM ends it at once; Ctrl-C is the parent's
-    to handle (it stops the pool)."""
+    to handle (it stops the pool). And the worker ends when its parent is gone
+    (:func:`exit_with_parent`)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with_parent()
+
+
+def exit_with_parent() -> None:
+    """End this worker process when the process that started it is gone.
+
+    A pool worker waits on its task queue. Killed with SIGKILL (or by the OOM killer), the
+    parent never shuts its pools down, and a forked worker also holds the queue's write end
+    itself, so it never sees the queue close: it waited forever. Each killed `twin run` left
+    its Data Docs renderer (~300 MB, Great Expectations imported) behind that way. A daemon
+    thread checks the parent pid every :data:`PARENT_CHECK_S` seconds and ends the process
+    once it has changed (the orphan was re-parented)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_CHECK_S)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="twin-exit-with-parent", daemon=True).start()
 
 
 # While a pool of forked workers is alive, the parent's objects are moved to the collector's

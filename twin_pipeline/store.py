@@ -705,6 +705,18 @@ class Store:
             return []
         return [(str(r[0]), str(r[1])) for r in rows]
 
+    def insert_values(
+        self, table: str, rows: Sequence[Sequence[Any]], *, or_replace: bool = False
+    ) -> None:
+        """Append a few Python rows in one multi-row statement (DuckDB's ``executemany`` runs
+        one INSERT per row, ~3 ms each on the store). For many rows use :meth:`insert_arrow`."""
+        if not rows:
+            return
+        width = len(rows[0])
+        marks = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(rows))
+        verb = "INSERT OR REPLACE" if or_replace else "INSERT"
+        self.con.execute(f"{verb} INTO {table} VALUES {marks}", [v for r in rows for v in r])
+
     def insert_arrow(
         self, table: str, batch: Any, *, or_replace: bool = False, by_name: bool = False
     ) -> None:

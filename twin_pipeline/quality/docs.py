@@ -170,7 +170,11 @@ def _renderer() -> ProcessPoolExecutor:
     if _RENDERER is None:
         import multiprocessing
 
-        _RENDERER = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        from twin_pipeline.procs import worker_init
+
+        _RENDERER = ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init
+        )
     return _RENDERER
 
 

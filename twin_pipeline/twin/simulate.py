@@ -490,8 +490,7 @@ def save_result(store: Store, result: dict[str, Any], *, snapshot: str, chart: s
                 rows.append(
                     (sid, arm, station, metric, s["mean"], s["ci95"][0], s["ci95"][1], s["n"])
                 )
-    if rows:
-        con.executemany(f"INSERT INTO {METRIC_TABLE} VALUES (?,?,?,?,?,?,?,?)", rows)
+    store.insert_values(METRIC_TABLE, rows)
     return sid
 
 
