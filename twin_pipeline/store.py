@@ -706,16 +706,23 @@ class Store:
         return [(str(r[0]), str(r[1])) for r in rows]
 
     def insert_values(
-        self, table: str, rows: Sequence[Sequence[Any]], *, or_replace: bool = False
+        self,
+        table: str,
+        rows: Sequence[Sequence[Any]],
+        *,
+        columns: Sequence[str] = (),
+        or_replace: bool = False,
     ) -> None:
-        """Append a few Python rows in one multi-row statement (DuckDB's ``executemany`` runs
-        one INSERT per row, ~3 ms each on the store). For many rows use :meth:`insert_arrow`."""
+        """Append a few Python rows (into ``columns``, else every column in order) in one
+        multi-row statement (DuckDB's ``executemany`` runs one INSERT per row, ~3 ms each on
+        the store). For many rows use :meth:`insert_arrow`."""
         if not rows:
             return
         width = len(rows[0])
         marks = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(rows))
         verb = "INSERT OR REPLACE" if or_replace else "INSERT"
-        self.con.execute(f"{verb} INTO {table} VALUES {marks}", [v for r in rows for v in r])
+        names = f" ({', '.join(columns)})" if columns else ""
+        self.con.execute(f"{verb} INTO {table}{names} VALUES {marks}", [v for r in rows for v in r])
 
     def insert_arrow(
         self, table: str, batch: Any, *, or_replace: bool = False, by_name: bool = False
@@ -857,9 +864,9 @@ class Store:
         In DuckDB 1.4 every committed append to a checkpointed table with a PRIMARY KEY starts
         a row group of its own, in a block of its own (256 KB), and nothing merges them later
         (``VACUUM`` does not, nor does deleting and re-inserting the rows). A step commits one
-        ledger entry and one PROV activity, and each store close checkpoints: a home that had
-        run eleven times on an empty landing held 383 MB for ~3,000 governance rows, and every
-        step had slowed by ~0.4 s. A keyed table is rewritten when it has at least
+        ledger entry and one PROV activity, and each store close checkpointed (before a run
+        kept the store between its steps): a home that had run eleven times on an empty
+        landing held 383 MB for ~3,000 governance rows, and every step had slowed by ~0.4 s. A keyed table is rewritten when it has at least
         ``min_row_groups`` row groups averaging under ``ROW_GROUP_ROWS / 60`` rows: renamed,
         created again from its own DDL (``duckdb_tables().sql``: columns, defaults,
         constraints), refilled in its stored order and the old one dropped, in one

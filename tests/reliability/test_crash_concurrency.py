@@ -16,6 +16,7 @@ import pytest
 from twin_pipeline.generate import generate_hospital
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.paths import Settings
+from twin_pipeline.store import waiting_dir
 
 pytestmark = pytest.mark.slow(weight=4)  # the longest module (~4 min): scheduled first
 
@@ -37,6 +38,25 @@ def _run(home: Path, landing: Path) -> subprocess.CompletedProcess[str]:
         env=_env(home),
         timeout=900,
         check=False,
+    )
+
+
+def _home_like(tmp_path: Path, ref_home: Path) -> Path:
+    """A new TWIN_HOME with the reference run's keys (so pseudonyms match)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copytree(ref_home / "keys", home / "keys")
+    return home
+
+
+def _start_run(home: Path, landing: Path, stderr: int = subprocess.PIPE) -> subprocess.Popen[str]:
+    """``twin run`` started in the background (stdout dropped)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "twin_pipeline", "run", "--landing", str(landing)],
+        env=_env(home),
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
     )
 
 
@@ -76,16 +96,9 @@ def test_sigkill_at_several_points_then_rerun_matches(
     tmp_path: Path, hospital: Path, reference: tuple[Path, float]
 ) -> None:
     ref_home, duration = reference
-    home = tmp_path / "home"
-    home.mkdir()
-    shutil.copytree(ref_home / "keys", home / "keys")
+    home = _home_like(tmp_path, ref_home)
     for fraction in (0.25, 0.5, 0.8):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "twin_pipeline", "run", "--landing", str(hospital)],
-            env=_env(home),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = _start_run(home, hospital, stderr=subprocess.DEVNULL)
         time.sleep(duration * fraction)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -109,16 +122,8 @@ def test_second_run_waits_or_fails_clearly_and_store_stays_whole(
     tmp_path: Path, hospital: Path, reference: tuple[Path, float]
 ) -> None:
     ref_home, _ = reference
-    home = tmp_path / "home"
-    home.mkdir()
-    shutil.copytree(ref_home / "keys", home / "keys")
-    first = subprocess.Popen(
-        [sys.executable, "-m", "twin_pipeline", "run", "--landing", str(hospital)],
-        env=_env(home),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    home = _home_like(tmp_path, ref_home)
+    first = _start_run(home, hospital)
     time.sleep(1.5)
     second = _run(home, hospital)
     assert first.wait(timeout=900) == 0
@@ -161,16 +166,8 @@ def test_a_reader_gets_in_during_a_run(
     """A run keeps the store between its steps, but a reader that waits for it gets in at the
     next step boundary, not at the end of the run."""
     ref_home, _ = reference
-    home = tmp_path / "home"
-    home.mkdir()
-    shutil.copytree(ref_home / "keys", home / "keys")
-    run = subprocess.Popen(
-        [sys.executable, "-m", "twin_pipeline", "run", "--landing", str(hospital)],
-        env=_env(home),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    home = _home_like(tmp_path, ref_home)
+    run = _start_run(home, hospital)
     try:
         settings = Settings.from_env(home)
         store = settings.store_path
@@ -194,4 +191,4 @@ def test_a_reader_gets_in_during_a_run(
     finally:
         _, err = run.communicate(timeout=900)
     assert run.returncode == 0, err[-3000:]
-    assert not list((store.parent / (store.name + ".waiting")).glob("*"))  # nobody left waiting
+    assert not list(waiting_dir(store).glob("*"))  # nobody left waiting

@@ -123,7 +123,6 @@ def write(store: Store, run_id: str, results: Sequence[ExpectationResult]) -> No
         store.con.execute(
             f"DELETE FROM {TABLE} WHERE run_id = ? AND suite = ?", [run_id, results[0].suite]
         )
-        # One multi-row INSERT: DuckDB's executemany runs one statement per row.
         rows = [
             (
                 run_id,
@@ -145,11 +144,7 @@ def write(store: Store, run_id: str, results: Sequence[ExpectationResult]) -> No
             )
             for r in results
         ]
-        marks = ", ".join(["(" + ", ".join("?" * len(_COLUMNS)) + ")"] * len(rows))
-        store.con.execute(
-            f"INSERT INTO {TABLE} ({', '.join(_COLUMNS)}) VALUES {marks}",
-            [v for row in rows for v in row],
-        )
+        store.insert_values(TABLE, rows, columns=_COLUMNS)
 
 
 def latest(store: Store) -> list[dict[str, Any]]:
