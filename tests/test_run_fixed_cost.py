@@ -69,9 +69,25 @@ def test_run_status_equals_a_full_status_after_runs(twin_home: Settings, tmp_pat
     landing = tmp_path / "landing"
     generate_hospital(landing, patients=6, seed=5)
     first = run_pipeline(landing, twin_home, data_docs=False)
+    with Store.open(twin_home, read_only=True) as store:
+        notes_hash = store.content_hash("deid.document_reference")
     second = run_pipeline(landing, twin_home, data_docs=False)  # raw unchanged: older versions
     assert first.success and second.success
+    # The second run took every note's redaction from the text cache: same table, no engine.
+    instance = dagster_instance(twin_home)
+    try:
+        records = instance.fetch_materializations(
+            dg.AssetKey(["deid", "document_reference"]), limit=10
+        ).records
+        md = {ev.run_id: ev.asset_materialization.metadata for ev in records}  # type: ignore[union-attr]
+    finally:
+        instance.dispose()
+    analyzed = md[first.run_id]["texts_analyzed"].value
+    assert isinstance(analyzed, int) and analyzed > 10
+    assert md[first.run_id]["texts_cached"].value == 0
+    assert md[second.run_id]["texts_cached"].value == analyzed
     with Store.open(twin_home) as store:
+        assert store.content_hash("deid.document_reference") == notes_hash
         full = store.status()
         assert second.status == full
         assert run_status(store, second.run_id) == full

