@@ -128,12 +128,20 @@ def test_content_hash_is_the_sql_definition_over_batches_types_and_empty(
         assert store.content_hash("raw.empty") == by_sql(con, "raw.empty", '"x"')
 
 
-def test_content_hash_v2_tells_apart_rows_that_print_alike(twin_home: Settings) -> None:
-    """A new store hashes with v2. Its row text must not merge different rows: NULL and the
-    string 'null', a separator moved between two columns, NaN and NULL, a value moved to the
-    next column, a JSON column's spacing."""
+@pytest.mark.parametrize("scheme", ["v2", "v3"])
+def test_content_hash_v2_tells_apart_rows_that_print_alike(
+    twin_home: Settings, scheme: str
+) -> None:
+    """A new store hashes with v3 (v2's row text). That text must not merge different rows:
+    NULL and the string 'null', a separator moved between two columns, NaN and NULL, a value
+    moved to the next column, a JSON column's spacing; nor may v3's per-file digests (the
+    same rows under another file name)."""
     with Store.open(twin_home) as store, store.transaction() as con:
-        assert store.content_hash_scheme() == "v2"
+        assert store.content_hash_scheme() == "v3"
+        con.execute(
+            "UPDATE governance.store_meta SET value = ? WHERE key = 'content_hash_scheme'",
+            [scheme],
+        )
         pairs = [
             ("SELECT NULL::VARCHAR AS a", "SELECT 'null' AS a"),
             ("SELECT 'x,' AS a, 'y' AS b", "SELECT 'x' AS a, ',y' AS b"),
@@ -142,6 +150,12 @@ def test_content_hash_v2_tells_apart_rows_that_print_alike(twin_home: Settings) 
             ("SELECT 1 AS a, NULL::INT AS b", "SELECT NULL::INT AS a, 1 AS b"),
             ("SELECT '{\"k\": 1}'::JSON AS a", "SELECT '{\"k\":1}'::JSON AS a"),
             ("SELECT 'a' AS a UNION ALL SELECT 'a'", "SELECT 'a' AS a"),
+            ("SELECT 'f1' AS source_file, 1 AS a", "SELECT 'f2' AS source_file, 1 AS a"),
+            (
+                "SELECT 'f1' AS source_file, 1 AS a UNION ALL SELECT 'f2', 2",
+                "SELECT 'f1' AS source_file, 2 AS a UNION ALL SELECT 'f2', 1",
+            ),
+            ("SELECT NULL::VARCHAR AS source_file, 1 AS a", "SELECT 'null' AS source_file, 1 AS a"),
         ]
         for k, (one, other) in enumerate(pairs):
             con.execute(f"CREATE TABLE raw.p{k} AS {one}")
@@ -152,7 +166,7 @@ def test_content_hash_v2_tells_apart_rows_that_print_alike(twin_home: Settings) 
 def test_store_with_recorded_versions_keeps_content_hash_v1(twin_home: Settings) -> None:
     """A store from before schema 4 whose ledger names v1 hashes keeps hashing with v1, so
     `twin lineage trace` still finds its recorded versions; one with nothing recorded moves to
-    v2."""
+    v3."""
     with Store.open(twin_home) as store:
         store.con.execute("CREATE TABLE raw.t AS SELECT range AS x FROM range(10)")
         store.con.execute(
@@ -163,8 +177,8 @@ def test_store_with_recorded_versions_keeps_content_hash_v1(twin_home: Settings)
         store.con.execute(
             "UPDATE governance.store_meta SET value = '3' WHERE key = 'schema_version'"
         )
-    with Store.open(twin_home) as store:  # nothing recorded: v2
-        assert store.content_hash_scheme() == "v2"
+    with Store.open(twin_home) as store:  # nothing recorded: v3 (v2 for a table like this)
+        assert store.content_hash_scheme() == "v3"
         v2 = store.content_hash("raw.t")
         store.con.execute("INSERT INTO governance.table_version VALUES ('raw.t', 10, 'h', 'r')")
         store.con.execute("DELETE FROM governance.store_meta WHERE key = 'content_hash_scheme'")
@@ -231,7 +245,7 @@ def test_older_store_is_migrated(twin_home: Settings) -> None:
         applied = store.con.execute(
             "SELECT version FROM governance.schema_migration ORDER BY 1"
         ).fetchall()
-        assert applied == [(2,), (3,), (4,)]
+        assert applied == [(2,), (3,), (4,), (5,)]
         assert store.con.execute("SELECT x FROM harmonized.keepme").fetchall() == [(42,)]
 
 
@@ -245,7 +259,7 @@ def test_unversioned_store_counts_as_version_zero(twin_home: Settings) -> None:
         versions = store.con.execute(
             "SELECT version FROM governance.schema_migration ORDER BY 1"
         ).fetchall()
-        assert versions == [(1,), (2,), (3,), (4,)]
+        assert versions == [(1,), (2,), (3,), (4,), (5,)]
 
 
 def test_version_2_telemetry_tables_keep_their_keys(twin_home: Settings) -> None:

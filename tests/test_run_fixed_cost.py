@@ -63,7 +63,9 @@ def test_runs_recorded_through_pooled_connections_read_back_whole(
         plain.dispose()
 
 
-def test_run_status_equals_a_full_status_after_runs(twin_home: Settings, tmp_path: Path) -> None:
+def test_run_status_equals_a_full_status_after_runs(
+    twin_home: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from twin_pipeline.generate import generate_hospital
 
     landing = tmp_path / "landing"
@@ -90,13 +92,38 @@ def test_run_status_equals_a_full_status_after_runs(twin_home: Settings, tmp_pat
         assert store.content_hash("deid.document_reference") == notes_hash
         full = store.status()
         assert second.status == full
-        assert run_status(store, second.run_id) == full
+        assert run_status(store) == full
         recorded = dict(
             store.con.execute("SELECT table_name, run_id FROM governance.table_version").fetchall()
         )
     # Both kinds were there: tables with this run's recorded version, and tables without one.
     assert recorded["harmonized.patient"] == second.run_id
     assert "governance.ledger" not in recorded and "governance.ledger" in full["tables"]
+
+    # A run of a few steps (a watch round) reports the same full status, and hashes only the
+    # tables no step records (governance's), not every table the run did not write.
+    lane = ["raw/telemetry", "harmonized/telemetry_reading"]
+    third = run_pipeline(landing, twin_home, data_docs=False, selection=lane)
+    assert third.success and set(lane) <= set(third.steps_s) and len(third.steps_s) < 5
+    hashed: list[str] = []
+    real = Store.content_hash
+
+    def spy(self: Store, table: str) -> str:
+        hashed.append(table)
+        return real(self, table)
+
+    with Store.open(twin_home) as store:
+        assert third.status == store.status()
+        versioned = {
+            t
+            for (t,) in store.con.execute(
+                "SELECT table_name FROM governance.table_version"
+            ).fetchall()
+        }
+        monkeypatch.setattr(Store, "content_hash", spy)
+        assert run_status(store) == third.status
+    assert "deid.document_reference" in versioned and "governance.ledger" not in versioned
+    assert sorted(hashed) == sorted(set(third.status["tables"]) - versioned)
 
 
 def test_building_the_cli_imports_no_heavy_library() -> None:

@@ -209,6 +209,6 @@ def table_drift(store: Store) -> list[Problem]:
             continue
         if not store.table_exists(table):
             out.append(Problem(table, f"recorded by activity {activity_id} but missing"))
-        elif store.content_hash(table) != recorded:
+        elif store.content_hash(table, verify=True) != recorded:
             out.append(Problem(table, f"content changed since activity {activity_id} recorded it"))
     return out

@@ -7,8 +7,9 @@ size or mtime changed, so polling a large landing folder stays cheap.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,21 +23,42 @@ Snapshot = dict[str, dict[str, Any]]
 def landing_snapshot(
     landing: Path, previous: Mapping[str, Mapping[str, Any]] | None = None
 ) -> Snapshot:
+    """Each landed file (landing-relative path, sorted) with its size, mtime and sha256.
+
+    One ``os.scandir`` walk: ``Path.rglob`` with ``is_file`` and ``stat`` stat-ed each file
+    twice and built two ``Path`` objects for it (~1 s a poll over the ~21,000 files of a
+    10,000-patient landing). Directories named in ``IGNORED_PARTS`` are not entered, nor are
+    symlinked directories (as ``rglob``)."""
     previous = previous or {}
     snap: Snapshot = {}
-    for path in sorted(p for p in landing.rglob("*") if p.is_file()):
-        rel = path.relative_to(landing).as_posix()
-        if set(rel.split("/")[:-1]) & IGNORED_PARTS or path.name in IGNORED_NAMES:
+    for rel, entry in sorted(_landed(os.fspath(landing)), key=lambda x: x[0]):
+        if entry.name in IGNORED_NAMES or entry.name.startswith("."):
             continue
-        if path.name.startswith("."):
-            continue
-        st = path.stat()
+        st = entry.stat()
         old = previous.get(rel)
         if old and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
             snap[rel] = dict(old)
             continue
-        snap[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+        snap[rel] = {
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "sha256": sha256_file(Path(entry.path)),
+        }
     return snap
+
+
+def _landed(root: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """(relative path, entry) of every file under ``root``."""
+    stack = [(root, "")]
+    while stack:
+        folder, rel = stack.pop()
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name not in IGNORED_PARTS:
+                        stack.append((entry.path, f"{rel}{entry.name}/"))
+                elif entry.is_file():
+                    yield f"{rel}{entry.name}", entry
 
 
 def changed_files(known: Mapping[str, Mapping[str, Any]], snap: Snapshot) -> list[str]:

@@ -172,7 +172,7 @@ def trace(store: Store, table: str, key: str) -> Trace:
         seen.add(current)
         writer = _writer_of(acts, current)
         n_rows = store.row_count(current)
-        chash = store.content_hash(current)
+        chash = store.content_hash(current, verify=True)
         recorded = False
         if writer is not None:
             recorded = any(
