@@ -56,6 +56,13 @@ def test_pipeline_bench_writes_the_issue_figures(tmp_path: Path) -> None:
     assert res["peak_pss_step"] is None or res["peak_pss_step"] in res["step_s"]
     # the monitor's own cost is reported (PSS sampled sparingly: it walks page tables)
     assert res["peak_pss_mb"] > 0 and 0 <= res["memory_monitor_cpu_s"] < res["governed_s"]
+    # a watch round on the run's store: the dropped file queryable, then taken out again
+    watched = res["watch"]
+    assert 0 < watched["drop_to_queryable_s"] <= watched["drop_to_round_end_s"]
+    assert "harmonized/telemetry_reading" in watched["round_steps_s"]
+    assert "watch round on this store" in out.stdout
+    (landing,) = (home / "bench").glob("hospital-20")
+    assert not (landing / "telemetry" / "late_arrival.ndjson").exists()
 
 
 def test_telemetry_bench_loads_every_reading(tmp_path: Path) -> None:
