@@ -909,12 +909,8 @@ class Store:
         names = ", ".join(f'"{c}"' for c, _ in columns)
         signature = hashlib.sha256(json.dumps(columns).encode()).hexdigest()[:16]
         group = f'"{GROUP_COLUMN}"'
-        current = {
-            g: (int(n), str(ck))
-            for g, n, ck in self.con.execute(
-                f"SELECT {group}, count(*), sum(hash({names})::HUGEINT) FROM {fq} GROUP BY 1"
-            ).fetchall()
-        }
+        checksum = f"count(*), CAST(sum(hash({names})::HUGEINT) AS VARCHAR)"
+        digest = "sha256(string_agg(h, '' ORDER BY h))"
         known: dict[str | None, tuple[int, str, str]] = {}
         if not verify and self.table_exists(GROUP_HASH_TABLE):
             known = {
@@ -925,24 +921,38 @@ class Store:
                     [qualified, signature],
                 ).fetchall()
             }
-        digests = {g: known[g][2] for g, v in current.items() if g in known and known[g][:2] == v}
-        todo = [g for g in current if g not in digests]
-        if todo:
-            where, params = "", []
-            if len(todo) < len(current):
+        if not known:  # nothing to reuse (a table just built): one pass does it all
+            rows = self.con.execute(
+                f"SELECT g, {checksum}, {digest} FROM (SELECT {group} AS g, md5({text}) AS h, "
+                f"{names} FROM {fq}) GROUP BY g"
+            ).fetchall()
+            current = {g: (int(n), str(ck)) for g, n, ck, _ in rows}
+            digests = fresh = {g: str(d) for g, _, _, d in rows}
+        else:
+            current = {
+                g: (int(n), str(ck))
+                for g, n, ck in self.con.execute(
+                    f"SELECT {group}, {checksum} FROM {fq} GROUP BY 1"
+                ).fetchall()
+            }
+            digests = {
+                g: known[g][2] for g, v in current.items() if g in known and known[g][:2] == v
+            }
+            todo = [g for g in current if g not in digests]
+            fresh = {}
+            if todo:
                 where = f"WHERE {group} IN (SELECT unnest(?::VARCHAR[]))"
                 where += f" OR {group} IS NULL" if None in todo else ""
-                params = [[g for g in todo if g is not None]]
-            fresh = dict(
-                self.con.execute(
-                    f"SELECT g, sha256(string_agg(h, '' ORDER BY h)) FROM (SELECT {group} AS g, "
-                    f"md5({text}) AS h FROM {fq} {where}) GROUP BY g",
-                    params,
-                ).fetchall()
-            )
-            digests.update(fresh)
-            if not self.read_only:
-                self._remember_groups(qualified, signature, current, fresh, set(known))
+                fresh = dict(
+                    self.con.execute(
+                        f"SELECT g, {digest} FROM (SELECT {group} AS g, md5({text}) AS h "
+                        f"FROM {fq} {where}) GROUP BY g",
+                        [[g for g in todo if g is not None]],
+                    ).fetchall()
+                )
+                digests.update(fresh)
+        if fresh and not self.read_only:  # (verify: what it recomputed replaces what was kept)
+            self._remember_groups(qualified, signature, current, fresh)
         return hashlib.sha256("".join(sorted(digests.values())).encode()).hexdigest()
 
     def _remember_groups(
@@ -951,18 +961,21 @@ class Store:
         signature: str,
         current: dict[Any, tuple[int, str]],
         fresh: dict[Any, str],
-        known: set[Any],
     ) -> None:
-        """Replace the remembered digests of ``qualified``'s re-digested and vanished files."""
+        """Remember the digests in ``fresh`` (replacing what was remembered for those files) and
+        forget the files ``qualified`` no longer has."""
         import pyarrow as pa
 
         self.con.execute(GROUP_HASH_DDL)
-        stale = [g for g in known if g not in current or g in fresh]
-        self.con.execute(
-            f"DELETE FROM {GROUP_HASH_TABLE} WHERE table_name = ? AND (signature <> ? OR "
-            "grp IN (SELECT unnest(?::VARCHAR[])) OR (grp IS NULL AND ?))",
-            [qualified, signature, [g for g in stale if g is not None], None in stale],
-        )
+        if len(fresh) == len(current):  # every file digested now: replace them all
+            self.con.execute(f"DELETE FROM {GROUP_HASH_TABLE} WHERE table_name = ?", [qualified])
+        else:
+            keep = [g for g in current if g not in fresh]  # remembered digests still valid
+            self.con.execute(
+                f"DELETE FROM {GROUP_HASH_TABLE} WHERE table_name = ? AND (signature <> ? OR "
+                "grp IS NULL AND NOT ? OR grp IS NOT NULL AND NOT list_contains(?::VARCHAR[], grp))",
+                [qualified, signature, None in keep, [g for g in keep if g is not None]],
+            )
         batch = pa.table(
             {
                 "grp": pa.array(list(fresh), pa.string()),
