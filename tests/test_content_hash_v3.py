@@ -105,6 +105,12 @@ def test_remembered_digests_are_reused_only_for_unchanged_files(store: Store) ->
     seen.add(_check(store))
     assert len(seen) == 5  # the volatile-only change left the hash as it was
     assert "telemetry/f1.ndjson" not in _remembered(store)
+    # a file deleted while no other changed is forgotten too (by the plain hash: the
+    # recomputing one re-remembers every file)
+    con.execute("DELETE FROM raw.readings WHERE source_file = 'telemetry/f2.ndjson'")
+    h = store.content_hash("raw.readings")
+    assert "telemetry/f2.ndjson" not in _remembered(store)
+    assert h == by_sql(con, "raw.readings", COLS) not in seen
     assert "telemetry/f9.ndjson" in _remembered(store)
     # A new column changes every row's text: nothing remembered is reused.
     con.execute("ALTER TABLE raw.readings ADD COLUMN unit VARCHAR DEFAULT 'bpm'")

@@ -951,7 +951,8 @@ class Store:
                     ).fetchall()
                 )
                 digests.update(fresh)
-        if fresh and not self.read_only:  # (verify: what it recomputed replaces what was kept)
+        # (verify: what it recomputed replaces what was kept; files gone are forgotten)
+        if (fresh or set(known) - set(current)) and not self.read_only:
             self._remember_groups(qualified, signature, current, fresh)
         return hashlib.sha256("".join(sorted(digests.values())).encode()).hexdigest()
 
@@ -973,7 +974,7 @@ class Store:
             keep = [g for g in current if g not in fresh]  # remembered digests still valid
             self.con.execute(
                 f"DELETE FROM {GROUP_HASH_TABLE} WHERE table_name = ? AND (signature <> ? OR "
-                "grp IS NULL AND NOT ? OR grp IS NOT NULL AND NOT list_contains(?::VARCHAR[], grp))",
+                "grp IS NULL AND NOT ? OR grp NOT IN (SELECT unnest(?::VARCHAR[])))",
                 [qualified, signature, None in keep, [g for g in keep if g is not None]],
             )
         batch = pa.table(
