@@ -76,17 +76,19 @@ CREATE TABLE IF NOT EXISTS governance.table_version (
 """
 
 
-def _recorded(store: Store, tables: Collection[str]) -> dict[str, tuple[int, str]]:
-    """table -> (rows, content hash) last recorded in ``governance.table_version``."""
+def recorded_versions(
+    store: Store, tables: Collection[str] | None = None
+) -> dict[str, tuple[int, str]]:
+    """table -> (rows, content hash) last recorded in ``governance.table_version`` (of
+    ``tables``, or of every table recorded)."""
     if not store.table_exists("governance.table_version"):
         return {}
+    sql = "SELECT table_name, row_count, content_hash FROM governance.table_version"
+    if tables is not None:
+        sql += " WHERE list_contains(?, table_name)"
     return {
         str(r[0]): (int(r[1]), str(r[2]))
-        for r in store.con.execute(
-            "SELECT table_name, row_count, content_hash FROM governance.table_version "
-            "WHERE list_contains(?, table_name)",
-            [list(tables)],
-        ).fetchall()
+        for r in store.con.execute(sql, [] if tables is None else [list(tables)]).fetchall()
     }
 
 
@@ -97,7 +99,7 @@ def table_versions(
     it in ``governance.table_version`` (as this run's) so readers of these tables need not hash
     them again. Tables in ``unchanged`` (the asset left them as they were) take the version
     recorded by their last writer when the row count still matches, instead of a new hash."""
-    known = _recorded(store, unchanged) if unchanged else {}
+    known = recorded_versions(store, unchanged) if unchanged else {}
     out: list[TableVersion] = []
     for t in tables:
         if not store.table_exists(t):
@@ -117,7 +119,7 @@ def table_versions(
 def input_versions(store: Store, tables: Sequence[str]) -> list[TableVersion]:
     """Versions of tables an asset reads: the version recorded when they were last written
     (checked against the row count), else computed."""
-    known = _recorded(store, tables)
+    known = recorded_versions(store, tables)
     out: list[TableVersion] = []
     for t in tables:
         if not store.table_exists(t):

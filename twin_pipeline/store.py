@@ -503,7 +503,8 @@ def fully_qualified(qualified: str) -> str:
 BATCH = "_twin_arrow_batch"
 
 
-def _sql_literal(text: str) -> str:
+def sql_literal(text: str) -> str:
+    """``text`` as a SQL string literal (quotes doubled)."""
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -987,8 +988,8 @@ class Store:
         )
         execute_over(
             self.con,
-            f"INSERT INTO {GROUP_HASH_TABLE} SELECT {_sql_literal(qualified)}, "
-            f"{_sql_literal(signature)}, grp, row_count, checksum, digest FROM {BATCH}",
+            f"INSERT INTO {GROUP_HASH_TABLE} SELECT {sql_literal(qualified)}, "
+            f"{sql_literal(signature)}, grp, row_count, checksum, digest FROM {BATCH}",
             batch,
         )
 
@@ -1057,11 +1058,15 @@ class Store:
         ).fetchone()
         return int(row[0]) if row else 0
 
-    def status(self) -> dict[str, Any]:
-        """The ``twin status --json`` document."""
+    def status(self, known: Mapping[str, tuple[int, str]] | None = None) -> dict[str, Any]:
+        """The ``twin status --json`` document. ``known``: table -> (rows, content hash)
+        versions to report instead of hashing, for tables whose row count still matches."""
         tables: dict[str, dict[str, Any]] = {}
         for t in self.tables():
-            tables[t] = {"rows": self.row_count(t), "hash": self.content_hash(t)}
+            rows = self.row_count(t)
+            version = (known or {}).get(t)
+            digest = version[1] if version and version[0] == rows else self.content_hash(t)
+            tables[t] = {"rows": rows, "hash": digest}
         q_rows = self.con.execute(
             "SELECT stage, table_name, count(*) FROM governance.quarantine GROUP BY ALL ORDER BY 1, 2"
         ).fetchall()

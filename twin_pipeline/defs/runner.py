@@ -15,6 +15,7 @@ from typing import Any
 
 import dagster as dg
 
+from twin_pipeline.activity import recorded_versions
 from twin_pipeline.errors import StoreError, TwinPipelineError
 from twin_pipeline.paths import Settings
 from twin_pipeline.procs import background_allowed, wait_background
@@ -147,33 +148,7 @@ def run_status(store: Store) -> dict[str, Any]:
     tables) is hashed as ``store.status()`` does. Hashing all ~80 tables took ~7 s CPU at
     1,000 patients at the end of every run, and 13 s at the end of a watch round over a
     10,000-patient store when only this run's records counted."""
-    recorded: dict[str, tuple[int, str]] = {}
-    if store.table_exists("governance.table_version"):
-        recorded = {
-            str(r[0]): (int(r[1]), str(r[2]))
-            for r in store.con.execute(
-                "SELECT table_name, row_count, content_hash FROM governance.table_version"
-            ).fetchall()
-        }
-    tables: dict[str, dict[str, Any]] = {}
-    for t in store.tables():
-        rows = store.row_count(t)
-        known = recorded.get(t)
-        digest = known[1] if known and known[0] == rows else store.content_hash(t)
-        tables[t] = {"rows": rows, "hash": digest}
-    by_stage: dict[str, int] = {}
-    by_table: dict[str, int] = {}
-    for stage, table, n in store.con.execute(
-        "SELECT stage, table_name, count(*) FROM governance.quarantine GROUP BY ALL ORDER BY 1, 2"
-    ).fetchall():
-        by_stage[stage] = by_stage.get(stage, 0) + int(n)
-        by_table[table] = by_table.get(table, 0) + int(n)
-    return {
-        "store": str(store.settings.store_path),
-        "schema_version": store.schema_version(),
-        "tables": tables,
-        "quarantine": {"total": sum(by_stage.values()), "by_stage": by_stage, "by_table": by_table},
-    }
+    return store.status(known=recorded_versions(store))
 
 
 def dagster_instance(settings: Settings) -> dg.DagsterInstance:

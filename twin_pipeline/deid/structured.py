@@ -32,7 +32,7 @@ from twin_pipeline.deid import keyed
 from twin_pipeline.deid.policy import ColumnRule, DeidPolicy, TableRule, check_coverage
 from twin_pipeline.errors import PolicyViolation
 from twin_pipeline.keys import KeyRing
-from twin_pipeline.store import BATCH, Store, execute_over
+from twin_pipeline.store import BATCH, Store, execute_over, sql_literal
 
 TextFn = Callable[[list[tuple[str, str]], bytes], list[str]]
 
@@ -499,7 +499,7 @@ def cached_texts(
     wanted = pa.table({"digest": pa.array(digests, pa.string())})
     execute_over(
         con,
-        f"DELETE FROM {TEXT_CACHE} WHERE scope = {_lit(scope)} AND digest NOT IN "
+        f"DELETE FROM {TEXT_CACHE} WHERE scope = {sql_literal(scope)} AND digest NOT IN "
         f"(SELECT digest FROM {BATCH})",
         wanted,
     )
@@ -514,7 +514,7 @@ def cached_texts(
         new = {digests[i]: text for i, text in zip(missing, fresh, strict=True)}
         execute_over(
             con,
-            f"INSERT INTO {TEXT_CACHE} SELECT {_lit(scope)}, digest, redacted FROM {BATCH}",
+            f"INSERT INTO {TEXT_CACHE} SELECT {sql_literal(scope)}, digest, redacted FROM {BATCH}",
             pa.table(
                 {
                     "digest": pa.array(list(new), pa.string()),
@@ -524,7 +524,3 @@ def cached_texts(
         )
         found.update(new)
     return [found[d] for d in digests], len(pairs) - len(missing)
-
-
-def _lit(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"

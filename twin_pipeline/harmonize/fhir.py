@@ -29,7 +29,7 @@ from typing import Any
 
 from twin_pipeline.harmonize.fhir_spec import EHR_SPEC, Column, EhrSpec, TableSpec, load_spec
 from twin_pipeline.harmonize.units import UnitError, linear_conversion, normalize_unit
-from twin_pipeline.store import QuarantineRow, Store
+from twin_pipeline.store import QuarantineRow, Store, sql_literal
 
 RAW = "raw.fhir_resource"
 CURRENT = "harmonized.fhir_resource"
@@ -60,11 +60,6 @@ class TableStats:
     resources: int = 0
     quarantined: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
-
-
-def _q(text: str) -> str:
-    """A SQL string literal."""
-    return "'" + text.replace("'", "''") + "'"
 
 
 def _macros(store: Store) -> None:
@@ -291,7 +286,7 @@ def _status_counts(store: Store) -> dict[str, int]:
 def current_sql(resource_type: str | None = None) -> str:
     """The current versions (of one type) with their payload, read from raw (not copied):
     raw joined to ``harmonized.fhir_resource`` on the row it chose (one raw row each)."""
-    q = _q(resource_type) if resource_type else ""
+    q = sql_literal(resource_type) if resource_type else ""
     t = f" AND c.resource_type = {q} AND r.resource_type = {q}" if resource_type else ""
     return (
         f"(SELECT r.resource_type, r.resource_id, r.version_id, r.last_updated, c.deleted, "
@@ -319,14 +314,18 @@ class _Paths:
     def select(self) -> str:
         if not self.paths:
             return "NULL::VARCHAR[] AS v"
-        return "json_extract_string(payload, [" + ", ".join(_q(x) for x in self.paths) + "]) AS v"
+        return (
+            "json_extract_string(payload, ["
+            + ", ".join(sql_literal(x) for x in self.paths)
+            + "]) AS v"
+        )
 
 
 def _coding(path: str, part: str, system: str | None, s: _Paths) -> str:
     if system:
         return (
             f"list_filter(CAST(json_extract(p, '{path}.coding') AS JSON[]), "
-            f"x -> (x ->> '$.system') = {_q(system)})[1] ->> '$.{part}'"
+            f"x -> (x ->> '$.system') = {sql_literal(system)})[1] ->> '$.{part}'"
         )
     return s(f"{path}.coding[0].{part}")
 
@@ -337,7 +336,7 @@ def _ref_raw(col: Column, s: _Paths) -> str:
     return (
         f"coalesce({s(f'{path}.reference')}, "
         f"CASE WHEN {value} IS NOT NULL THEN "
-        f"{_q(str(col.target))} || '?identifier=' || "
+        f"{sql_literal(str(col.target))} || '?identifier=' || "
         f"coalesce({s(f'{path}.identifier.system')}, '') || '|' || {value} END)"
     )
 
@@ -365,10 +364,10 @@ def column_sql(col: Column, s: _Paths) -> str:
         return _coding(path, k, col.system, s)
     if k == "identifier":
         cond = (
-            f"(x ->> '$.system') = {_q(col.system)}"
+            f"(x ->> '$.system') = {sql_literal(col.system)}"
             if col.system
             else f"list_contains(json_extract_string(x, '$.type.coding[*].code'), "
-            f"{_q(str(col.type_code))})"
+            f"{sql_literal(str(col.type_code))})"
         )
         return (
             f"list_filter(CAST(json_extract(p, '$.identifier') AS JSON[]), x -> {cond})[1] "
@@ -377,12 +376,12 @@ def column_sql(col: Column, s: _Paths) -> str:
     if k == "telecom":
         return (
             "list_filter(CAST(json_extract(p, '$.telecom') AS JSON[]), "
-            f"x -> (x ->> '$.system') = {_q(str(col.system))})[1] ->> '$.value'"
+            f"x -> (x ->> '$.system') = {sql_literal(str(col.system))})[1] ->> '$.value'"
         )
     if k == "extension":
         v = (
             "list_filter(CAST(json_extract(p, '$.extension') AS JSON[]), "
-            f"x -> (x ->> '$.url') = {_q(str(col.url))})[1] ->> '$.{col.value}'"
+            f"x -> (x ->> '$.url') = {sql_literal(str(col.url))})[1] ->> '$.{col.value}'"
         )
         return f"TRY_CAST({v} AS {col.type or 'VARCHAR'})"
     if k == "note_b64":
@@ -428,7 +427,7 @@ def resolve_sql(source: str, columns: list[Column], keep: tuple[str, ...] = ()) 
     for c in columns:
         if c.kind == "ref":
             a = f"ref_{c.name}"
-            t = _q(str(c.target))
+            t = sql_literal(str(c.target))
             # only a reference to the column's target type fills it (subject: Group/1 is no
             # patient); an unresolved Type/id or urn:uuid still gives its id
             sel.append(
@@ -453,13 +452,13 @@ def _record_refs(store: Store, name: str, spec: TableSpec, columns: list[Column]
     if not refs:
         return
     items = ", ".join(
-        f"{{'col': {_q(c.name)}, 'target': {_q(str(c.target))}, "
+        f"{{'col': {sql_literal(c.name)}, 'target': {sql_literal(str(c.target))}, "
         f"'reference': x.refraw_{c.name}, 'key': x.{c.name}}}"
         for c in refs
     )
     con.execute(f"""
         INSERT INTO {REFERENCES}
-        SELECT {_q(name)}, {_q(spec.resource)}, _rid, e.col, e.reference, e.key, e.target,
+        SELECT {sql_literal(name)}, {sql_literal(spec.resource)}, _rid, e.col, e.reference, e.key, e.target,
                source_file, lineage_key
         FROM (SELECT x.*, unnest([{items}]) AS e FROM _x x)
         WHERE e.reference IS NOT NULL AND NOT starts_with(e.reference, '#')  -- contained
@@ -539,8 +538,8 @@ def _build_observation(store: Store, spec: EhrSpec) -> TableStats:
     known = sorted(vocab)
     panels = {c: e.components for c, e in vocab.items() if e.components}
     base = [c for c in tspec.columns if c.name not in ("code_system", "code", "display")]
-    known_list = "[" + ", ".join(_q(c) for c in known) + "]"
-    panel_list = "[" + ", ".join(_q(c) for c in sorted(panels)) + "]"
+    known_list = "[" + ", ".join(sql_literal(c) for c in known) + "]"
+    panel_list = "[" + ", ".join(sql_literal(c) for c in sorted(panels)) + "]"
 
     # the three structured parts come from the same parse (as JSON text)
     def extra(s: _Paths) -> str:
@@ -556,7 +555,7 @@ def _build_observation(store: Store, spec: EhrSpec) -> TableStats:
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE _obs AS
         SELECT * EXCLUDE (codings),
-               list_filter(codings, c -> c.system = {_q(LOINC)}
+               list_filter(codings, c -> c.system = {sql_literal(LOINC)}
                            AND list_contains({known_list}, c.code))[1] AS chosen,
                list_transform(codings, c -> coalesce(c.system, '?') || '|'
                               || coalesce(c.code, '?')) AS all_codes
@@ -588,7 +587,7 @@ def _build_observation(store: Store, spec: EhrSpec) -> TableStats:
                     || ' component without a known LOINC code' END
         FROM _obs o JOIN (
             SELECT lk, e.c AS c, e.idx AS idx,
-                   list_filter(e.c.code.coding, x -> x.system = {_q(LOINC)}
+                   list_filter(e.c.code.coding, x -> x.system = {sql_literal(LOINC)}
                                AND list_contains({known_list}, x.code))[1] AS cc
             FROM (SELECT o2.lineage_key AS lk,
                          unnest(list_transform(from_json(o2.components,
@@ -731,7 +730,7 @@ def build_dangling(store: Store, spec: EhrSpec | None = None, *, force: bool = F
     _macros(store)
     if not force and _unchanged(store, "dangling", (DANGLING,)):
         return store.row_count(DANGLING)
-    tables = "[" + ", ".join(_q(n) for n in spec.tables) + "]"
+    tables = "[" + ", ".join(sql_literal(n) for n in spec.tables) + "]"
     con.execute(REFERENCES_DDL)
     con.execute(f"""
         CREATE OR REPLACE TABLE {DANGLING} AS
@@ -777,7 +776,7 @@ def conservation(store: Store, spec: EhrSpec | None = None) -> list[dict[str, An
     spec = spec or load_spec()
     if not store.table_exists(STATUS):
         return []
-    mapped = "[" + ", ".join(_q(t) for t in spec.mapped_types) + "]"
+    mapped = "[" + ", ".join(sql_literal(t) for t in spec.mapped_types) + "]"
     rows = store.con.execute(f"""
         WITH files AS (
             SELECT path, records_in FROM governance.source_file WHERE kind = 'fhir'

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from twin_pipeline.snapshot.config import ParquetSettings
+from twin_pipeline.store import sql_literal
 
 
 @dataclass
@@ -68,10 +69,6 @@ def duckdb_writer_id() -> str:
     return f"DuckDB {duckdb.__version__} COPY (FORMAT parquet)"
 
 
-def _sql_text(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def copy_options(settings: ParquetSettings) -> list[str]:
     opts = [
         "FORMAT parquet",
@@ -100,7 +97,7 @@ def copy_parquet(
     the file's Arrow schema and DuckDB's column statistics."""
     opts = [*copy_options(settings), "RETURN_STATS"]
     cur = con.execute(
-        f"COPY ({select_sql}) TO {_sql_text(str(path))} ({', '.join(opts)})", list(params)
+        f"COPY ({select_sql}) TO {sql_literal(str(path))} ({', '.join(opts)})", list(params)
     )
     names = [d[0] for d in cur.description or []]
     row = cur.fetchone()

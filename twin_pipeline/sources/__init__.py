@@ -228,11 +228,11 @@ def one_walk_per_run() -> Iterator[None]:
 def _walk_once(landing: Path, unreadable: dict[str, str]) -> list[tuple[str, os.DirEntry[str]]]:
     view = _RUN_VIEW
     if view is None:
-        return _walk(landing, unreadable)
+        return walk_landing(landing, unreadable)
     key = str(landing.resolve())
     if key not in view.walks:
         found: dict[str, str] = {}
-        view.walks[key] = (_walk(landing, found), found)
+        view.walks[key] = (walk_landing(landing, found), found)
     entries, seen_unreadable = view.walks[key]
     unreadable.update(seen_unreadable)
     return entries
@@ -291,7 +291,7 @@ def scan(
     return result
 
 
-def _walk(landing: Path, unreadable: dict[str, str]) -> list[tuple[str, os.DirEntry[str]]]:
+def walk_landing(landing: Path, unreadable: dict[str, str]) -> list[tuple[str, os.DirEntry[str]]]:
     """(landing-relative path, entry) of everything under ``landing`` except what lies in an
     ignored folder, in path order (as ``sorted(landing.rglob("*"))``). One ``scandir`` per
     folder: a 10k-patient landing (20k DICOM files) walked in ~0.3 s instead of ~6 s through

@@ -57,6 +57,7 @@ from twin_pipeline.store import (
     lineage_key,
     memory_limit,
     position_lineage_key,
+    sql_literal,
 )
 
 RAW_TABLE = "raw.telemetry_reading"
@@ -279,10 +280,6 @@ _REASON_SQL = (
 )
 
 
-def _sql_str(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 # Files parsed together by one ``read_json`` (bounded by bytes: the checked rows of a batch
 # sit in one temporary table).
 BATCH_BYTES = int(os.environ.get("TWIN_TELEMETRY_BATCH_BYTES", str(128 << 20)))
@@ -368,7 +365,7 @@ def _load_batch(
     batch when the strict reader rejects a line, goes back to the caller for the line-by-line
     path, which quarantines exactly the bad lines; a batch of several files that does not load
     as one is retried one file at a time."""
-    paths = "[" + ", ".join(_sql_str(str(f.path)) for f in files) + "]"
+    paths = "[" + ", ".join(sql_literal(str(f.path)) for f in files) + "]"
     # Rows each file must give, and the line of its first row.
     lines = [checks[f.rel].lines for f in files]
     first_line = [1] * len(files)
@@ -376,7 +373,7 @@ def _load_batch(
         names = _csv_header(files[0])
         if names is None:
             return files
-        columns = "{" + ", ".join(f"{_sql_str(n)}: 'VARCHAR'" for n in names) + "}"
+        columns = "{" + ", ".join(f"{sql_literal(n)}: 'VARCHAR'" for n in names) + "}"
         fields = ", ".join(f'"{c}"' if c in names else f"NULL AS {c}" for c in FIELDS)
         parsed = (
             f"SELECT NULL::BIGINT AS n, {fields}, true AS parsed FROM read_csv({paths}, "
@@ -534,11 +531,11 @@ def _load_file(store: Store, f: SourceFile, fs: FileStats, check: FileCheck) -> 
     con.execute("DELETE FROM _tele_unknown WHERE upper(metric) IN (SELECT alias FROM _tele_alias)")
     (n_unknown,) = con.execute("SELECT count(*) FROM _tele_unknown").fetchone() or (0,)
     known = " AND metric NOT IN (SELECT metric FROM _tele_unknown)" if n_unknown else ""
-    prefix = _sql_str(position_lineage_key(f.sha256, ""))
+    prefix = sql_literal(position_lineage_key(f.sha256, ""))
     row = con.execute(
         f"""
         INSERT INTO {RAW_TABLE} BY NAME
-        SELECT {_sql_str(f.rel)} AS source_file, 'telemetry' AS source_kind, device_id,
+        SELECT {sql_literal(f.rel)} AS source_file, 'telemetry' AS source_kind, device_id,
                patient_id, metric, value_d AS value, unit, ts_t AS ts,
                {prefix} AS key_prefix, {n} AS line
         FROM _tele_cls WHERE rule IS NULL{known}
@@ -566,7 +563,7 @@ def _load_file(store: Store, f: SourceFile, fs: FileStats, check: FileCheck) -> 
         INSERT INTO governance.quarantine
         SELECT {qid}, ?, 'read', '{RAW_TABLE}', 'telemetry', source_file, position, rule,
                {_REASON_SQL}, line, {prefix} || position, now()
-        FROM (SELECT c.* REPLACE ({rule} AS rule), s.line, {_sql_str(f.rel)} AS source_file,
+        FROM (SELECT c.* REPLACE ({rule} AS rule), s.line, {sql_literal(f.rel)} AS source_file,
                      'line:' || s.n AS position
               FROM (SELECT *, {n} AS n_ FROM _tele_cls) c JOIN ({src}) s ON s.n = c.n_
               WHERE ({bad_rows}) AND s.line IS NOT NULL AND trim(s.line) <> '')

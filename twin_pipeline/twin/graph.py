@@ -14,7 +14,7 @@ from typing import Any
 
 import duckdb
 
-from twin_pipeline.store import Store
+from twin_pipeline.store import Store, sql_literal
 from twin_pipeline.twin.model import NAME_RE, SQL_TYPES, InterfaceDef, RelationshipDef, TwinModel
 
 NODE_TABLE = "twin.twin.node"
@@ -72,10 +72,6 @@ class GraphReport:
             "duplicates": self.duplicates,
             "warnings": self.warnings,
         }
-
-
-def _lit(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def _col(expr: str) -> str:
@@ -144,7 +140,7 @@ class _Builder:
                 value = f"NULL::{sql_type}"
             else:
                 value = f"TRY_CAST({self.sql(p.sql)} AS {sql_type})"
-            props.append(f"{_lit(p.name)}, {value}")
+            props.append(f"{sql_literal(p.name)}, {value}")
         props_sql = f"json_object({', '.join(props)})" if props else "json_object()"
         lk = "s.lineage_key" if self.has_column(src, "lineage_key") else "NULL::VARCHAR"
         order = "s.lineage_key" if lk != "NULL::VARCHAR" else "1"
@@ -160,8 +156,8 @@ class _Builder:
         self.con.execute(
             f"""
             INSERT INTO {NODE_TABLE}
-            SELECT {_lit(iface.name)} || '/' || s.__key, {_lit(iface.name)}, {_lit(iface.id)},
-                   s.__key, {_lit(src)}, {props_sql}, {lk}
+            SELECT {sql_literal(iface.name)} || '/' || s.__key, {sql_literal(iface.name)}, {sql_literal(iface.id)},
+                   s.__key, {sql_literal(src)}, {props_sql}, {lk}
             {body}
             QUALIFY row_number() OVER (PARTITION BY s.__key ORDER BY {order}) = 1
             """
@@ -172,7 +168,7 @@ class _Builder:
     def edges(self, iface: InterfaceDef, rel: RelationshipDef) -> None:
         label = f"{iface.name}.{rel.name}"
         self.report.edges[label] = 0
-        targets = ", ".join(_lit(t) for t in rel.target)
+        targets = ", ".join(sql_literal(t) for t in rel.target)
         if rel.via:
             src = self.table(rel.via.table)
             if src is None:
@@ -216,13 +212,13 @@ class _Builder:
                              AS __to,
                          {vf} AS __vf, {vt} AS __vt
                   FROM {src} AS s WHERE {where}) AS s
-            JOIN {NODE_TABLE} n ON n.twin_type = {_lit(iface.name)} AND n.source_id = s.__from
+            JOIN {NODE_TABLE} n ON n.twin_type = {sql_literal(iface.name)} AND n.source_id = s.__from
         """
         self.con.execute(
             f"""
             INSERT INTO {EDGE_TABLE}
-            SELECT DISTINCT n.node_id, {_lit(rel.name)}, d.node_id, n.twin_type, d.twin_type,
-                   s.__vf, s.__vt, {_lit(src)}, {lk}
+            SELECT DISTINCT n.node_id, {sql_literal(rel.name)}, d.node_id, n.twin_type, d.twin_type,
+                   s.__vf, s.__vt, {sql_literal(src)}, {lk}
             {base}
             JOIN {NODE_TABLE} d ON d.twin_type IN ({targets}) AND d.source_id = s.__to
             """

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from twin_pipeline.store import Store
-from twin_pipeline.twin.graph import EDGE_TABLE, NODE_TABLE, _lit
+from twin_pipeline.store import Store, sql_literal
+from twin_pipeline.twin.graph import EDGE_TABLE, NODE_TABLE
 from twin_pipeline.twin.model import TwinModel
 
 VITALS_TABLE = "twin.twin.state_patient_vitals"
@@ -112,7 +112,9 @@ def build_patient_vitals(
     store.con.execute(f"CREATE OR REPLACE TABLE {VITALS_TABLE} ({ddl_cols})")
     if not parts or not codes or as_of is None:
         return rep
-    values = ", ".join(f"({_lit(v)}, {_lit(c)}, {_lit(u)})" for v, c, u in codes)
+    values = ", ".join(
+        f"({sql_literal(v)}, {sql_literal(c)}, {sql_literal(u)})" for v, c, u in codes
+    )
     store.con.execute(
         f"""
         INSERT INTO {VITALS_TABLE}
