@@ -6,13 +6,19 @@ multiprocessing and die holding a queue lock, and the step's ``join`` hung for g
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 SCRIPT = textwrap.dedent(
     """
-    import signal
+    import faulthandler, signal, sys
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's hang report; forked
+                                                              # workers inherit it
 
     class Interrupted(Exception):
         pass
@@ -31,7 +37,7 @@ SCRIPT = textwrap.dedent(
     for round_ in range(3):
         with TextPool(key, workers=2, use_ner=False) as pool:  # normal end: close and join
             out = list(pool.map(notes, batch_size=8))
-            got = [pool._pool.apply(signal.getsignal, (s,)) for s in (signal.SIGTERM, signal.SIGINT)]
+            got = [pool._ex.submit(signal.getsignal, s).result() for s in (signal.SIGTERM, signal.SIGINT)]
             assert got == [signal.SIG_DFL, signal.SIG_IGN], got
         assert len(out) == 40 and all("617-555" not in t for t in out), out[:2]
         try:
@@ -54,9 +60,70 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_pools_end_cleanly_under_a_raising_sigterm_handler() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=240, check=False
+def run_reporting_hangs(script: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a session of its own. Past ``timeout`` every process in it gets
+    SIGUSR1 (the script registers faulthandler for it: each prints its threads' stacks), then
+    SIGKILL, and the test fails with those stacks."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGUSR1)
+        time.sleep(2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"hung past {timeout} s; stacks:\n{err[-12000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_pools_end_cleanly_under_a_raising_sigterm_handler() -> None:
+    out = run_reporting_hangs(SCRIPT, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+KILLED = textwrap.dedent(
+    """
+    import faulthandler, os, signal, time
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+    from twin_pipeline.deid import text
+    from twin_pipeline.deid.text import NoteContext, TextPool, TextPoolError
+
+    real_work = text._work
+
+    def work_or_die(batch):
+        if batch[0][1].patient == "p8":  # the third batch: its worker is killed
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_work(batch)
+
+    text._work = work_or_die  # the forked workers inherit the patched module
+    notes = [(f"Call 617-555-{i:04d}.", NoteContext(f"p{i}")) for i in range(40)]
+    t0 = time.monotonic()
+    got = []
+    try:
+        with TextPool(b"k" * 32, workers=2, use_ner=False) as pool:
+            for out in pool.map(notes, batch_size=4):
+                got.append(out)
+    except TextPoolError as exc:
+        print("error:", exc)
+    print("outputs", len(got), "secs", round(time.monotonic() - t0, 1))
+    """
+)
+
+
+def test_a_killed_worker_fails_the_map_instead_of_hanging() -> None:
+    """multiprocessing.Pool waited forever for the batch of a worker the OOM killer took."""
+    out = run_reporting_hangs(KILLED, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("error: a de-identification worker process died"), lines
+    n_out = int(lines[1].split()[1])
+    assert n_out == 8, lines  # the two batches before the lost one, in order, and nothing after

@@ -517,6 +517,12 @@ class TextPool:
     """Worker processes that each load the engine once; ``map`` keeps input order.
 
     Use as a context manager and reuse it for many batches (loading spaCy costs seconds).
+
+    A ``ProcessPoolExecutor``, not ``multiprocessing.Pool``: a Pool whose worker is killed
+    (the OOM killer, a stray SIGKILL) starts a replacement and waits for the lost batch
+    forever, and a killed worker that held the task queue's lock stalls the replacements too.
+    The executor notices the dead process and fails every pending batch with
+    ``BrokenProcessPool``, which :meth:`map` reports as :class:`TextPoolError`.
     """
 
     def __init__(
@@ -529,27 +535,52 @@ class TextPool:
         use_ner: bool = True,
     ):
         import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
         from twin_pipeline.procs import freeze_for_fork
 
         ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+        self.workers = workers
         freeze_for_fork()  # until close: the workers share the parent's pages (spaCy included)
         try:
-            self._pool = ctx.Pool(
-                workers, initializer=_init_worker, initargs=(key, tuple(staff), model, use_ner)
+            self._ex = ProcessPoolExecutor(
+                workers,
+                mp_context=ctx,
+                initializer=_init_worker,
+                initargs=(key, tuple(staff), model, use_ner),
             )
         except BaseException:
             _unfreeze()
             raise
 
     def map(self, items: Iterable[tuple[str, NoteContext]], batch_size: int = 64) -> Iterator[str]:
-        for out in self._pool.imap(_work, _batches(items, batch_size), chunksize=1):
-            yield from out
+        """De-identify ``items`` in order. At most two batches per worker are in flight, so a
+        stream (``twin deid text --jsonl`` reading stdin) is read as it is processed."""
+        from collections import deque
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+
+        window: deque[Future[list[str]]] = deque()
+        ahead = 2 * self.workers
+        try:
+            for batch in _batches(items, batch_size):
+                window.append(self._ex.submit(_work, batch))
+                if len(window) >= ahead:
+                    yield from window.popleft().result()
+            while window:
+                yield from window.popleft().result()
+        except BrokenProcessPool as exc:
+            raise TextPoolError(
+                "a de-identification worker process died (killed, or out of memory); "
+                "no output was written for its batch"
+            ) from exc
+        finally:
+            for fut in window:
+                fut.cancel()
 
     def close(self) -> None:
         try:
-            self._pool.close()
-            self._pool.join()
+            self._ex.shutdown(wait=True)
         finally:
             _unfreeze()
 
@@ -560,11 +591,14 @@ class TextPool:
         if exc_type is None:  # done: let the workers finish and exit on their own
             self.close()
             return
-        try:
-            self._pool.terminate()
-            self._pool.join()
+        try:  # an error: drop the batches not started, wait for the ones running
+            self._ex.shutdown(wait=True, cancel_futures=True)
         finally:
             _unfreeze()
+
+
+class TextPoolError(RuntimeError):
+    """A worker process of a :class:`TextPool` ended before its batch was done."""
 
 
 def _unfreeze() -> None:
