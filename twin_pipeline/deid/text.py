@@ -19,6 +19,7 @@ use; :func:`configure_tldextract_offline` points it at the snapshot bundled with
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import re
@@ -522,7 +523,9 @@ class TextPool:
     (the OOM killer, a stray SIGKILL) starts a replacement and waits for the lost batch
     forever, and a killed worker that held the task queue's lock stalls the replacements too.
     The executor notices the dead process and fails every pending batch with
-    ``BrokenProcessPool``, which :meth:`map` reports as :class:`TextPoolError`.
+    ``BrokenProcessPool``: :meth:`map` then either reports it as :class:`TextPoolError` or,
+    with ``fallback``, de-identifies the lost batches and the rest in this process (the same
+    batches through the same engine: the output is identical), as the DICOM reader does.
     """
 
     def __init__(
@@ -541,42 +544,67 @@ class TextPool:
 
         ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
         self.workers = workers
+        self.fell_back = False  # a worker died and map went on in this process
+        self._args = (key, tuple(staff), model, use_ner)
         freeze_for_fork()  # until close: the workers share the parent's pages (spaCy included)
         try:
             self._ex = ProcessPoolExecutor(
-                workers,
-                mp_context=ctx,
-                initializer=_init_worker,
-                initargs=(key, tuple(staff), model, use_ner),
+                workers, mp_context=ctx, initializer=_init_worker, initargs=self._args
             )
         except BaseException:
             _unfreeze()
             raise
 
-    def map(self, items: Iterable[tuple[str, NoteContext]], batch_size: int = 64) -> Iterator[str]:
+    def map(
+        self,
+        items: Iterable[tuple[str, NoteContext]],
+        batch_size: int = 64,
+        *,
+        fallback: bool = False,
+    ) -> Iterator[str]:
         """De-identify ``items`` in order. At most two batches per worker are in flight, so a
-        stream (``twin deid text --jsonl`` reading stdin) is read as it is processed."""
+        stream (``twin deid text --jsonl`` reading stdin) is read as it is processed. A worker
+        that dies raises :class:`TextPoolError`, or with ``fallback`` the batches not yet
+        returned are de-identified here."""
         from collections import deque
         from concurrent.futures import Future
         from concurrent.futures.process import BrokenProcessPool
 
-        window: deque[Future[list[str]]] = deque()
+        Batch = list[tuple[str, NoteContext]]
+        window: deque[tuple[Batch, Future[list[str]]]] = deque()
+        batches = _batches(items, batch_size)
+        lost: list[Batch] = []
         ahead = 2 * self.workers
         try:
-            for batch in _batches(items, batch_size):
-                window.append(self._ex.submit(_work, batch))
+            for batch in batches:
+                lost = [batch]  # until the pool holds it
+                window.append((batch, self._ex.submit(_work, batch)))
+                lost = []
                 if len(window) >= ahead:
-                    yield from window.popleft().result()
+                    yield from window[0][1].result()
+                    window.popleft()
             while window:
-                yield from window.popleft().result()
+                yield from window[0][1].result()
+                window.popleft()
+            return
         except BrokenProcessPool as exc:
-            raise TextPoolError(
-                "a de-identification worker process died (killed, or out of memory); "
-                "no output was written for its batch"
-            ) from exc
+            if not fallback:
+                raise TextPoolError(
+                    "a de-identification worker process died (killed, or out of memory); "
+                    "no output was written for its batch"
+                ) from exc
+            _log.warning(
+                "a de-identification worker process died (%s); going on in this process", exc
+            )
         finally:
-            for fut in window:
+            for _, fut in window:
                 fut.cancel()
+        self.fell_back = True
+        key, staff, model, use_ner = self._args
+        eng = engine(model, use_ner)
+        eng.set_staff(staff)
+        for batch in itertools.chain((b for b, _ in window), lost, batches):
+            yield from eng.deidentify_batch([t for t, _ in batch], [c for _, c in batch], key)
 
     def close(self) -> None:
         try:
@@ -653,4 +681,4 @@ def deidentify_stream(
         return
     engine(model, use_ner)
     with TextPool(key, workers=workers, staff=staff, model=model, use_ner=use_ner) as pool:
-        yield from pool.map(items, batch_size)
+        yield from pool.map(items, batch_size, fallback=True)
