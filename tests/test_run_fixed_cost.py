@@ -5,11 +5,13 @@ status from the table versions the run recorded (not every table hashed again)."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
 
 from twin_pipeline.defs.runner import dagster_instance, run_pipeline, run_status, step_spans
+from twin_pipeline.keys import KeyRing
 from twin_pipeline.paths import Settings
 from twin_pipeline.store import Store
 
@@ -75,19 +77,28 @@ def test_run_status_equals_a_full_status_after_runs(
         notes_hash = store.content_hash("deid.document_reference")
     second = run_pipeline(landing, twin_home, data_docs=False)  # raw unchanged: older versions
     assert first.success and second.success
-    # The second run took every note's redaction from the text cache: same table, no engine.
-    instance = dagster_instance(twin_home)
-    try:
-        records = instance.fetch_materializations(
-            dg.AssetKey(["deid", "document_reference"]), limit=10
-        ).records
-        md = {ev.run_id: ev.asset_materialization.metadata for ev in records}  # type: ignore[union-attr]
-    finally:
-        instance.dispose()
-    analyzed = md[first.run_id]["texts_analyzed"].value
-    assert isinstance(analyzed, int) and analyzed > 10
-    assert md[first.run_id]["texts_cached"].value == 0
-    assert md[second.run_id]["texts_cached"].value == analyzed
+
+    def deid_metadata(table: str) -> dict[str, Any]:
+        instance = dagster_instance(twin_home)
+        try:
+            records = instance.fetch_materializations(
+                dg.AssetKey(["deid", table]), limit=10
+            ).records
+            return {ev.run_id: ev.asset_materialization.metadata for ev in records}  # type: ignore[union-attr]
+        finally:
+            instance.dispose()
+
+    # The second run kept every released deid table: same inputs, policies, key and code.
+    released = [k.split("/")[1] for k in second.steps_s if k.startswith("deid/")]
+    for table in released:
+        md = deid_metadata(table)
+        if md[first.run_id]["status"].value != "written":  # withheld, or no input
+            continue
+        assert md[second.run_id]["reused"].value is True, table
+        assert md[second.run_id]["reused_from_run"].value == first.run_id, table
+        assert md[first.run_id]["reused"].value is False
+    md = deid_metadata("document_reference")
+    assert "texts_analyzed" not in md[second.run_id]  # nothing was de-identified again
     with Store.open(twin_home) as store:
         assert store.content_hash("deid.document_reference") == notes_hash
         full = store.status()
@@ -99,6 +110,25 @@ def test_run_status_equals_a_full_status_after_runs(
     # Both kinds were there: tables with this run's recorded version, and tables without one.
     assert recorded["harmonized.patient"] == second.run_id
     assert "governance.ledger" not in recorded and "governance.ledger" in full["tables"]
+
+    # Without reuse, every note's redaction comes from the text cache: same table, no engine.
+    monkeypatch.setenv("TWIN_REUSE", "0")
+    again = run_pipeline(landing, twin_home, data_docs=False, selection=["deid/document_reference"])
+    monkeypatch.delenv("TWIN_REUSE")
+    md = deid_metadata("document_reference")
+    analyzed = md[first.run_id]["texts_analyzed"].value
+    assert isinstance(analyzed, int) and analyzed > 10
+    assert md[first.run_id]["texts_cached"].value == 0
+    assert md[again.run_id]["texts_cached"].value == analyzed
+    assert md[again.run_id]["reused"].value is False
+    # A new pseudonym key is a new result: the step runs again and the pseudonyms change.
+    with Store.open(twin_home, read_only=True) as store:
+        before = store.content_hash("deid.patient")
+    KeyRing(twin_home.keys_dir).rotate("pseudonym")
+    rotated = run_pipeline(landing, twin_home, data_docs=False, selection=["deid/patient"])
+    assert rotated.success and deid_metadata("patient")[rotated.run_id]["reused"].value is False
+    with Store.open(twin_home, read_only=True) as store:
+        assert store.content_hash("deid.patient") != before
 
     # A run of a few steps (a watch round) reports the same full status, and hashes only the
     # tables no step records (governance's), not every table the run did not write.

@@ -22,6 +22,7 @@ from twin_pipeline.deid.leaks import leak_check
 from twin_pipeline.deid.policy import DeidPolicy, TableRule, load_policy
 from twin_pipeline.deid.structured import deidentify_table
 from twin_pipeline.errors import PolicyViolation
+from twin_pipeline.reuse import forget, remember, reusable, step_stamp
 from twin_pipeline.store import Store
 
 
@@ -47,7 +48,9 @@ def _reads(table: str, rule: TableRule) -> list[str]:
     if rule.person is not None and rule.person.via_table:
         reads.append(rule.person.via_table)
     if any(c.action == "redact_text" for c in rule.columns.values()):
-        reads += ["patient", "practitioner", "document_reference"]
+        # deny-lists: patients' own identifiers, and staff names from these tables
+        # (deid.context.deny_index_from_store)
+        reads += ["patient", "practitioner", "document_reference", "medication_request"]
     return list(dict.fromkeys(reads))
 
 
@@ -76,23 +79,40 @@ def _deid_asset(table: str, rule: TableRule, upstream: set[dg.AssetKey]) -> dg.A
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         policy = load_policy()
         check: dg.AssetCheckResult | None = None
+        asset_key, out = context.asset_key.to_user_string(), f"deid.{table}"
         with governed_run(context, twin, inputs=[f"harmonized.{t}" for t in reads]) as run:
-            try:
-                result = deidentify_table(run.store, policy, table)
-            except PolicyViolation as exc:
-                raise dg.Failure(description=str(exc)) from exc
-            if result.status == "written":
-                run.outputs(f"deid.{table}")
-            md = result.metadata()
-            if result.status == "skipped":
-                md["skipped"] = result.reason or "missing input"
-            run.meta(**md)
-            if released:
-                # The leak check runs in this step, on this transaction's table (no second
-                # step, no second store open). The table is committed either way, as a
-                # separate check step found it; a failed check fails the step and so
-                # blocks everything downstream of deid.<table>.
-                check = leak_check_result(run.store, policy, table)
+            stamp = step_stamp(run.store, run.record.input_versions) if released else ""
+            kept = reusable(run.store, asset_key, stamp, [out]) if released else None
+            if kept is not None:
+                # Same inputs, policies, key and code as when deid.<table> was written: it is
+                # kept (recorded again, unchanged), and so is its leak check's result.
+                run.outputs(out, changed=False)
+                run.meta(reused=True, reused_from_run=kept["run_id"])
+                remember(run.store, asset_key, stamp, [out], {"leak": kept["leak"]})
+                check = _leak_result(**kept["leak"])
+            else:
+                try:
+                    result = deidentify_table(run.store, policy, table)
+                except PolicyViolation as exc:
+                    raise dg.Failure(description=str(exc)) from exc
+                if result.status == "written":
+                    run.outputs(out)
+                md = result.metadata()
+                if result.status == "skipped":
+                    md["skipped"] = result.reason or "missing input"
+                run.meta(reused=False, **md)
+                if released:
+                    # The leak check runs in this step, on this transaction's table (no second
+                    # step, no second store open). The table is committed either way, as a
+                    # separate check step found it; a failed check fails the step and so
+                    # blocks everything downstream of deid.<table>.
+                    rep = leak_check(run.store, policy, table)
+                    check = _leak_result(rep.passed, rep.checked_columns, rep.hits)
+                    if result.status == "written" and rep.passed:
+                        leak = {"passed": True, "checked_columns": rep.checked_columns, "hits": []}
+                        remember(run.store, asset_key, stamp, [out], {"leak": leak})
+                    else:
+                        forget(run.store, asset_key)
         yield run.result()
         if check is not None:
             yield check
@@ -118,14 +138,18 @@ def _leak_check_spec(table: str) -> dg.AssetCheckSpec:
 def leak_check_result(store: Store, policy: DeidPolicy, table: str) -> dg.AssetCheckResult:
     """The ``deid/<table>:no_raw_identifiers`` evaluation of ``deid.<table>`` in ``store``."""
     rep = leak_check(store, policy, table)
+    return _leak_result(rep.passed, rep.checked_columns, rep.hits)
+
+
+def _leak_result(passed: bool, checked_columns: int, hits: list[str]) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         check_name=LEAK_CHECK,
-        passed=rep.passed,
+        passed=passed,
         severity=dg.AssetCheckSeverity.ERROR,
         metadata={
-            "checked_columns": rep.checked_columns,
-            "hits": len(rep.hits),
-            "where": dg.MetadataValue.json(rep.hits[:20]),
+            "checked_columns": checked_columns,
+            "hits": len(hits),
+            "where": dg.MetadataValue.json(hits[:20]),
         },
     )
 
