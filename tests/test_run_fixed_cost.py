@@ -99,6 +99,29 @@ def test_run_status_equals_a_full_status_after_runs(
         assert md[first.run_id]["reused"].value is False
     md = deid_metadata("document_reference")
     assert "texts_analyzed" not in md[second.run_id]  # nothing was de-identified again
+    # So did the twin graph, reporting what it reported when it was built.
+    instance = dagster_instance(twin_home)
+    try:
+        graph = {
+            ev.run_id: ev.asset_materialization.metadata  # type: ignore[union-attr]
+            for ev in instance.fetch_materializations(
+                dg.AssetKey(["twin", "node"]), limit=10
+            ).records
+        }
+    finally:
+        instance.dispose()
+    assert graph[first.run_id]["reused"].value is False
+    assert graph[second.run_id]["reused"].value is True
+    nodes = graph[first.run_id]["nodes_by_type"].value
+    assert isinstance(nodes, dict) and sum(nodes.values()) > 10
+    assert graph[second.run_id]["nodes_by_type"].value == nodes
+    sim = {
+        ev.run_id: ev.asset_materialization.metadata
+        for ev in _materializations(twin_home, ["twin", "simulation_result"])
+    }  # type: ignore[union-attr]
+    assert sim[first.run_id]["reused"].value is False
+    assert sim[second.run_id]["reused"].value is True
+    assert sim[second.run_id]["sim_id"].value == sim[first.run_id]["sim_id"].value
     with Store.open(twin_home) as store:
         assert store.content_hash("deid.document_reference") == notes_hash
         full = store.status()
@@ -121,6 +144,19 @@ def test_run_status_equals_a_full_status_after_runs(
     assert md[first.run_id]["texts_cached"].value == 0
     assert md[again.run_id]["texts_cached"].value == analyzed
     assert md[again.run_id]["reused"].value is False
+    # A chart that is gone is drawn again: the simulation runs again.
+    charts = sorted(twin_home.reports_dir.glob("simulation-*.png"))
+    assert len(charts) == 1
+    charts[0].unlink()
+    redo = run_pipeline(landing, twin_home, data_docs=False, selection=["twin/simulation_result"])
+    assert redo.success and charts[0].is_file()
+    sim = {
+        ev.run_id: ev.asset_materialization.metadata
+        for ev in _materializations(twin_home, ["twin", "simulation_result"])
+    }  # type: ignore[union-attr]
+    assert sim[redo.run_id]["reused"].value is False
+    assert sim[redo.run_id]["sim_id"].value == sim[first.run_id]["sim_id"].value
+
     # A new pseudonym key is a new result: the step runs again and the pseudonyms change.
     with Store.open(twin_home, read_only=True) as store:
         before = store.content_hash("deid.patient")
@@ -154,6 +190,14 @@ def test_run_status_equals_a_full_status_after_runs(
         assert run_status(store) == third.status
     assert "deid.document_reference" in versioned and "governance.ledger" not in versioned
     assert sorted(hashed) == sorted(set(third.status["tables"]) - versioned)
+
+
+def _materializations(home: Settings, key: list[str]) -> list[Any]:
+    instance = dagster_instance(home)
+    try:
+        return list(instance.fetch_materializations(dg.AssetKey(key), limit=20).records)
+    finally:
+        instance.dispose()
 
 
 def test_building_the_cli_imports_no_heavy_library() -> None:

@@ -14,7 +14,7 @@ Everything inside the ``with`` block commits together with the activity record, 
 import contextlib
 import functools
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +42,7 @@ class GovernedRun:
     _meta: dict[str, Any] = field(default_factory=dict)
     _result: dg.MaterializeResult | None = None
     _unchanged: set[str] = field(default_factory=set)
+    _stamp: str = ""
 
     def outputs(self, *tables: str, changed: bool = True) -> None:
         """Tables this step wrote. ``changed=False``: the step left them as they were (a raw
@@ -56,6 +57,46 @@ class GovernedRun:
 
     def meta(self, **values: Any) -> None:
         self._meta.update(values)
+
+    def reuse(
+        self,
+        *tables: str,
+        extra: dict[str, Any] | None = None,
+        accept: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> dict[str, Any] | None:
+        """Keep ``tables`` as this step last wrote them when nothing it depends on changed
+        (:mod:`twin_pipeline.reuse`: the recorded versions of its inputs, policies, specs,
+        pseudonym key, code, and ``extra``). Then they are recorded again, unchanged, with
+        metadata ``reused``/``reused_from_run``, and what :meth:`keep` saved is returned (the
+        step reports it instead of working); else None, and the step does its work and calls
+        :meth:`keep` when its result may be reused. ``accept(saved)`` false (a file the step
+        made outside the store is gone) means the work is done again."""
+        from twin_pipeline.reuse import remember, reusable, step_stamp
+
+        self._stamp = step_stamp(self.store, self.record.input_versions, extra)
+        kept = reusable(self.store, self.record.asset_key, self._stamp, tables)
+        saved = {k: v for k, v in (kept or {}).items() if k != "run_id"}
+        if kept is None or (accept is not None and not accept(saved)):
+            self.meta(reused=False)
+            return None
+        self.outputs(*tables, changed=False)
+        remember(self.store, self.record.asset_key, self._stamp, tables, saved)
+        self.meta(reused=True, reused_from_run=kept["run_id"])
+        return saved
+
+    def keep(self, *tables: str, saved: dict[str, Any] | None = None) -> None:
+        """After :meth:`reuse` returned None and the step wrote ``tables``: a later run with
+        the same stamp may keep them (``saved``: what it must report again, JSON)."""
+        from twin_pipeline.reuse import remember
+
+        assert self._stamp, "keep() follows reuse()"
+        remember(self.store, self.record.asset_key, self._stamp, tables, saved)
+
+    def forget(self) -> None:
+        """This step's tables are not a result to reuse (a failed check, nothing written)."""
+        from twin_pipeline.reuse import forget
+
+        forget(self.store, self.record.asset_key)
 
     def source_files(self, files: Sequence[dict[str, Any]]) -> None:
         self.record.source_files.extend(files)

@@ -22,7 +22,6 @@ from twin_pipeline.deid.leaks import leak_check
 from twin_pipeline.deid.policy import DeidPolicy, TableRule, load_policy
 from twin_pipeline.deid.structured import deidentify_table
 from twin_pipeline.errors import PolicyViolation
-from twin_pipeline.reuse import forget, remember, reusable, step_stamp
 from twin_pipeline.store import Store
 
 
@@ -79,16 +78,12 @@ def _deid_asset(table: str, rule: TableRule, upstream: set[dg.AssetKey]) -> dg.A
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         policy = load_policy()
         check: dg.AssetCheckResult | None = None
-        asset_key, out = context.asset_key.to_user_string(), f"deid.{table}"
+        out = f"deid.{table}"
         with governed_run(context, twin, inputs=[f"harmonized.{t}" for t in reads]) as run:
-            stamp = step_stamp(run.store, run.record.input_versions) if released else ""
-            kept = reusable(run.store, asset_key, stamp, [out]) if released else None
+            # Same inputs, policies, key and code as when deid.<table> was written: it is kept
+            # (recorded again, unchanged), and so is the leak check it passed.
+            kept = run.reuse(out) if released else None
             if kept is not None:
-                # Same inputs, policies, key and code as when deid.<table> was written: it is
-                # kept (recorded again, unchanged), and so is its leak check's result.
-                run.outputs(out, changed=False)
-                run.meta(reused=True, reused_from_run=kept["run_id"])
-                remember(run.store, asset_key, stamp, [out], {"leak": kept["leak"]})
                 check = _leak_result(**kept["leak"])
             else:
                 try:
@@ -100,7 +95,7 @@ def _deid_asset(table: str, rule: TableRule, upstream: set[dg.AssetKey]) -> dg.A
                 md = result.metadata()
                 if result.status == "skipped":
                     md["skipped"] = result.reason or "missing input"
-                run.meta(reused=False, **md)
+                run.meta(**md)
                 if released:
                     # The leak check runs in this step, on this transaction's table (no second
                     # step, no second store open). The table is committed either way, as a
@@ -110,9 +105,9 @@ def _deid_asset(table: str, rule: TableRule, upstream: set[dg.AssetKey]) -> dg.A
                     check = _leak_result(rep.passed, rep.checked_columns, rep.hits)
                     if result.status == "written" and rep.passed:
                         leak = {"passed": True, "checked_columns": rep.checked_columns, "hits": []}
-                        remember(run.store, asset_key, stamp, [out], {"leak": leak})
+                        run.keep(out, saved={"leak": leak})
                     else:
-                        forget(run.store, asset_key)
+                        run.forget()
         yield run.result()
         if check is not None:
             yield check

@@ -4,17 +4,18 @@ simulation runs (``twin/simulation_result``), each a governed, lineage-recorded 
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
-from twin_pipeline.defs.common import governed_run
+from twin_pipeline.defs.common import GovernedRun, governed_run
 from twin_pipeline.defs.resources import TwinResource
 from twin_pipeline.procs import in_background
 from twin_pipeline.sources import sha256_file
 from twin_pipeline.store import Store
 from twin_pipeline.twin.graph import build_graph, ensure_graph_tables
 from twin_pipeline.twin.model import load_model
-from twin_pipeline.twin.scenario import load_scenario
+from twin_pipeline.twin.scenario import Scenario, load_scenario
 from twin_pipeline.twin.simulate import NOTICE, make_chart, run_simulation, save_result, sim_id
 from twin_pipeline.twin.state import (
     build_device_state,
@@ -71,14 +72,20 @@ def twin_node(context: dg.AssetExecutionContext, twin: TwinResource) -> dg.Mater
     with governed_run(
         context, twin, inputs=model.source_tables(), params={"model_id": model.model_id}
     ) as run:
-        report = build_graph(run.store, model)
-        run.outputs("twin.node", "twin.edge")
-        run.meta(
-            nodes_by_type=dg.MetadataValue.json(report.nodes),
-            edges_by_rel=dg.MetadataValue.json(report.edges),
-            dangling=dg.MetadataValue.json(report.dangling),
-            warnings=dg.MetadataValue.json(report.warnings),
-        )
+        # The graph is a function of the source tables' versions, the model and the code: when
+        # none changed, the graph built then is kept (and its report given again).
+        saved = run.reuse("twin.node", "twin.edge")
+        if saved is None:
+            rep = build_graph(run.store, model)
+            saved = {
+                "nodes_by_type": rep.nodes,
+                "edges_by_rel": rep.edges,
+                "dangling": rep.dangling,
+                "warnings": rep.warnings,
+            }
+            run.outputs("twin.node", "twin.edge")
+            run.keep("twin.node", "twin.edge", saved=saved)
+        run.meta(**{k: dg.MetadataValue.json(v) for k, v in saved.items()})
     return run.result()
 
 
@@ -112,7 +119,7 @@ def twin_edge(
         rows = run.store.con.execute(
             "SELECT rel, count(*) FROM twin.twin.edge GROUP BY rel ORDER BY rel"
         ).fetchall()
-        run.outputs("twin.edge")
+        run.outputs("twin.edge", changed=False)  # twin/node wrote it (and recorded it)
         run.meta(edges_by_rel=dg.MetadataValue.json({r[0]: int(r[1]) for r in rows}))
         # The check runs in this step on this transaction's graph (no step of its own); a
         # failure fails the step, so nothing downstream of twin/edge runs.
@@ -222,42 +229,71 @@ def simulation_result(
                 }
             ]
         )
-        snapshot = "|".join(f"{v.table}:{v.content_hash}" for v in run.record.input_versions)
-        result = run_simulation(
-            run.store,
-            sc,
-            scenario_path=str(path),
-            scenario_sha256=sha,
-            replications=config.replications or None,
-            seed=None if config.seed < 0 else config.seed,
+        # Seeded: the same graph (versions), scenario, settings and code give the same run.
+        outs = ("twin.simulation_run", "twin.simulation_metric")
+        settings = {"replications": config.replications, "seed": config.seed, "chart": config.chart}
+        saved = run.reuse(
+            *outs,
+            extra={"scenario_sha256": sha, **settings},
+            accept=lambda s: not s.get("chart") or Path(s["chart"]).is_file(),
         )
-        run.record.params.update(
-            seed=result["seed"], replications=result["replications"], twin_snapshot=snapshot
-        )
-        sid = sim_id(result, snapshot)
-        chart = None
-        if result.get("status") == "ok":
-            target = config.chart or str(twin.settings().reports_dir / f"simulation-{sid}.png")
-            # Drawn while the run goes on (~2 s, most of it matplotlib); the pipeline runner
-            # waits for it before it returns, and the process cannot exit before it is written.
-            in_background(f"simulation chart {target}", make_chart, result, Path(target))
-            chart = target
-        save_result(run.store, result, snapshot=snapshot, chart=chart)
-        run.record.params["sim_id"] = sid
-        run.outputs("twin.simulation_run", "twin.simulation_metric")
-        run.meta(
-            sim_id=sid,
-            scenario=sc.name,
-            status=result.get("status", ""),
-            historical_throughput=result.get("historical_throughput") or 0.0,
-            baseline_throughput=result.get("baseline_throughput") or 0.0,
-            baseline_error_pct=result.get("baseline_error_pct") or 0.0,
-            scenario_throughput=result.get("scenario_throughput") or 0.0,
-            notice=NOTICE,
-        )
+        if saved is None:
+            saved = _simulate(run, sc, path, sha, config, twin)
+            run.keep(*outs, saved=saved)
+        run.record.params.update(saved["params"])
+        run.meta(**saved["meta"])
         check = baseline_result(run.store)
     yield run.result()
     yield check
+
+
+def _simulate(
+    run: GovernedRun,
+    sc: Scenario,
+    path: Path,
+    sha: str,
+    config: SimulationConfig,
+    twin: TwinResource,
+) -> dict[str, Any]:
+    """Run the scenario on the twin and store the result; what the step reports (JSON)."""
+    snapshot = "|".join(f"{v.table}:{v.content_hash}" for v in run.record.input_versions)
+    result = run_simulation(
+        run.store,
+        sc,
+        scenario_path=str(path),
+        scenario_sha256=sha,
+        replications=config.replications or None,
+        seed=None if config.seed < 0 else config.seed,
+    )
+    sid = sim_id(result, snapshot)
+    chart = None
+    if result.get("status") == "ok":
+        target = config.chart or str(twin.settings().reports_dir / f"simulation-{sid}.png")
+        # Drawn while the run goes on (~2 s, most of it matplotlib); the pipeline runner
+        # waits for it before it returns, and the process cannot exit before it is written.
+        in_background(f"simulation chart {target}", make_chart, result, Path(target))
+        chart = target
+    save_result(run.store, result, snapshot=snapshot, chart=chart)
+    run.outputs("twin.simulation_run", "twin.simulation_metric")
+    return {
+        "chart": chart,
+        "params": {
+            "seed": result["seed"],
+            "replications": result["replications"],
+            "twin_snapshot": snapshot,
+            "sim_id": sid,
+        },
+        "meta": {
+            "sim_id": sid,
+            "scenario": sc.name,
+            "status": result.get("status", ""),
+            "historical_throughput": result.get("historical_throughput") or 0.0,
+            "baseline_throughput": result.get("baseline_throughput") or 0.0,
+            "baseline_error_pct": result.get("baseline_error_pct") or 0.0,
+            "scenario_throughput": result.get("scenario_throughput") or 0.0,
+            "notice": NOTICE,
+        },
+    }
 
 
 def graph_integrity_result(store: Store) -> dg.AssetCheckResult:
