@@ -1,11 +1,13 @@
 """Step reuse: a step run again on exactly what it saw last time keeps what it wrote then.
 
 A de-identification step is a function of its inputs: the harmonized tables it reads (their
-recorded versions), the policies, the pseudonym key and the code. When all of these are what
-they were the last time the step wrote its tables, and those tables are still the versions it
-recorded, the step does not rebuild them: it records them again, unchanged, with the result of
-its checks (a second `twin run` over an unchanged 10,000-patient landing spent ~20 s rebuilding
-identical `deid.*` tables and hashing them).
+recorded versions), the policies, the pseudonym key and the code; so are the twin graph and a
+seeded simulation (of the graph's versions, the scenario and the code). When all of these are
+what they were the last time the step wrote its tables, and those tables are still the
+versions it recorded, the step does not rebuild them: it records them again, unchanged, with
+what it reported then (a second `twin run` over an unchanged 10,000-patient landing spent ~20 s
+rebuilding identical `deid.*` tables and hashing them, and ~7 s on the graph and simulation).
+Steps use it through :meth:`twin_pipeline.defs.common.GovernedRun.reuse`.
 
 The **stamp** is the sha256 of everything the output depends on:
 
