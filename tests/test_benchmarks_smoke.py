@@ -56,6 +56,13 @@ def test_pipeline_bench_writes_the_issue_figures(tmp_path: Path) -> None:
     assert res["peak_pss_step"] is None or res["peak_pss_step"] in res["step_s"]
     # the monitor's own cost is reported (PSS sampled sparingly: it walks page tables)
     assert res["peak_pss_mb"] > 0 and 0 <= res["memory_monitor_cpu_s"] < res["governed_s"]
+    # a second run over the unchanged landing, on the same store
+    rerun = res["rerun"]
+    assert rerun["success"] is True and rerun["wall_s"] > 0
+    assert rerun["ratio_vs_first_run"] == pytest.approx(
+        rerun["wall_s"] / res["governed_s"], abs=0.01
+    )
+    assert "rerun over the unchanged landing" in out.stdout
     # a watch round on the run's store: the dropped file queryable, then taken out again
     watched = res["watch"]
     assert 0 < watched["drop_to_queryable_s"] <= watched["drop_to_round_end_s"]
