@@ -18,7 +18,8 @@ from typing import Any
 
 from twin_pipeline.deid.context import deny_index_from_fhir
 from twin_pipeline.deid.evaluate import i2b2_notes, load_labels, philter_corpus_dir, score
-from twin_pipeline.deid.text import BATCH_SIZE, NoteContext, TextPool, deidentify_stream, engine
+from twin_pipeline.deid.pool import TextPool
+from twin_pipeline.deid.text import BATCH_SIZE, NoteContext, deidentify_stream, engine
 
 KEY = bytes(range(32))
 

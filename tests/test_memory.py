@@ -154,7 +154,8 @@ def test_dicom_pool_frozen_while_it_reads(tmp_path: Path, monkeypatch: pytest.Mo
 def test_text_pool_frozen_while_alive() -> None:
     import gc
 
-    from twin_pipeline.deid.text import NoteContext, TextPool
+    from twin_pipeline.deid.pool import TextPool
+    from twin_pipeline.deid.text import NoteContext
 
     notes = [(f"Call 617-555-{i:04d}.", NoteContext(f"p{i}")) for i in range(8)]
     with TextPool(b"k" * 32, workers=2, use_ner=False) as pool:

@@ -30,7 +30,8 @@ SCRIPT = textwrap.dedent(
     signal.signal(signal.SIGTERM, dagster_like)
     signal.signal(signal.SIGINT, dagster_like)
 
-    from twin_pipeline.deid.text import NoteContext, TextPool
+    from twin_pipeline.deid.pool import TextPool
+    from twin_pipeline.deid.text import NoteContext
 
     key = b"k" * 32
     notes = [(f"Seen by Dr. Alan Smith on 03/04/2021, call 617-555-{i:04d}.", NoteContext(f"p{i}"))
@@ -95,17 +96,18 @@ KILLED = textwrap.dedent(
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
-    from twin_pipeline.deid import text
-    from twin_pipeline.deid.text import NoteContext, TextPool, TextPoolError, deidentify_stream
+    from twin_pipeline.deid import pool as pool_mod
+    from twin_pipeline.deid.pool import TextPool, TextPoolError
+    from twin_pipeline.deid.text import NoteContext, deidentify_stream
 
-    real_work = text._work
+    real_work = pool_mod._work
 
     def work_or_die(batch):
         if batch[0][1].patient == "p8":  # the third batch: its worker is killed
             os.kill(os.getpid(), signal.SIGKILL)
         return real_work(batch)
 
-    text._work = work_or_die  # the forked workers inherit the patched module
+    pool_mod._work = work_or_die  # the forked workers inherit the patched module
     key = b"k" * 32
     notes = [(f"Call 617-555-{i:04d} about Alan Smith.", NoteContext(f"p{i}")) for i in range(40)]
     got = []

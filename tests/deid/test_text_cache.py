@@ -204,3 +204,32 @@ def test_a_new_key_or_engine_invalidates_every_entry(
     after = {d for (d,) in store.con.execute(f"SELECT digest FROM {TEXT_CACHE}").fetchall()}
     assert len(after) == n and not after & before
     assert (_notes(store), store.content_hash("deid.document_reference")) == _fresh(store)
+
+
+def test_the_engine_fingerprint_reads_the_engine_not_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Scheduling batches over processes does not change a redaction: a change to the pool
+    (twin_pipeline.deid.pool) keeps the cache; a change to the engine does not."""
+    import pathlib
+
+    from twin_pipeline.deid import structured
+
+    read: list[str] = []
+    real = pathlib.Path.read_bytes
+
+    def spy(self: pathlib.Path) -> bytes:
+        read.append(self.name)
+        return real(self) + (b"#" if self.name == "text.py" and changed else b"")
+
+    changed = False
+    monkeypatch.setattr(pathlib.Path, "read_bytes", spy)
+    structured.engine_fingerprint.cache_clear()
+    try:
+        before = structured.engine_fingerprint()
+        assert "text.py" in read and "recognizers.py" in read and "pool.py" not in read
+        changed = True
+        structured.engine_fingerprint.cache_clear()
+        assert structured.engine_fingerprint() != before
+    finally:
+        structured.engine_fingerprint.cache_clear()

@@ -174,14 +174,16 @@ def test_pipeline_path_forks_workers_past_the_threshold(
     single = _notes(store)
 
     started: list[int] = []
-    real_pool = text_mod.TextPool
+    from twin_pipeline.deid import pool as pool_mod
+
+    real_pool = pool_mod.TextPool
 
     class SpyPool(real_pool):  # type: ignore[misc,valid-type]
         def __init__(self, key: bytes, *, workers: int = 2, **kw: Any) -> None:
             started.append(workers)
             super().__init__(key, workers=workers, **kw)
 
-    monkeypatch.setattr(text_mod, "TextPool", SpyPool)
+    monkeypatch.setattr(pool_mod, "TextPool", SpyPool)
     monkeypatch.setenv("TWIN_DEID_WORKERS", "2")
     monkeypatch.setattr(text_mod, "POOL_MIN_NOTES", 1000)
     res = deidentify_table(store, policy, "document_reference", text_cache=False)

@@ -19,7 +19,6 @@ use; :func:`configure_tldextract_offline` points it at the snapshot bundled with
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import os
 import re
@@ -479,26 +478,9 @@ def engine(model: str = MODEL, use_ner: bool = True, gate_ner: bool = True) -> T
 
 
 # ----------------------------------------------------------------------------------------------
-# Parallel batches: worker processes each load the engine once.
+# Batches (the worker pool that runs them in parallel is twin_pipeline.deid.pool: outside the
+# engine's fingerprint, so a change to how batches are scheduled keeps cached redactions).
 # ----------------------------------------------------------------------------------------------
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(key: bytes, staff: tuple[str, ...], model: str, use_ner: bool) -> None:
-    from twin_pipeline.procs import worker_init
-
-    worker_init()
-    eng = engine(model, use_ner)
-    eng.set_staff(staff)
-    _WORKER["engine"] = eng
-    _WORKER["key"] = key
-
-
-def _work(batch: list[tuple[str, NoteContext]]) -> list[str]:
-    eng: TextEngine = _WORKER["engine"]
-    texts = [t for t, _ in batch]
-    ctxs = [c for _, c in batch]
-    return eng.deidentify_batch(texts, ctxs, _WORKER["key"])
 
 
 def _batches(
@@ -512,127 +494,6 @@ def _batches(
             buf = []
     if buf:
         yield buf
-
-
-class TextPool:
-    """Worker processes that each load the engine once; ``map`` keeps input order.
-
-    Use as a context manager and reuse it for many batches (loading spaCy costs seconds).
-
-    A ``ProcessPoolExecutor``, not ``multiprocessing.Pool``: a Pool whose worker is killed
-    (the OOM killer, a stray SIGKILL) starts a replacement and waits for the lost batch
-    forever, and a killed worker that held the task queue's lock stalls the replacements too.
-    The executor notices the dead process and fails every pending batch with
-    ``BrokenProcessPool``: :meth:`map` then either reports it as :class:`TextPoolError` or,
-    with ``fallback``, de-identifies the lost batches and the rest in this process (the same
-    batches through the same engine: the output is identical), as the DICOM reader does.
-    """
-
-    def __init__(
-        self,
-        key: bytes,
-        *,
-        workers: int = 2,
-        staff: Sequence[str] = (),
-        model: str = MODEL,
-        use_ner: bool = True,
-    ):
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        from twin_pipeline.procs import freeze_for_fork
-
-        ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
-        self.workers = workers
-        self.fell_back = False  # a worker died and map went on in this process
-        self._args = (key, tuple(staff), model, use_ner)
-        freeze_for_fork()  # until close: the workers share the parent's pages (spaCy included)
-        try:
-            self._ex = ProcessPoolExecutor(
-                workers, mp_context=ctx, initializer=_init_worker, initargs=self._args
-            )
-        except BaseException:
-            _unfreeze()
-            raise
-
-    def map(
-        self,
-        items: Iterable[tuple[str, NoteContext]],
-        batch_size: int = 64,
-        *,
-        fallback: bool = False,
-    ) -> Iterator[str]:
-        """De-identify ``items`` in order. At most two batches per worker are in flight, so a
-        stream (``twin deid text --jsonl`` reading stdin) is read as it is processed. A worker
-        that dies raises :class:`TextPoolError`, or with ``fallback`` the batches not yet
-        returned are de-identified here."""
-        from collections import deque
-        from concurrent.futures import Future
-        from concurrent.futures.process import BrokenProcessPool
-
-        Batch = list[tuple[str, NoteContext]]
-        window: deque[tuple[Batch, Future[list[str]]]] = deque()
-        batches = _batches(items, batch_size)
-        lost: list[Batch] = []
-        ahead = 2 * self.workers
-        try:
-            for batch in batches:
-                lost = [batch]  # until the pool holds it
-                window.append((batch, self._ex.submit(_work, batch)))
-                lost = []
-                if len(window) >= ahead:
-                    yield from window[0][1].result()
-                    window.popleft()
-            while window:
-                yield from window[0][1].result()
-                window.popleft()
-            return
-        except BrokenProcessPool as exc:
-            if not fallback:
-                raise TextPoolError(
-                    "a de-identification worker process died (killed, or out of memory); "
-                    "no output was written for its batch"
-                ) from exc
-            _log.warning(
-                "a de-identification worker process died (%s); going on in this process", exc
-            )
-        finally:
-            for _, fut in window:
-                fut.cancel()
-        self.fell_back = True
-        key, staff, model, use_ner = self._args
-        eng = engine(model, use_ner)
-        eng.set_staff(staff)
-        for batch in itertools.chain((b for b, _ in window), lost, batches):
-            yield from eng.deidentify_batch([t for t, _ in batch], [c for _, c in batch], key)
-
-    def close(self) -> None:
-        try:
-            self._ex.shutdown(wait=True)
-        finally:
-            _unfreeze()
-
-    def __enter__(self) -> TextPool:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:  # done: let the workers finish and exit on their own
-            self.close()
-            return
-        try:  # an error: drop the batches not started, wait for the ones running
-            self._ex.shutdown(wait=True, cancel_futures=True)
-        finally:
-            _unfreeze()
-
-
-class TextPoolError(RuntimeError):
-    """A worker process of a :class:`TextPool` ended before its batch was done."""
-
-
-def _unfreeze() -> None:
-    from twin_pipeline.procs import unfreeze_after_pool
-
-    unfreeze_after_pool()
 
 
 # Below this many notes one process is faster: the pool costs ~0.25 s to start (forked from a
@@ -679,6 +540,8 @@ def deidentify_stream(
         for b in _batches(items, batch_size):
             yield from eng.deidentify_batch([t for t, _ in b], [c for _, c in b], key)
         return
+    from twin_pipeline.deid import pool as pool_mod
+
     engine(model, use_ner)
-    with TextPool(key, workers=workers, staff=staff, model=model, use_ner=use_ner) as pool:
+    with pool_mod.TextPool(key, workers=workers, staff=staff, model=model, use_ner=use_ner) as pool:
         yield from pool.map(items, batch_size, fallback=True)
