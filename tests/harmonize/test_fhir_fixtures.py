@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -268,6 +269,56 @@ def test_bundle_files_in_the_pool_give_identical_tables(
         env.run()
     finally:
         fhir_source.shutdown_pool()
+    assert env.hashes() == loaded.hashes()
+    assert env.quarantine() == loaded.quarantine()
+
+
+_DIE_ONCE: dict[str, Any] = {}
+
+
+def _die_once(arg: Any) -> Any:
+    """In a forked pool worker, the first call kills its own process (a module-level function:
+    the pool sends it by name)."""
+    import os
+    import signal
+
+    if os.getpid() != _DIE_ONCE["parent"] and not _DIE_ONCE["marker"].exists():
+        _DIE_ONCE["marker"].touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _DIE_ONCE["real"](arg)
+
+
+@pytest.mark.parametrize("path", ["lines", "bundles"])
+def test_a_killed_validation_worker_loses_nothing(
+    path: str, loaded: Ehr, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool worker killed mid-load (the OOM killer, a SIGKILL): its records are validated
+    in the step's process. Before, the NDJSON path failed the step (BrokenProcessPool) and a
+    Bundle file was quarantined as "could not be validated": bad data it was not."""
+    import os
+
+    from twin_pipeline.sources import fhir as fhir_source
+
+    marker = tmp_path / "killed"
+    target = "_process_texts" if path == "lines" else "_prepare_file"
+    monkeypatch.setitem(_DIE_ONCE, "parent", os.getpid())
+    monkeypatch.setitem(_DIE_ONCE, "marker", marker)
+    monkeypatch.setitem(_DIE_ONCE, "real", getattr(fhir_source, target))
+    monkeypatch.setattr(fhir_source, target, _die_once)  # the forked workers inherit it
+    monkeypatch.setattr(fhir_source, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(fhir_source, "PARALLEL_MIN_BYTES", 1 if path == "bundles" else 1 << 40)
+    monkeypatch.setattr(fhir_source, "CHUNK", 3)
+    monkeypatch.setattr(fhir_source, "PRIME_PER_FILE", 1)
+    monkeypatch.setenv("TWIN_FHIR_WORKERS", "2")
+    fhir_source.reset_validation()
+    env = private_env(tmp_path)
+    env.copy_fixtures()
+    try:
+        with pytest.warns(UserWarning, match="validation worker process died"):
+            env.run()
+    finally:
+        fhir_source.shutdown_pool()
+    assert marker.exists()  # a worker was killed
     assert env.hashes() == loaded.hashes()
     assert env.quarantine() == loaded.quarantine()
 

@@ -31,6 +31,7 @@ import time
 import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -334,6 +335,20 @@ def _pool(workers: int) -> Executor:
         freeze_for_fork()  # until shutdown_pool: the workers share the parent's pages
         _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init)
     return _POOL
+
+
+def _pool_broke() -> None:
+    """A worker of the pool died: say so once, and let the next chunk start a new pool (the
+    batches the broken one held are checked in this process by the caller)."""
+    import warnings
+
+    if _POOL is not None:
+        warnings.warn(
+            "a FHIR validation worker process died (killed, or out of memory); its records "
+            "are validated in this process",
+            stacklevel=3,
+        )
+        shutdown_pool()
 
 
 def shutdown_pool() -> None:
@@ -842,8 +857,12 @@ class FhirReader(SourceReader):
                 rows = []
         for rel, fut in futures.items():
             try:
-                batch = fut.result()
-            except Exception as exc:  # a worker died: the file is quarantined, not lost
+                try:
+                    batch = fut.result()
+                except BrokenProcessPool:  # a worker died (killed, out of memory): read it here
+                    _pool_broke()
+                    batch = _prepare_file(next(x for x in whole if x.rel == rel))
+            except Exception as exc:  # it cannot be read at all: quarantined, not lost
                 f = next(x for x in whole if x.rel == rel)
                 batch = _FileBatch(f, [_Rec("file", 0, "", None, problem=(
                     "validation_failed", f"file could not be validated: {exc!r}"))])  # fmt: skip
@@ -1108,7 +1127,12 @@ def _check_stream(batches: list[_FileBatch], workers: int) -> Iterator[list[_Fil
         return
     done = 0
     for end, (fut, part) in pending:
-        decide(0, fut.result(), part)
+        try:
+            checked = fut.result()
+        except BrokenProcessPool:  # a worker died (killed, out of memory): check them here
+            _pool_broke()
+            checked = _process_texts([texts[i] for i in part])
+        decide(0, checked, part)
         ready = []
         while done < len(batches) and last[done] < end:
             ready.append(batches[done])
