@@ -78,47 +78,25 @@ def test_run_status_equals_a_full_status_after_runs(
     second = run_pipeline(landing, twin_home, data_docs=False)  # raw unchanged: older versions
     assert first.success and second.success
 
-    def deid_metadata(table: str) -> dict[str, Any]:
-        instance = dagster_instance(twin_home)
-        try:
-            records = instance.fetch_materializations(
-                dg.AssetKey(["deid", table]), limit=10
-            ).records
-            return {ev.run_id: ev.asset_materialization.metadata for ev in records}  # type: ignore[union-attr]
-        finally:
-            instance.dispose()
-
     # The second run kept every released deid table: same inputs, policies, key and code.
     released = [k.split("/")[1] for k in second.steps_s if k.startswith("deid/")]
     for table in released:
-        md = deid_metadata(table)
+        md = _metadata_by_run(twin_home, ["deid", table])
         if md[first.run_id]["status"].value != "written":  # withheld, or no input
             continue
         assert md[second.run_id]["reused"].value is True, table
         assert md[second.run_id]["reused_from_run"].value == first.run_id, table
         assert md[first.run_id]["reused"].value is False
-    md = deid_metadata("document_reference")
+    md = _metadata_by_run(twin_home, ["deid", "document_reference"])
     assert "texts_analyzed" not in md[second.run_id]  # nothing was de-identified again
     # So did the twin graph, reporting what it reported when it was built.
-    instance = dagster_instance(twin_home)
-    try:
-        graph = {
-            ev.run_id: ev.asset_materialization.metadata  # type: ignore[union-attr]
-            for ev in instance.fetch_materializations(
-                dg.AssetKey(["twin", "node"]), limit=10
-            ).records
-        }
-    finally:
-        instance.dispose()
+    graph = _metadata_by_run(twin_home, ["twin", "node"])
     assert graph[first.run_id]["reused"].value is False
     assert graph[second.run_id]["reused"].value is True
     nodes = graph[first.run_id]["nodes_by_type"].value
     assert isinstance(nodes, dict) and sum(nodes.values()) > 10
     assert graph[second.run_id]["nodes_by_type"].value == nodes
-    sim = {
-        ev.run_id: ev.asset_materialization.metadata
-        for ev in _materializations(twin_home, ["twin", "simulation_result"])
-    }  # type: ignore[union-attr]
+    sim = _metadata_by_run(twin_home, ["twin", "simulation_result"])
     assert sim[first.run_id]["reused"].value is False
     assert sim[second.run_id]["reused"].value is True
     assert sim[second.run_id]["sim_id"].value == sim[first.run_id]["sim_id"].value
@@ -138,7 +116,7 @@ def test_run_status_equals_a_full_status_after_runs(
     monkeypatch.setenv("TWIN_REUSE", "0")
     again = run_pipeline(landing, twin_home, data_docs=False, selection=["deid/document_reference"])
     monkeypatch.delenv("TWIN_REUSE")
-    md = deid_metadata("document_reference")
+    md = _metadata_by_run(twin_home, ["deid", "document_reference"])
     analyzed = md[first.run_id]["texts_analyzed"].value
     assert isinstance(analyzed, int) and analyzed > 10
     assert md[first.run_id]["texts_cached"].value == 0
@@ -150,10 +128,7 @@ def test_run_status_equals_a_full_status_after_runs(
     charts[0].unlink()
     redo = run_pipeline(landing, twin_home, data_docs=False, selection=["twin/simulation_result"])
     assert redo.success and charts[0].is_file()
-    sim = {
-        ev.run_id: ev.asset_materialization.metadata
-        for ev in _materializations(twin_home, ["twin", "simulation_result"])
-    }  # type: ignore[union-attr]
+    sim = _metadata_by_run(twin_home, ["twin", "simulation_result"])
     assert sim[redo.run_id]["reused"].value is False
     assert sim[redo.run_id]["sim_id"].value == sim[first.run_id]["sim_id"].value
 
@@ -162,7 +137,11 @@ def test_run_status_equals_a_full_status_after_runs(
         before = store.content_hash("deid.patient")
     KeyRing(twin_home.keys_dir).rotate("pseudonym")
     rotated = run_pipeline(landing, twin_home, data_docs=False, selection=["deid/patient"])
-    assert rotated.success and deid_metadata("patient")[rotated.run_id]["reused"].value is False
+    assert (
+        rotated.success
+        and _metadata_by_run(twin_home, ["deid", "patient"])[rotated.run_id]["reused"].value
+        is False
+    )
     with Store.open(twin_home, read_only=True) as store:
         assert store.content_hash("deid.patient") != before
 
@@ -192,10 +171,12 @@ def test_run_status_equals_a_full_status_after_runs(
     assert sorted(hashed) == sorted(set(third.status["tables"]) - versioned)
 
 
-def _materializations(home: Settings, key: list[str]) -> list[Any]:
+def _metadata_by_run(home: Settings, key: list[str]) -> dict[str, Any]:
+    """run id -> materialization metadata of asset ``key`` (its last 20 materializations)."""
     instance = dagster_instance(home)
     try:
-        return list(instance.fetch_materializations(dg.AssetKey(key), limit=20).records)
+        records = instance.fetch_materializations(dg.AssetKey(key), limit=20).records
+        return {ev.run_id: ev.asset_materialization.metadata for ev in records}  # type: ignore[union-attr]
     finally:
         instance.dispose()
 

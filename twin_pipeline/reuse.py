@@ -32,7 +32,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -86,15 +86,22 @@ def code_fingerprint() -> str:
 
 
 def step_stamp(
-    store: Store, inputs: Sequence[TableVersion], extra: dict[str, Any] | None = None
+    store: Store,
+    inputs: Sequence[TableVersion],
+    extra: dict[str, Any] | None = None,
+    *,
+    policies: Mapping[str, str] | None = None,
+    keys: Mapping[str, str] | None = None,
 ) -> str:
-    """The stamp of a step reading ``inputs`` now (see the module docstring)."""
+    """The stamp of a step reading ``inputs`` now (see the module docstring). ``policies`` and
+    ``keys``: the versions in force, when the caller has them already (the activity record
+    carries both); read here otherwise."""
+    policies = policy_versions() if policies is None else policies
+    keys = key_versions(store.settings.keys_dir) if keys is None else keys
     parts = {
         "inputs": sorted((tv.table, tv.rows, tv.content_hash) for tv in inputs),
-        "policies": {
-            k: v for k, v in sorted(policy_versions().items()) if k not in ACCESS_POLICIES
-        },
-        "key": key_versions(store.settings.keys_dir).get("pseudonym"),
+        "policies": {k: v for k, v in sorted(policies.items()) if k not in ACCESS_POLICIES},
+        "key": keys.get("pseudonym"),
         "code": code_fingerprint(),
         "scheme": store.content_hash_scheme(),
         "extra": extra or {},

@@ -26,6 +26,8 @@ from twin_pipeline.activity import (
     TableVersion,
     code_version,
     input_versions,
+    key_versions,
+    policy_versions,
     record_activity,
     table_versions,
 )
@@ -73,8 +75,20 @@ class GovernedRun:
         made outside the store is gone) means the work is done again."""
         from twin_pipeline.reuse import remember, reusable, step_stamp
 
-        self._stamp = step_stamp(self.store, self.record.input_versions, extra)
-        kept = reusable(self.store, self.record.asset_key, self._stamp, tables)
+        rec = self.record
+        # The versions in force, read once: the stamp uses them and record_activity keeps them.
+        if not rec.policy_versions:
+            rec.policy_versions = policy_versions()
+        if not rec.key_versions:
+            rec.key_versions = key_versions(self.store.settings.keys_dir)
+        self._stamp = step_stamp(
+            self.store,
+            rec.input_versions,
+            extra,
+            policies=rec.policy_versions,
+            keys=rec.key_versions,
+        )
+        kept = reusable(self.store, rec.asset_key, self._stamp, tables)
         saved = {k: v for k, v in (kept or {}).items() if k != "run_id"}
         if kept is None or (accept is not None and not accept(saved)):
             self.meta(reused=False)

@@ -15,7 +15,14 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from twin_pipeline.deid.text import MODEL, NoteContext, TextEngine, _batches, engine
+from twin_pipeline.deid.text import (
+    MODEL,
+    NoteContext,
+    TextEngine,
+    _batches,
+    deidentify_batches,
+    engine,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -127,10 +134,13 @@ class TextPool:
                 fut.cancel()
         self.fell_back = True
         key, staff, model, use_ner = self._args
-        eng = engine(model, use_ner)
-        eng.set_staff(staff)
-        for batch in itertools.chain((b for b, _ in window), lost, batches):
-            yield from eng.deidentify_batch([t for t, _ in batch], [c for _, c in batch], key)
+        yield from deidentify_batches(
+            itertools.chain((b for b, _ in window), lost, batches),
+            key,
+            staff=staff,
+            model=model,
+            use_ner=use_ner,
+        )
 
     def close(self) -> None:
         try:

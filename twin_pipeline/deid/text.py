@@ -496,6 +496,22 @@ def _batches(
         yield buf
 
 
+def deidentify_batches(
+    batches: Iterable[list[tuple[str, NoteContext]]],
+    key: bytes,
+    *,
+    staff: Sequence[str] = (),
+    model: str = MODEL,
+    use_ner: bool = True,
+) -> Iterator[str]:
+    """De-identify batches in this process, in order (the one-process way, and what a worker
+    pool falls back to when a worker dies)."""
+    eng = engine(model, use_ner)
+    eng.set_staff(staff)
+    for b in batches:
+        yield from eng.deidentify_batch([t for t, _ in b], [c for _, c in b], key)
+
+
 # Below this many notes one process is faster: the pool costs ~0.25 s to start (forked from a
 # parent that already holds the engine) and two processes gain ~0.0023 s a note (313 vs 183
 # notes/s, benchmarks/bench_deid.py), so the break-even is ~110 notes.
@@ -535,10 +551,9 @@ def deidentify_stream(
     once, so the workers inherit it instead of each loading spaCy again.
     """
     if workers <= 1:
-        eng = engine(model, use_ner)
-        eng.set_staff(staff)
-        for b in _batches(items, batch_size):
-            yield from eng.deidentify_batch([t for t, _ in b], [c for _, c in b], key)
+        yield from deidentify_batches(
+            _batches(items, batch_size), key, staff=staff, model=model, use_ner=use_ner
+        )
         return
     from twin_pipeline.deid import pool as pool_mod
 
