@@ -13,6 +13,7 @@ import pytest
 from twin_pipeline.defs.runner import dagster_instance, run_pipeline, run_status, step_spans
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.paths import Settings
+from twin_pipeline.procs import usable_cores
 from twin_pipeline.store import Store
 
 pytestmark = pytest.mark.slow  # runs the whole pipeline: scheduled first (conftest)
@@ -37,6 +38,12 @@ def test_runs_recorded_through_pooled_connections_read_back_whole(
         assert ph["between_steps"] == pytest.approx(
             ph["execute"] - sum(summary.steps_s.values()), abs=0.01
         )
+        # and the CPU each governed step cost: asset steps only, never more than every core
+        # busy for the whole run
+        cpu = summary.steps_cpu_s
+        assert len(cpu) > 20 and set(cpu) <= set(summary.steps_s)
+        assert all(v >= 0 for v in cpu.values()) and "raw/fhir" in cpu
+        assert sum(cpu.values()) <= summary.wall_s * usable_cores() + 2
 
     # A step's commit used to be checkpointed when the step let go of the store, leaving a row
     # group (and a 256 KB block) per step in the keyed governance tables. A run now keeps the

@@ -80,6 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     "failures": summary.failures,
                     "steps_s": summary.steps_s,
                     "phases_s": summary.phases_s,
+                    "steps_cpu_s": summary.steps_cpu_s,
                     "status": summary.status,
                 },
                 indent=2,

@@ -37,6 +37,9 @@ class RunSummary:
     # events (reading the run's events), record (run row, Data Docs started), finalize
     # (signed PROV bundle, OpenLineage), status, compact, docs_wait, background_wait.
     phases_s: dict[str, float] = field(default_factory=dict)
+    # CPU seconds of each governed asset step (the pipeline process's threads and the worker
+    # processes the step waited for), from its materialization's ``cpu_s``.
+    steps_cpu_s: dict[str, float] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -354,4 +357,7 @@ def run_pipeline(
         phase("background_wait")
     # The steps' own spans are part of "execute"; the rest of it is Dagster's work between them.
     phases["between_steps"] = round(max(0.0, phases["execute"] - sum(steps.values())), 4)
-    return RunSummary(result.run_id, result.success, wall, status, mats, failures, steps, phases)
+    cpu = {k: float(m["cpu_s"]) for k, m in mats.items() if "cpu_s" in m}
+    return RunSummary(
+        result.run_id, result.success, wall, status, mats, failures, steps, phases, cpu
+    )
