@@ -27,6 +27,7 @@ from typing import Any
 
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.paths import Settings
+from twin_pipeline.procs import cpu_seconds
 from twin_pipeline.store import Store
 
 METRICS = (
@@ -35,15 +36,6 @@ METRICS = (
     ("MDC_RESP_RATE", "/min", 10, 30),
     ("MDC_PRESS_BLD_NONINV_SYS", "mm[Hg]", 90, 160),
 )
-
-
-def _cpu() -> float:
-    """CPU seconds of this process (all its threads, DuckDB's included) and its finished
-    children (the DICOM worker pool): the machine is shared, so wall time alone misleads."""
-    import resource
-
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + kids.ru_utime + kids.ru_stime
 
 
 def _home(root: Path, name: str) -> Settings:
@@ -109,14 +101,14 @@ def bench_telemetry(work: Path, readings: int) -> dict[str, Any]:
     # Baseline: plain DuckDB load into the same kind of (encrypted) store.
     base = _home(work, "home_plain")
     with Store.open(base) as store:
-        t0, c0 = time.perf_counter(), _cpu()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         with store.transaction() as con:
             con.execute(
                 f"CREATE TABLE raw.plain AS SELECT * FROM read_json({ndjson}, "
                 f"format='newline_delimited', columns={cols}) "
                 f"UNION ALL SELECT * FROM read_csv({csv}, header=true, columns={cols})"
             )
-        plain_s, plain_cpu = time.perf_counter() - t0, _cpu() - c0
+        plain_s, plain_cpu = time.perf_counter() - t0, cpu_seconds() - c0
         (plain_rows,) = store.con.execute("SELECT count(*) FROM raw.plain").fetchone() or (0,)
     # Ours.
     ours = _home(work, "home_ours")
@@ -124,15 +116,15 @@ def bench_telemetry(work: Path, readings: int) -> dict[str, Any]:
     found, _ = discover(landing, readers)
     steps: dict[str, tuple[float, float]] = {}
     with Store.open(ours) as store:
-        t0, c0 = time.perf_counter(), _cpu()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         res = ingest_files(store, readers["telemetry"], [f for f in found if f.kind == "telemetry"])
-        steps["raw"] = (time.perf_counter() - t0, _cpu() - c0)
+        steps["raw"] = (time.perf_counter() - t0, cpu_seconds() - c0)
         h = T.harmonize_readings(store)
-        steps["harmonize"] = (time.perf_counter() - t0, _cpu() - c0)
+        steps["harmonize"] = (time.perf_counter() - t0, cpu_seconds() - c0)
         T.build_minutes(store)
         T.build_gaps(store)
-        steps["aggregates"] = (time.perf_counter() - t0, _cpu() - c0)
-        ours_s, ours_cpu = time.perf_counter() - t0, _cpu() - c0
+        steps["aggregates"] = (time.perf_counter() - t0, cpu_seconds() - c0)
+        ours_s, ours_cpu = time.perf_counter() - t0, cpu_seconds() - c0
     assert res.stats.loaded == n == plain_rows, (res.stats.loaded, n, plain_rows)
     # Each step's own share (the cumulative marks above, differenced).
     prev, own = (0.0, 0.0), {}
@@ -202,10 +194,10 @@ def bench_dicom(work: Path, n_files: int) -> dict[str, Any]:
     paths = sorted(pacs.iterdir())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t0, c0 = time.perf_counter(), _cpu()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         for p in paths:
             pydicom.dcmread(p, stop_before_pixels=True)
-        base_s, base_cpu = time.perf_counter() - t0, _cpu() - c0
+        base_s, base_cpu = time.perf_counter() - t0, cpu_seconds() - c0
     readers = load_readers()
     found, _ = discover(landing, readers)
 
@@ -217,9 +209,9 @@ def bench_dicom(work: Path, n_files: int) -> dict[str, Any]:
         D.clear_cache()
         try:
             with Store.open(home) as store:
-                t0, c0 = time.perf_counter(), _cpu()
+                t0, c0 = time.perf_counter(), cpu_seconds()
                 res = ingest_files(store, readers["dicom"], found)
-                spent = time.perf_counter() - t0, _cpu() - c0
+                spent = time.perf_counter() - t0, cpu_seconds() - c0
                 rows = store.row_count(D.TABLE)
         finally:
             if workers is not None:
@@ -241,17 +233,17 @@ def bench_dicom(work: Path, n_files: int) -> dict[str, Any]:
             if "data_store" in p and Path(p).suffix.lower() not in (".json", ".txt", ".gz")
         ]
         D.clear_cache()
-        c0 = _cpu()
+        c0 = cpu_seconds()
         for p in varied:
             D._read_one(p, f"pacs/{p.name}")
-        varied_ours = _cpu() - c0
-        c0 = _cpu()
+        varied_ours = cpu_seconds() - c0
+        c0 = cpu_seconds()
         for p in varied:
             try:
                 pydicom.dcmread(p, stop_before_pixels=True)
             except Exception:  # a file pydicom cannot read costs what it cost
                 continue
-        varied_base = _cpu() - c0
+        varied_base = cpu_seconds() - c0
     out = {
         "files": n_files,
         "ours_s": round(ours_s, 3),

@@ -40,6 +40,7 @@ from twin_pipeline.generate import generate_hospital
 from twin_pipeline.generate.vocab import GENERATOR_VERSION
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.paths import Settings
+from twin_pipeline.procs import cpu_seconds
 from twin_pipeline.quality import gx as gxa
 from twin_pipeline.quality import load_suites, run_suite
 from twin_pipeline.quality.catalog import Catalog
@@ -64,13 +65,6 @@ def _selection() -> list[str]:
     )
 
 
-def _cpu() -> float:
-    """CPU seconds of this process (all threads) and of its reaped children."""
-    own = time.process_time()
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own + kids.ru_utime + kids.ru_stime
-
-
 class CpuSampler:
     """Samples (wall clock, process CPU) every ``interval`` seconds in a thread, so the CPU
     spent between two wall times (Dagster's step start and end events) can be read back."""
@@ -84,7 +78,7 @@ class CpuSampler:
 
     def _sample(self) -> None:
         self.walls.append(time.time())
-        self.cpus.append(_cpu())
+        self.cpus.append(cpu_seconds())
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -254,13 +248,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows = {s.table: store.row_count(s.table) for s in suites if catalog.exists(s.table)}
         result["rows_validated"] = sum(rows.values())
         for engine in engines:
-            c0, w0 = _cpu(), time.perf_counter()
+            c0, w0 = cpu_seconds(), time.perf_counter()
             for s in suites:
                 if s.table in rows:
                     run_suite(
                         store, s, quarantine=False, record=False, engine=engine, catalog=catalog
                     )
-            wall, cpu = time.perf_counter() - w0, _cpu() - c0
+            wall, cpu = time.perf_counter() - w0, cpu_seconds() - c0
             result[f"library_{engine}_s"] = round(wall, 3)
             result[f"library_{engine}_cpu_s"] = round(cpu, 3)
             result[f"ratio_library_{engine}_cpu"] = _ratio(cpu, harm_cpu)
