@@ -206,18 +206,30 @@ def httpfs_extension_path() -> Path:
 DEFAULT_MEMORY_LIMIT = "1GB"
 
 
+#: The time zone of every store connection (see :func:`configure_connection`).
+STORE_TIMEZONE = "UTC"
+
+
 def memory_limit() -> str:
     """DuckDB's buffer-pool cap for a connection of this process (``TWIN_MEMORY_LIMIT``)."""
     return os.environ.get("TWIN_MEMORY_LIMIT", DEFAULT_MEMORY_LIMIT).replace("'", "")
 
 
 def configure_connection(con: duckdb.DuckDBPyConnection, settings: Settings) -> None:
-    """Memory cap and spill location of a store connection.
+    """Time zone, memory cap and spill location of a store connection.
+
+    The time zone is UTC for the connection and every cursor made from it, whatever the
+    machine's: DuckDB otherwise takes the process's zone (``TZ``) for each session, and a
+    ``TIMESTAMPTZ`` cast to a date or a local timestamp cast to an instant gave another
+    table on a machine in another zone (the scanners' "as-of day", the imaging studies'
+    series times). Code that reads times in another zone sets it for its own statements
+    (the telemetry reader, for offsets-less timestamps) and puts it back.
 
     DuckDB would otherwise take 80% of the machine's memory and spill into ``./.tmp`` of the
     working directory in plain text. Spill files go to ``TWIN_HOME/spill`` (created private)
     and are encrypted, as the store is. ``TWIN_MEMORY_LIMIT`` (default 1GB) bounds DuckDB's
     buffer pool per process, so a 10k-patient run stays within a laptop's memory."""
+    con.execute(f"SET GLOBAL TimeZone = '{STORE_TIMEZONE}'")
     spill = settings.spill_dir
     spill.mkdir(mode=0o700, exist_ok=True)
     limit = memory_limit()
