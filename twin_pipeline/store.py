@@ -223,7 +223,7 @@ def configure_connection(con: duckdb.DuckDBPyConnection, settings: Settings) -> 
     ``TIMESTAMPTZ`` cast to a date or a local timestamp cast to an instant gave another
     table on a machine in another zone (the scanners' "as-of day", the imaging studies'
     series times). Code that reads times in another zone sets it for its own statements
-    (the telemetry reader, for offsets-less timestamps) and puts it back.
+    (the telemetry reader, for timestamps without an offset) and puts it back.
 
     DuckDB would otherwise take 80% of the machine's memory and spill into ``./.tmp`` of the
     working directory in plain text. Spill files go to ``TWIN_HOME/spill`` (created private)
