@@ -19,10 +19,9 @@ from twin_pipeline import defs as defs_pkg
 from twin_pipeline.defs.common import governed_run
 from twin_pipeline.defs.resources import TwinResource
 from twin_pipeline.deid.leaks import leak_check
-from twin_pipeline.deid.policy import DeidPolicy, TableRule, load_policy
+from twin_pipeline.deid.policy import TableRule, load_policy
 from twin_pipeline.deid.structured import deidentify_table
 from twin_pipeline.errors import PolicyViolation
-from twin_pipeline.store import Store
 
 
 def _upstream_keys() -> set[dg.AssetKey]:
@@ -130,13 +129,9 @@ def _leak_check_spec(table: str) -> dg.AssetCheckSpec:
     )
 
 
-def leak_check_result(store: Store, policy: DeidPolicy, table: str) -> dg.AssetCheckResult:
-    """The ``deid/<table>:no_raw_identifiers`` evaluation of ``deid.<table>`` in ``store``."""
-    rep = leak_check(store, policy, table)
-    return _leak_result(rep.passed, rep.checked_columns, rep.hits)
-
-
 def _leak_result(passed: bool, checked_columns: int, hits: list[str]) -> dg.AssetCheckResult:
+    """The ``deid/<table>:no_raw_identifiers`` evaluation, from a leak check made now or kept
+    with a reused table."""
     return dg.AssetCheckResult(
         check_name=LEAK_CHECK,
         passed=passed,
