@@ -36,6 +36,7 @@ from typing import Any
 import duckdb
 
 from twin_pipeline.paths import SHARED_DATA_DIR, Settings
+from twin_pipeline.procs import children_cpu_seconds
 
 
 def _dataset(workdir: Path, patients: int) -> Path:
@@ -112,13 +113,6 @@ def _plain(files: list[Path], db: Path) -> tuple[float, float, int]:
 _PLAIN_COMMITTED: dict[Path, float] = {}  # the plain load's time before its CHECKPOINT
 
 
-def _children_cpu() -> float:
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 def _warm_process() -> float:
     """Import what any first load in a process imports (seconds): not part of a load."""
     t0 = time.perf_counter()
@@ -149,7 +143,7 @@ def _governed(landing: Path, home: Path, *, harmonize: bool = True) -> dict[str,
     with Store.open(settings) as store:
         t_open = time.perf_counter()
         c_open = time.process_time()
-        w_open = _children_cpu()
+        w_open = children_cpu_seconds()
         result = ingest_files(store, reader, files)
         t_committed = time.perf_counter()
         # on disk and compressed, as the plain load is (DuckDB checkpoints by itself only
@@ -157,7 +151,7 @@ def _governed(landing: Path, home: Path, *, harmonize: bool = True) -> dict[str,
         store.con.execute("CHECKPOINT")
         t_ingest = time.perf_counter()
         c_ingest = time.process_time()
-        w_ingest = _children_cpu()  # the validation pool ends with the load: its CPU counts
+        w_ingest = children_cpu_seconds()  # the validation pool ends with the load: its CPU counts
         profile = dict(fhir_reader.LAST_PROFILE)
         validation = fhir_reader.validation_stats()
         if harmonize:

@@ -30,7 +30,7 @@ import psutil
 from twin_pipeline.generate import generate_hospital
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.paths import Settings
-from twin_pipeline.procs import cpu_seconds
+from twin_pipeline.procs import children_cpu_seconds, cpu_seconds
 
 FREE_TEXT_MARKERS = ("deid/document_reference",)
 
@@ -108,7 +108,7 @@ def governed_run(landing: Path, home: Path) -> tuple[dict[str, Any], float, floa
     KeyRing(settings.keys_dir).init(if_missing=True)
     env = {**os.environ, "TWIN_HOME": str(home)}
     t0 = time.perf_counter()
-    c0 = cpu_seconds() - time.process_time()  # this process's children only
+    c0 = children_cpu_seconds()
     proc = subprocess.Popen(
         [sys.executable, "-m", "twin_pipeline", "run", "--landing", str(landing), "--json"],
         env=env,
@@ -163,7 +163,7 @@ def governed_run(landing: Path, home: Path) -> tuple[dict[str, Any], float, floa
         raise RuntimeError(f"twin run failed ({proc.returncode}): {err[-2000:]}")
     summary: dict[str, Any] = json.loads(out)
     # the run and every process it waited for (its pools' workers, the Data Docs renderer)
-    summary["cpu_s"] = cpu_seconds() - time.process_time() - c0
+    summary["cpu_s"] = children_cpu_seconds() - c0
     summary["peak_pss_step"] = _step_at(settings, summary["run_id"], peak_at)
     summary["monitor_cpu_s"] = round(monitor_cpu, 2)
     if not summary["success"]:

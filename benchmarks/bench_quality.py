@@ -23,7 +23,6 @@ import argparse
 import bisect
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from twin_pipeline.generate import generate_hospital
 from twin_pipeline.generate.vocab import GENERATOR_VERSION
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.paths import Settings
-from twin_pipeline.procs import cpu_seconds
+from twin_pipeline.procs import children_cpu_seconds, cpu_seconds
 from twin_pipeline.quality import gx as gxa
 from twin_pipeline.quality import load_suites, run_suite
 from twin_pipeline.quality.catalog import Catalog
@@ -202,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     env = {**os.environ, "TWIN_HOME": str(settings.home)}
-    kids0, w0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    kids0, w0 = children_cpu_seconds(), time.perf_counter()
     docs = subprocess.run(
         [sys.executable, "-m", "twin_pipeline", "quality", "docs"],
         capture_output=True,
@@ -210,8 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         check=False,
         env=env,
     )
-    kids1, docs_wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - w0
-    docs_cpu = (kids1.ru_utime + kids1.ru_stime) - (kids0.ru_utime + kids0.ru_stime)
+    docs_cpu, docs_wall = children_cpu_seconds() - kids0, time.perf_counter() - w0
     result["data_docs_ok"] = docs.returncode == 0 and "rendered" in docs.stdout
     result["data_docs_s"] = round(docs_wall, 3)
     result["data_docs_cpu_s"] = round(docs_cpu, 3)

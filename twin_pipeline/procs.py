@@ -27,14 +27,19 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_seconds() -> float:
-    """CPU seconds (user + system) of this process, all its threads (DuckDB's included), plus
-    those of its child processes that have ended and been waited for (a pool's workers once
-    the pool is shut down, and theirs in turn)."""
+def children_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process's child processes that have ended and been
+    waited for (a pool's workers once the pool is shut down, and theirs in turn)."""
     import resource
 
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + kids.ru_utime + kids.ru_stime
+    return kids.ru_utime + kids.ru_stime
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process, all its threads (DuckDB's included), plus
+    :func:`children_cpu_seconds`."""
+    return time.process_time() + children_cpu_seconds()
 
 
 # How often a worker checks that the process that started it is still there (seconds).
