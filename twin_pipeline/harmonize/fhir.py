@@ -64,7 +64,6 @@ class TableStats:
 
 def _macros(store: Store) -> None:
     con = store.con
-    con.execute("SET TimeZone = 'UTC'")
     con.execute(
         "CREATE OR REPLACE TEMP MACRO fhir_ts(s) AS TRY_CAST(CASE WHEN length(s) = 4 "
         "THEN s || '-01-01' WHEN length(s) = 7 THEN s || '-01' ELSE s END AS TIMESTAMPTZ)"
