@@ -855,15 +855,14 @@ class FhirReader(SourceReader):
             if len(rows) >= FLUSH_ROWS:
                 _insert(store, rows)
                 rows = []
-        for rel, fut in futures.items():
+        for f in whole:  # the files sent to the pool, in order
             try:
                 try:
-                    batch = fut.result()
+                    batch = futures[f.rel].result()
                 except BrokenProcessPool:  # a worker died (killed, out of memory): read it here
                     _pool_broke()
-                    batch = _prepare_file(next(x for x in whole if x.rel == rel))
+                    batch = _prepare_file(f)
             except Exception as exc:  # it cannot be read at all: quarantined, not lost
-                f = next(x for x in whole if x.rel == rel)
                 batch = _FileBatch(f, [_Rec("file", 0, "", None, problem=(
                     "validation_failed", f"file could not be validated: {exc!r}"))])  # fmt: skip
             self._rows(batch, stats, rows, quarantine)
