@@ -505,6 +505,23 @@ def position_lineage_key(file_sha256: str, position: str) -> str:
     return f"{file_sha256[:20]}/{position}"
 
 
+def _scan_source(
+    fq: str, columns: Sequence[tuple[str, str]], where: str = ""
+) -> tuple[str, str]:
+    """(``WITH`` clause, relation) for a content hash to read the rows of ``fq`` from.
+
+    Rows a transaction wrote itself (a step hashing the table it just built, before the commit
+    that records it) are scanned on one thread (duckdb/duckdb#18074); so is all the per-row
+    work in the same pipeline (the row's JSON text, its md5). Copying the rows first (a
+    materialized CTE: the copy is cheap) lets that work run on every thread: ~30% less time
+    for 1.9M telemetry rows on two cores, and the same for committed rows. Not for a table
+    with a ``JSON`` column (the FHIR payloads): the copy would hold them all in memory."""
+    names = ", ".join(f'"{c}"' for c, _ in columns)
+    if any(t == "JSON" for _, t in columns):
+        return "", f"{fq} {where}".rstrip()
+    return f"WITH __rows AS MATERIALIZED (SELECT {names} FROM {fq} {where}) ", "__rows"
+
+
 def fully_qualified(qualified: str) -> str:
     """``schema.table`` with the catalog in front: ``twin.node`` alone is ambiguous, because the
     catalog and one of its schemas are both named ``twin``."""
@@ -895,8 +912,9 @@ class Store:
         # The sorted digests stream to Arrow and are hashed here: the same value as DuckDB's
         # sha256(string_agg(h, '' ORDER BY h)) (tested), ~20% less time at 10k patients, as
         # the ordered aggregate runs on one thread.
+        with_rows, rows = _scan_source(fully_qualified(qualified), columns)
         reader = self.con.execute(
-            f"SELECT md5({text}) AS h FROM {fully_qualified(qualified)} ORDER BY h"
+            f"{with_rows}SELECT md5({text}) AS h FROM {rows} ORDER BY h"
         ).fetch_record_batch(1 << 20)
         digest = hashlib.sha256()
         for batch in reader:
@@ -935,9 +953,10 @@ class Store:
                 ).fetchall()
             }
         if not known:  # nothing to reuse (a table just built): one pass does it all
+            with_rows, src = _scan_source(fq, columns)
             rows = self.con.execute(
-                f"SELECT g, {checksum}, {digest} FROM (SELECT {group} AS g, md5({text}) AS h, "
-                f"{names} FROM {fq}) GROUP BY g"
+                f"{with_rows}SELECT g, {checksum}, {digest} FROM (SELECT {group} AS g, "
+                f"md5({text}) AS h, {names} FROM {src}) GROUP BY g"
             ).fetchall()
             current = {g: (int(n), str(ck)) for g, n, ck, _ in rows}
             digests = fresh = {g: str(d) for g, _, _, d in rows}
@@ -956,10 +975,11 @@ class Store:
             if todo:
                 where = f"WHERE {group} IN (SELECT unnest(?::VARCHAR[]))"
                 where += f" OR {group} IS NULL" if None in todo else ""
+                with_rows, src = _scan_source(fq, columns, where)
                 fresh = dict(
                     self.con.execute(
-                        f"SELECT g, {digest} FROM (SELECT {group} AS g, md5({text}) AS h "
-                        f"FROM {fq} {where}) GROUP BY g",
+                        f"{with_rows}SELECT g, {digest} FROM (SELECT {group} AS g, md5({text}) "
+                        f"AS h FROM {src}) GROUP BY g",
                         [[g for g in todo if g is not None]],
                     ).fetchall()
                 )
