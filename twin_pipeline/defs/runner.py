@@ -328,17 +328,15 @@ def run_pipeline(
             from twin_pipeline.lineage.runs import finalize_run
 
             phase("record")
-            # (its OpenLineage events are written in a thread meanwhile: waited for below)
-            with background_allowed():
-                finalize_run(
-                    store,
-                    result.run_id,
-                    failures={
-                        str(ev.step_key).replace("__", "/"): ev.event_specific_data.error.message  # type: ignore[union-attr]
-                        for ev in result.all_events
-                        if ev.is_step_failure
-                    },
-                )
+            finalize_run(
+                store,
+                result.run_id,
+                failures={
+                    str(ev.step_key).replace("__", "/"): ev.event_specific_data.error.message  # type: ignore[union-attr]
+                    for ev in result.all_events
+                    if ev.is_step_failure
+                },
+            )
             phase("finalize")
             status = run_status(store)
             phase("status")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -40,14 +39,12 @@ from twin_pipeline import __version__
 from twin_pipeline.activity import activities
 from twin_pipeline.lineage import policy_columns
 from twin_pipeline.paths import Settings
-from twin_pipeline.procs import in_background
 from twin_pipeline.store import CATALOG, Store
 
 NAMESPACE = "twin-pipeline"
 PARENT_JOB = "twin_all"
 PRODUCER = f"https://github.com/twin-pipeline/twin-pipeline/tree/{__version__}"
 DATASET_NAMESPACE = "duckdb://twin"
-log = logging.getLogger(__name__)
 
 
 def events_path_for(settings: Settings, run_id: str) -> Path:
@@ -288,34 +285,20 @@ def client_for(path: Path) -> OpenLineageClient:
 
 
 def emit_run(store: Store, run_id: str, *, failures: Mapping[str, str] | None = None) -> int:
-    """Write the run's events (replacing any earlier file of the run); returns how many.
-
-    What the events are made of is read from the store now. Building and writing them (~1.7 s
-    for a 10k-patient run, most of it the client's serializer, with one input dataset per
-    source file) happens in a thread when a pipeline runner waits for it
-    (:func:`~twin_pipeline.procs.in_background`): meanwhile the runner reports the store's
-    status and compacts it. Anywhere else, now."""
+    """Write the run's events (replacing any earlier file of the run); returns how many."""
     path = events_path(store, run_id)
-    records = list(activities(store, run_id))
+    path.unlink(missing_ok=True)
+    client = client_for(path)
     files = _file_locations(store)
     cat = Catalog(store)
-    failed = dict(failures or {})
-
-    def write() -> None:
-        try:
-            path.unlink(missing_ok=True)
-            client = client_for(path)
-            for rec in records:
-                client.emit(event_for(store, rec, files, cat))
-            for asset_key, message in failed.items():
-                client.emit(fail_event(run_id, asset_key, message))
-        except OSError as exc:
-            # The signed PROV bundle is the record; OpenLineage files are a courtesy export, so
-            # a full disk here is logged, not allowed to fail a run that already committed.
-            log.warning("OpenLineage events of run %s not written: %s", run_id, exc)
-
-    in_background(f"OpenLineage events of run {run_id}", write)
-    return len(records) + len(failed)
+    n = 0
+    for rec in activities(store, run_id):
+        client.emit(event_for(store, rec, files, cat))
+        n += 1
+    for asset_key, message in (failures or {}).items():
+        client.emit(fail_event(run_id, asset_key, message))
+        n += 1
+    return n
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

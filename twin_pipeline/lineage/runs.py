@@ -11,6 +11,7 @@ run's OpenLineage events. Runs left open by a crash are closed by the next final
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,6 +23,8 @@ from twin_pipeline.activity import ActivityRecord, activities
 from twin_pipeline.keys import KeyRing
 from twin_pipeline.lineage import prov_build, storage
 from twin_pipeline.store import Store
+
+log = logging.getLogger(__name__)
 
 DDL = """
 CREATE TABLE IF NOT EXISTS governance.prov_activity (
@@ -133,7 +136,13 @@ def finalize_run(
     if emit_openlineage:
         from twin_pipeline.lineage import openlineage
 
-        for rid in earlier:
-            openlineage.emit_run(store, rid)
-        events = openlineage.emit_run(store, run_id, failures=failures)
+        # The signed bundle is the record; OpenLineage files are a courtesy export, so a full
+        # disk here is logged, not allowed to fail a run that already committed.
+        try:
+            for rid in earlier:
+                openlineage.emit_run(store, rid)
+            events = openlineage.emit_run(store, run_id, failures=failures)
+        except OSError as exc:
+            log.warning("OpenLineage events of run %s not written: %s", run_id, exc)
+            events = -1
     return FinalizeResult(run_id, row.sha256, row.key_version, n_acts, earlier, events)
