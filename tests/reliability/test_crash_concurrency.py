@@ -61,8 +61,9 @@ def _start_run(home: Path, landing: Path, stderr: int = subprocess.PIPE) -> subp
 
 
 def _status(home: Path) -> dict[str, dict[str, object]]:
+    """Every table hashed from its rows (``--verify``), not the versions steps recorded."""
     out = subprocess.run(
-        [sys.executable, "-m", "twin_pipeline", "status", "--json"],
+        [sys.executable, "-m", "twin_pipeline", "status", "--json", "--verify"],
         capture_output=True,
         text=True,
         env=_env(home),
