@@ -505,9 +505,7 @@ def position_lineage_key(file_sha256: str, position: str) -> str:
     return f"{file_sha256[:20]}/{position}"
 
 
-def _scan_source(
-    fq: str, columns: Sequence[tuple[str, str]], where: str = ""
-) -> tuple[str, str]:
+def _scan_source(fq: str, columns: Sequence[tuple[str, str]], where: str = "") -> tuple[str, str]:
     """(``WITH`` clause, relation) for a content hash to read the rows of ``fq`` from.
 
     Rows a transaction wrote itself (a step hashing the table it just built, before the commit

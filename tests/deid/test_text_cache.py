@@ -233,3 +233,38 @@ def test_the_engine_fingerprint_reads_the_engine_not_the_pool(
         assert structured.engine_fingerprint() != before
     finally:
         structured.engine_fingerprint.cache_clear()
+
+
+def test_the_deny_index_is_reused_until_what_it_is_read_from_changes(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The text steps of a run share one deny index (built once); any change to the rows it
+    is read from (same row count) builds it again, and each caller gets its own copy."""
+    from twin_pipeline.deid import context
+
+    built: list[int] = []
+    real = context._build_index
+
+    def counting(con: Any) -> context.DenyIndex:
+        built.append(1)
+        return real(con)
+
+    monkeypatch.setattr(context, "_build_index", counting)
+    monkeypatch.setattr(context, "_LAST", None)
+    first = context.deny_index_from_store(store.con)
+    second = context.deny_index_from_store(store.con)
+    assert len(built) == 1 and first == second and first is not second
+    first.staff.add("Not A Clinician")  # a caller's copy is its own
+    assert "Not A Clinician" not in context.deny_index_from_store(store.con).staff
+    patient = next(iter(first.patients))
+    store.con.execute(
+        "UPDATE harmonized.patient SET family_name = 'Quintavalle' WHERE patient_id = ?", [patient]
+    )
+    third = context.deny_index_from_store(store.con)
+    assert len(built) == 2 and "Quintavalle" in third.for_patient(patient).names
+    store.con.execute(
+        "UPDATE harmonized.document_reference SET author_display = 'Ada Okonkwo-Lind, MD' "
+        "WHERE rowid = (SELECT min(rowid) FROM harmonized.document_reference)"
+    )
+    assert any("Okonkwo-Lind" in s for s in context.deny_index_from_store(store.con).staff)
+    assert len(built) == 3
