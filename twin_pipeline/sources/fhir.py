@@ -866,6 +866,10 @@ class FhirReader(SourceReader):
                 batch = _FileBatch(f, [_Rec("file", 0, "", None, problem=(
                     "validation_failed", f"file could not be validated: {exc!r}"))])  # fmt: skip
             self._rows(batch, stats, rows, quarantine)
+            # inserted while the pool still checks the next files, not all after it is done
+            if len(rows) >= FLUSH_ROWS:
+                _insert(store, rows)
+                rows = []
         t2, c2 = time.perf_counter(), time.process_time()
         _insert(store, rows)
         store.quarantine(quarantine)
