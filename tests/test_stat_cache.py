@@ -137,3 +137,48 @@ def test_one_walk_per_run_sees_the_landing_once_and_skips_reopening(
     opened.clear()
     scan(land, readers, kinds=())
     assert sorted(opened) == ["Patient.ndjson", "a.ndjson", "b.ndjson"]
+
+
+def test_hashing_on_threads_gives_the_one_thread_result(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large files are hashed on every core: same files, order, digests and sizes as on one
+    thread, a file that cannot be read among them still reported (not skipped, not fatal),
+    and the stat cache filled the same way."""
+    import hashlib
+    import os
+
+    import twin_pipeline.sources as S
+
+    land = tmp_path / "landing"
+    (land / "ehr" / "bulk").mkdir(parents=True)
+    blobs = {}
+    for i in range(6):
+        data = os.urandom(300_000 + i)
+        blobs[f"ehr/bulk/Observation-{i}.ndjson"] = data
+        (land / "ehr" / "bulk" / f"Observation-{i}.ndjson").write_bytes(data)
+    bad = "ehr/bulk/Observation-3.ndjson"
+    real = S.sha256_file
+
+    def failing(path, chunk=1 << 20):  # type: ignore[no-untyped-def]
+        if path.name == "Observation-3.ndjson":
+            raise OSError(5, "Input/output error")
+        return real(path, chunk)
+
+    monkeypatch.setattr(S, "sha256_file", failing)
+    monkeypatch.setattr(S, "HASH_THREADS_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(S, "usable_cores", lambda: 3)
+    readers = S.load_readers()
+    runs = {}
+    for name, min_file in (("one", 1 << 40), ("threads", 1 << 10)):
+        monkeypatch.setattr(S, "HASH_THREADS_MIN_FILE_BYTES", min_file)
+        cache = StatCache({})
+        s = S.scan(land, readers, kinds={"fhir"}, cache=cache)
+        runs[name] = ([(f.rel, f.sha256, f.size) for f in s.found], s.unreadable, cache.fresh)
+    assert runs["one"] == runs["threads"]
+    found, unreadable, fresh = runs["threads"]
+    assert unreadable == {bad: "cannot read file: Input/output error"}
+    assert [r for r, _, _ in found] == [r for r in sorted(blobs) if r != bad]
+    for rel, digest, size in found:
+        assert digest == hashlib.sha256(blobs[rel]).hexdigest() and size == len(blobs[rel])
+    assert len(fresh) == len(found) == 5

@@ -14,11 +14,13 @@ import os
 import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from twin_pipeline.errors import ConfigError
+from twin_pipeline.procs import usable_cores
 from twin_pipeline.store import Store
 
 # Files in a landing folder that are not source data (generator side files).
@@ -254,6 +256,7 @@ def scan(
         raise ConfigError("landing folder does not exist", path=str(landing))
     result = Scan([], [], {})
     read = _RUN_VIEW.read if _RUN_VIEW is not None else None
+    todo: list[tuple[str, Path, str, os.DirEntry[str]]] = []  # files to hash, in walk order
     for rel, entry in _walk_once(landing, result.unreadable):
         name = entry.name
         if name in IGNORED_NAMES or name.startswith("."):
@@ -271,24 +274,61 @@ def scan(
         if kind is None:
             result.unclaimed.append(rel)
             continue
-        try:
-            if kinds is not None and kind not in kinds:
-                # the readability sweep (unclaimed_files): open, do not hash
-                if not kinds and (read is None or entry.path not in read):
+        if kinds is not None and kind not in kinds:
+            # the readability sweep (unclaimed_files): open, do not hash
+            if not kinds and (read is None or entry.path not in read):
+                try:
                     with path.open("rb") as fh:
                         fh.read(1)
-                continue
-            if cache is not None:
-                digest, size, fresh = cache.sha256_read(path)
-            else:
-                digest, size, fresh = sha256_file(path), path.stat().st_size, True
-            if fresh and read is not None:
-                read.add(entry.path)
-        except OSError as exc:
-            result.unreadable[rel] = f"cannot read file: {exc.strerror or exc}"
+                except OSError as exc:
+                    result.unreadable[rel] = f"cannot read file: {exc.strerror or exc}"
             continue
+        todo.append((rel, path, kind, entry))
+    for (rel, path, kind, entry), done in zip(todo, _hash_all(todo, cache), strict=True):
+        if isinstance(done, OSError):
+            result.unreadable[rel] = f"cannot read file: {done.strerror or done}"
+            continue
+        digest, size, fresh = done
+        if fresh and read is not None:
+            read.add(entry.path)
         result.found.append(SourceFile(path, rel, kind, digest, size))
     return result
+
+
+#: Bytes to hash, and bytes per file, before a scan spreads the files over threads (the reads
+#: and OpenSSL's sha256 run without the GIL). A 10k-patient landing: its 511 EHR files (537 MB)
+#: 0.94 -> 0.49 s on two cores; its 20,293 DICOM files (1.6 kB each) 0.65 -> 1.41 s, so small
+#: files stay on one thread.
+HASH_THREADS_MIN_BYTES = 16 << 20
+HASH_THREADS_MIN_FILE_BYTES = 64 << 10
+
+
+def _hash_all(
+    todo: Sequence[tuple[str, Path, str, os.DirEntry[str]]], cache: StatCache | None
+) -> list[tuple[str, int, bool] | OSError]:
+    """(sha256, size, read now) of each file, in order, or the error reading it."""
+
+    def one(item: tuple[str, Path, str, os.DirEntry[str]]) -> tuple[str, int, bool] | OSError:
+        path = item[1]
+        try:
+            if cache is not None:
+                return cache.sha256_read(path)
+            return sha256_file(path), path.stat().st_size, True
+        except OSError as exc:
+            return exc
+
+    threads = min(usable_cores(), len(todo))
+    if threads > 1:
+        size = 0
+        for item in todo:
+            with contextlib.suppress(OSError):
+                size += item[3].stat().st_size
+        if size < HASH_THREADS_MIN_BYTES or size < HASH_THREADS_MIN_FILE_BYTES * len(todo):
+            threads = 1
+    if threads <= 1:
+        return [one(item) for item in todo]
+    with ThreadPoolExecutor(threads, thread_name_prefix="twin-sha256") as pool:
+        return list(pool.map(one, todo))
 
 
 def walk_landing(landing: Path, unreadable: dict[str, str]) -> list[tuple[str, os.DirEntry[str]]]:
