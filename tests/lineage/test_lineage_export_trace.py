@@ -179,3 +179,53 @@ def test_column_map_follows_the_deid_policy() -> None:
     assert m["birth_year"] == ("birth_date", "generalize to year")
     assert m["gender"] == ("gender", None)
     assert m["lineage_key"] == ("lineage_key", None)
+
+
+def test_events_are_written_as_the_openlineage_client_serializes_them(built: Built) -> None:
+    """Our event writer's text is openlineage-python's own ``Serde.to_json``, for every event
+    of the runs and for one with the values its serializer treats specially."""
+    from openlineage.client.event_v2 import InputDataset, Job, Run, RunEvent, RunState
+    from openlineage.client.facet_v2 import dataset_version_dataset, schema_dataset
+    from openlineage.client.serde import Serde
+
+    from twin_pipeline.activity import activities
+
+    with Store.open(built.settings, read_only=True) as store:
+        files = openlineage._file_locations(store)
+        cat = openlineage.Catalog(store)
+        events = [
+            openlineage.event_for(store, rec, files, cat)
+            for rid in built.run_ids
+            for rec in activities(store, rid)
+        ]
+    events.append(openlineage.fail_event(built.run_ids[0], "raw/x", "boom"))
+    events.append(
+        RunEvent(
+            eventType=RunState.RUNNING,
+            eventTime="2024-03-09T12:00:00+00:00",
+            run=Run(runId="0190e5c2-5a0b-7cc9-8b84-a1f0f1b1d5c3", facets={}),
+            job=Job(namespace="ns", name="j", facets=None),
+            inputs=[
+                InputDataset(
+                    namespace="file",
+                    name="a b/ü.ndjson",
+                    facets={
+                        "schema": schema_dataset.SchemaDatasetFacet(
+                            fields=[
+                                schema_dataset.SchemaDatasetFacetFields(name="x", type=None),
+                                schema_dataset.SchemaDatasetFacetFields(name="y", type="INT"),
+                            ]
+                        ),
+                        "version": dataset_version_dataset.DatasetVersionDatasetFacet(
+                            datasetVersion="v1"
+                        ),
+                    },
+                )
+            ],
+            outputs=[],
+            producer=openlineage.PRODUCER,
+        )
+    )
+    assert len(events) >= 10
+    for event in events:
+        assert openlineage.to_json(event) == Serde.to_json(event)
