@@ -229,3 +229,20 @@ def test_events_are_written_as_the_openlineage_client_serializes_them(built: Bui
     assert len(events) >= 10
     for event in events:
         assert openlineage.to_json(event) == Serde.to_json(event)
+
+
+def test_an_events_file_that_cannot_be_written_is_logged_not_fatal(
+    built_copy: Built, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The signed PROV bundle is the record; the OpenLineage file is an export. A write that
+    fails (here a folder where the file goes) is a warning and the run still finalizes."""
+    from twin_pipeline.lineage.runs import finalize_run
+
+    rid = built_copy.run_ids[-1]
+    path = openlineage.events_path_for(built_copy.settings, rid)
+    path.unlink()
+    path.mkdir()
+    with Store.open(built_copy.settings) as store:
+        result = finalize_run(store, rid)
+    assert result.openlineage_events == -1 and result.activities == 4
+    assert f"OpenLineage events of run {rid} not written" in caplog.text
