@@ -288,3 +288,24 @@ def test_rows_removed_by_quality_quarantine_still_balance(
     assert main(["status", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["conservation"]["fhir"] == {"files": 1, "balanced": 1, "unbalanced": []}
+
+
+def test_without_versions_the_later_record_of_a_file_and_the_later_file_win(ehr_env: Ehr) -> None:
+    """Arrival order is the files' registration, then their path, then the record's place in
+    its file: the same resource twice in one file, and again in two files of one run."""
+    ehr_env.ndjson(
+        "ehr/a/Patient.ndjson",
+        [patient("p1", None, None, "First"), patient("p1", None, None, "Second")],
+    )
+    ehr_env.ndjson("ehr/b/Patient.ndjson", [patient("p2", None, None, "B1")])
+    ehr_env.ndjson("ehr/c/Patient.ndjson", [patient("p2", None, None, "C1")])
+    ehr_env.run()
+    assert ehr_env.rows("SELECT patient_id, family_name FROM harmonized.patient ORDER BY 1") == [
+        ("p1", "Second"),
+        ("p2", "C1"),
+    ]
+    hist = ehr_env.rows(
+        "SELECT resource_id, json_extract_string(payload, '$.name[0].family') "
+        "FROM harmonized.fhir_history ORDER BY 1"
+    )
+    assert hist == [("p1", "First"), ("p2", "B1")]

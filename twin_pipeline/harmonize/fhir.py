@@ -158,10 +158,13 @@ def build_versions(store: Store, *, force: bool = False) -> dict[str, int]:
                r.resource_type, r.resource_id, r.version_id, r.last_updated, r.full_url,
                coalesce(r.request_method = 'DELETE', false) AS is_delete,
                TRY_CAST(r.version_id AS BIGINT) AS vnum,
-               sf.first_seen,
-               dense_rank() OVER (ORDER BY sf.first_seen NULLS FIRST, r.source_file,
-                                  r.ordinal) AS arrival
-        FROM {RAW} r LEFT JOIN governance.source_file sf ON sf.path = r.source_file
+               f.first_seen, (f.file_rank << 32) + r.ordinal AS arrival
+        FROM {RAW} r LEFT JOIN (
+            SELECT s.path, sf.first_seen,
+                   row_number() OVER (ORDER BY sf.first_seen NULLS FIRST, s.path) AS file_rank
+            FROM (SELECT DISTINCT source_file AS path FROM {RAW}) s
+            LEFT JOIN governance.source_file sf ON sf.path = s.path
+        ) f ON f.path = r.source_file
         WHERE r.resource_type IS NOT NULL AND r.resource_id IS NOT NULL
     """)
     # Newest version first; among equal versions the content that arrived last; among exact
@@ -172,6 +175,7 @@ def build_versions(store: Store, *, force: bool = False) -> dict[str, int]:
     )
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE _fhir_ranked AS
+        WITH _fhir_raw_m AS MATERIALIZED (FROM _fhir_raw WHERE NOT is_delete)
         SELECT *,
                row_number() OVER (PARTITION BY resource_type, resource_id ORDER BY {order}) AS rk,
                row_number() OVER (PARTITION BY resource_type, resource_id, record_hash
@@ -182,7 +186,7 @@ def build_versions(store: Store, *, force: bool = False) -> dict[str, int]:
                                            record_hash) AS hash_last_arrival,
                      row_number() OVER (PARTITION BY resource_type, resource_id, record_hash
                                         ORDER BY arrival) = 1 AS hash_first
-              FROM _fhir_raw WHERE NOT is_delete)
+              FROM _fhir_raw_m)
     """)
     # A DELETE applies when it is newer than the current version: a later lastUpdated, or,
     # without one, a later arrival.
