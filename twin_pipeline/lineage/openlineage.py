@@ -287,13 +287,9 @@ def _plain(obj: Any) -> Any:
     cls = type(obj)
     if cls is str or cls is int or cls is float or cls is bool or obj is None:
         return obj
-    if cls is dict:
-        return {k: pv for k, v in obj.items() if (pv := _plain(v)) is not None}
-    if cls is list:
-        return [pv for v in obj if v is not None and (pv := _plain(v)) is not None and pv != {}]
-    names = _ATTRS_FIELDS.get(cls)
-    if names is None and attr.has(cls):
-        names = _ATTRS_FIELDS[cls] = tuple(a.name for a in attr.fields(cls))
+    names = _FIELDS.get(cls, _UNSEEN)
+    if names is _UNSEEN:  # each class is asked once whether it is an attrs class
+        names = _FIELDS[cls] = tuple(a.name for a in attr.fields(cls)) if attr.has(cls) else None
     if names is not None:
         out = {}
         for name in names:
@@ -308,7 +304,8 @@ def _plain(obj: Any) -> Any:
     return Serde.remove_nulls_and_enums(obj)
 
 
-_ATTRS_FIELDS: dict[type, tuple[str, ...]] = {}
+_FIELDS: dict[type, Any] = {}  # class -> its attrs field names, or None: not an attrs class
+_UNSEEN = object()
 
 
 def to_json(event: Any) -> str:
