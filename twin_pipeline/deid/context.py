@@ -213,11 +213,7 @@ def deny_index_from_store(con: Any) -> DenyIndex:
 
 def _build_index(con: Any) -> DenyIndex:
     idx = DenyIndex()
-
-    def cols(table: str) -> set[str]:
-        return _columns(con, table)
-
-    pc = cols("patient")
+    pc = _columns(con, "patient")
     if {"patient_id", "family_name", "given_name"} <= pc:
         wanted = list(_SOURCES[0][1])
         sel = ", ".join(f"CAST({c} AS VARCHAR)" if c in pc else "NULL" for c in wanted)
@@ -239,12 +235,12 @@ def _build_index(con: Any) -> DenyIndex:
         ("practitioner", "name"),
         ("practitioner", "display"),
     ):
-        if col in cols(table):
+        if col in _columns(con, table):
             for (v,) in con.execute(
                 f"SELECT DISTINCT {col} FROM harmonized.{table} WHERE {col} IS NOT NULL"
             ).fetchall():
                 idx.staff.add(staff_name(str(v)))
-    pr = cols("practitioner")
+    pr = _columns(con, "practitioner")
     if {"family_name", "given_name"} <= pr:
         for g, f in con.execute(
             "SELECT given_name, family_name FROM harmonized.practitioner"
