@@ -157,14 +157,20 @@ def test_a_v2_store_with_recorded_versions_stays_v2(twin_home: Settings) -> None
         assert store.content_hash("raw.t") == v2
 
 
-@pytest.mark.parametrize("json_column", [False, True])
+@pytest.mark.parametrize(
+    ("json_column", "copy_max_rows"), [(False, 10**9), (True, 10**9), (False, 100)]
+)
 def test_a_table_hashed_inside_the_transaction_that_wrote_it_hashes_as_committed(
-    twin_home: Settings, json_column: bool
+    twin_home: Settings, monkeypatch: pytest.MonkeyPatch, json_column: bool, copy_max_rows: int
 ) -> None:
     """A step hashes what it wrote before its transaction commits: those rows are read through
-    a copy (so the per-row digests run on every thread), except for a table with a JSON column.
-    Either way the hash is the one the committed table gets, for a table hashed per file (v3)
-    and one hashed whole (v2), and the one the SQL definition gives."""
+    a copy (so the per-row digests run on every thread), except for a table with a JSON column
+    or more rows than the copy is allowed. Either way the hash is the one the committed table
+    gets, for a table hashed per file (v3) and one hashed whole (v2), and the one the SQL
+    definition gives."""
+    import twin_pipeline.store as store_module
+
+    monkeypatch.setattr(store_module, "HASH_COPY_MAX_ROWS", copy_max_rows)
     extra = ", doc JSON" if json_column else ""
     doc = ", json_object('k', range)" if json_column else ""
     with Store.open(twin_home) as s:

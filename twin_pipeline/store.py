@@ -505,17 +505,26 @@ def position_lineage_key(file_sha256: str, position: str) -> str:
     return f"{file_sha256[:20]}/{position}"
 
 
-def _scan_source(fq: str, columns: Sequence[tuple[str, str]], where: str = "") -> tuple[str, str]:
-    """(``WITH`` clause, relation) for a content hash to read the rows of ``fq`` from.
+#: Rows up to which a content hash reads a table through a copy (:func:`_scan_source`): the
+#: copy of 1.86 M telemetry rows is ~370 MB; a larger one would spill to disk.
+HASH_COPY_MAX_ROWS = 4_000_000
+
+
+def _scan_source(
+    fq: str, columns: Sequence[tuple[str, str]], rows: int, where: str = ""
+) -> tuple[str, str]:
+    """(``WITH`` clause, relation) for a content hash to read the ``rows`` rows of ``fq``
+    from.
 
     Rows a transaction wrote itself (a step hashing the table it just built, before the commit
     that records it) are scanned on one thread (duckdb/duckdb#18074); so is all the per-row
     work in the same pipeline (the row's JSON text, its md5). Copying the rows first (a
     materialized CTE: the copy is cheap) lets that work run on every thread: ~30% less time
     for 1.9M telemetry rows on two cores, and the same for committed rows. Not for a table
-    with a ``JSON`` column (the FHIR payloads): the copy would hold them all in memory."""
+    with a ``JSON`` column (the FHIR payloads: the copy would hold them all in memory), nor
+    for one of more than :data:`HASH_COPY_MAX_ROWS` rows."""
     names = ", ".join(f'"{c}"' for c, _ in columns)
-    if any(t == "JSON" for _, t in columns):
+    if rows > HASH_COPY_MAX_ROWS or any(t == "JSON" for _, t in columns):
         return "", f"{fq} {where}".rstrip()
     return f"WITH __rows AS MATERIALIZED (SELECT {names} FROM {fq} {where}) ", "__rows"
 
@@ -910,7 +919,9 @@ class Store:
         # The sorted digests stream to Arrow and are hashed here: the same value as DuckDB's
         # sha256(string_agg(h, '' ORDER BY h)) (tested), ~20% less time at 10k patients, as
         # the ordered aggregate runs on one thread.
-        with_rows, rows = _scan_source(fully_qualified(qualified), columns)
+        with_rows, rows = _scan_source(
+            fully_qualified(qualified), columns, self.row_count(qualified)
+        )
         reader = self.con.execute(
             f"{with_rows}SELECT md5({text}) AS h FROM {rows} ORDER BY h"
         ).fetch_record_batch(1 << 20)
@@ -951,7 +962,7 @@ class Store:
                 ).fetchall()
             }
         if not known:  # nothing to reuse (a table just built): one pass does it all
-            with_rows, src = _scan_source(fq, columns)
+            with_rows, src = _scan_source(fq, columns, self.row_count(qualified))
             rows = self.con.execute(
                 f"{with_rows}SELECT g, {checksum}, {digest} FROM (SELECT {group} AS g, "
                 f"md5({text}) AS h, {names} FROM {src}) GROUP BY g"
@@ -973,7 +984,7 @@ class Store:
             if todo:
                 where = f"WHERE {group} IN (SELECT unnest(?::VARCHAR[]))"
                 where += f" OR {group} IS NULL" if None in todo else ""
-                with_rows, src = _scan_source(fq, columns, where)
+                with_rows, src = _scan_source(fq, columns, self.row_count(qualified), where)
                 fresh = dict(
                     self.con.execute(
                         f"{with_rows}SELECT g, {digest} FROM (SELECT {group} AS g, md5({text}) "
