@@ -505,9 +505,10 @@ def position_lineage_key(file_sha256: str, position: str) -> str:
     return f"{file_sha256[:20]}/{position}"
 
 
-#: Rows up to which a content hash reads a table through a copy (:func:`_scan_source`): the
-#: copy of 1.86 M telemetry rows is ~370 MB; a larger one would spill to disk.
-HASH_COPY_MAX_ROWS = 4_000_000
+#: Rows up to which a content hash reads a table through a copy (:func:`_scan_source`). The
+#: copy costs memory while the hash runs: 1.86 M telemetry rows (a 10k-patient hospital) took
+#: the process from 337 to 988 MB RSS (direct: 480 MB), for 1.85 s instead of 2.49 s.
+HASH_COPY_MAX_ROWS = 2_000_000
 
 
 def _scan_source(
