@@ -920,11 +920,11 @@ class Store:
         # The sorted digests stream to Arrow and are hashed here: the same value as DuckDB's
         # sha256(string_agg(h, '' ORDER BY h)) (tested), ~20% less time at 10k patients, as
         # the ordered aggregate runs on one thread.
-        with_rows, rows = _scan_source(
+        with_rows, src = _scan_source(
             fully_qualified(qualified), columns, self.row_count(qualified)
         )
         reader = self.con.execute(
-            f"{with_rows}SELECT md5({text}) AS h FROM {rows} ORDER BY h"
+            f"{with_rows}SELECT md5({text}) AS h FROM {src} ORDER BY h"
         ).fetch_record_batch(1 << 20)
         digest = hashlib.sha256()
         for batch in reader:

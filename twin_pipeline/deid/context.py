@@ -144,27 +144,38 @@ def deny_index_from_fhir(folder: Path) -> DenyIndex:
 
 
 # -- from the store ------------------------------------------------------------------------------
-# The tables (and their columns) the deny-lists are read from.
-_SOURCES = (
-    (
-        "patient",
-        (
-            "patient_id",
-            "family_name",
-            "given_name",
-            "mrn",
-            "ssn",
-            "phone",
-            "email",
-            "address_line",
-            "city",
-            "postal_code",
-        ),
-    ),
-    ("document_reference", ("author_display",)),
-    ("medication_request", ("requester_display",)),
-    ("practitioner", ("name", "display", "given_name", "family_name")),
+# What the deny-lists are read from: each patient's identifiers, staff names as displayed,
+# and practitioners' given and family names. The index's checksum covers exactly these.
+_PATIENT_COLUMNS = (
+    "patient_id",
+    "family_name",
+    "given_name",
+    "mrn",
+    "ssn",
+    "phone",
+    "email",
+    "address_line",
+    "city",
+    "postal_code",
 )
+_STAFF_DISPLAYS = (
+    ("document_reference", "author_display"),
+    ("medication_request", "requester_display"),
+    ("practitioner", "name"),
+    ("practitioner", "display"),
+)
+_STAFF_NAMES = ("practitioner", ("given_name", "family_name"))
+
+
+def _sources() -> dict[str, set[str]]:
+    """table -> the columns of it the index reads."""
+    out: dict[str, set[str]] = {"patient": set(_PATIENT_COLUMNS)}
+    for table, col in _STAFF_DISPLAYS:
+        out.setdefault(table, set()).add(col)
+    out.setdefault(_STAFF_NAMES[0], set()).update(_STAFF_NAMES[1])
+    return out
+
+
 # The last index built, under the checksum of what it was read from.
 _LAST: tuple[tuple[Any, ...], DenyIndex] | None = None
 
@@ -183,8 +194,8 @@ def _checksum(con: Any) -> tuple[Any, ...]:
     from (one cheap pass over each; names, not types, so an equal checksum means equal rows
     with near certainty)."""
     out: list[Any] = []
-    for table, wanted in _SOURCES:
-        present = sorted(_columns(con, table) & set(wanted))
+    for table, wanted in _sources().items():
+        present = sorted(_columns(con, table) & wanted)
         if not present:
             out.append((table, None))
             continue
@@ -215,8 +226,7 @@ def _build_index(con: Any) -> DenyIndex:
     idx = DenyIndex()
     pc = _columns(con, "patient")
     if {"patient_id", "family_name", "given_name"} <= pc:
-        wanted = list(_SOURCES[0][1])
-        sel = ", ".join(f"CAST({c} AS VARCHAR)" if c in pc else "NULL" for c in wanted)
+        sel = ", ".join(f"CAST({c} AS VARCHAR)" if c in pc else "NULL" for c in _PATIENT_COLUMNS)
         for row in con.execute(f"SELECT {sel} FROM harmonized.patient").fetchall():
             pid, fam, given, mrn, ssn, phone, email, line, city, postal = row
             idx.patients[str(pid)] = patient_terms(
@@ -229,22 +239,16 @@ def _build_index(con: Any) -> DenyIndex:
                 city=city,
                 postal_code=postal,
             )
-    for table, col in (
-        ("document_reference", "author_display"),
-        ("medication_request", "requester_display"),
-        ("practitioner", "name"),
-        ("practitioner", "display"),
-    ):
+    for table, col in _STAFF_DISPLAYS:
         if col in _columns(con, table):
             for (v,) in con.execute(
                 f"SELECT DISTINCT {col} FROM harmonized.{table} WHERE {col} IS NOT NULL"
             ).fetchall():
                 idx.staff.add(staff_name(str(v)))
-    pr = _columns(con, "practitioner")
-    if {"family_name", "given_name"} <= pr:
-        for g, f in con.execute(
-            "SELECT given_name, family_name FROM harmonized.practitioner"
-        ).fetchall():
+    table, (given_col, family_col) = _STAFF_NAMES
+    if {given_col, family_col} <= _columns(con, table):
+        names = f"SELECT {given_col}, {family_col} FROM harmonized.{table}"
+        for g, f in con.execute(names).fetchall():
             idx.staff.add(f"{g or ''} {f or ''}".strip())
     idx.staff.discard("")
     return idx
